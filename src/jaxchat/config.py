@@ -1,0 +1,266 @@
+"""Typed, frozen configuration.
+
+Every knob of a run lives in one of four frozen dataclasses, gathered in `Config`. Each class validates itself
+on construction and its errors name the bad value and the fix. `apply_overrides` turns `--set key=value`
+strings into a new `Config`, rejecting unknown keys with the closest valid names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message says which one and how to fix it."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+MLP_KINDS = ("relu2", "gelu", "swiglu", "yatnmn", "yatnmn_softplus")
+ATTENTION_BACKENDS = ("xla",)
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The GPT of SPEC §1; every architectural feature is a field."""
+
+    vocab_size: int = 32768
+    sequence_len: int = 2048
+    n_layer: int = 12
+    n_embd: int = 768
+    n_head: int = 6
+    n_kv_head: int = 6
+    mlp: str = "relu2"  # one of MLP_KINDS
+    window_pattern: str = "SSSL"  # tiled over layers, last layer forced to L
+    tie_embeddings: bool = False
+    norm_eps: float = 1.1920929e-07  # nanochat: fp32 machine epsilon; flaxchat: 1e-6
+    rope_base: float = 100000.0
+    qk_scale: float = 1.2  # q, k = norm(q) * qk_scale, norm(k) * qk_scale
+    logit_softcap: float = 15.0  # 0 turns the tanh cap off
+    smear: bool = True
+    smear_channels: int = 24
+    backout: bool = True
+    value_embeds: bool = True
+    ve_gate_channels: int = 12
+    residual_lambdas: bool = True  # resid_lambdas and x0_lambdas
+    pad_vocab_to: int = 64  # embedding tables are padded up to a multiple of this
+    yatnmn_eps: float = 1e-3
+    attention: str = "xla"  # attention backend, see model/attention.py
+    compute_dtype: str = "float32"  # params stay fp32; matmuls run in this dtype
+
+    def __post_init__(self):
+        for name in ("vocab_size", "sequence_len", "n_layer", "n_embd", "n_head", "n_kv_head", "pad_vocab_to"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v > 0, f"model.{name}={v!r} must be a positive integer")
+        _check(self.n_embd % self.n_head == 0,
+               f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}: "
+               f"pick n_head among {[h for h in range(1, 65) if self.n_embd % h == 0]}")
+        _check(self.head_dim % 2 == 0, f"head_dim={self.head_dim} (n_embd/n_head) must be even for RoPE")
+        _check(self.n_head % self.n_kv_head == 0,
+               f"model.n_kv_head={self.n_kv_head} must divide model.n_head={self.n_head} (GQA)")
+        _check(self.mlp in MLP_KINDS, f"model.mlp={self.mlp!r} is unknown: choose one of {', '.join(MLP_KINDS)}")
+        _check(self.attention in ATTENTION_BACKENDS,
+               f"model.attention={self.attention!r} is unknown: choose one of {', '.join(ATTENTION_BACKENDS)}")
+        _check(self.compute_dtype in DTYPES,
+               f"model.compute_dtype={self.compute_dtype!r}: choose one of {', '.join(DTYPES)}")
+        _check(len(self.window_pattern) > 0 and set(self.window_pattern.upper()) <= {"S", "L"},
+               f"model.window_pattern={self.window_pattern!r} must be letters S (short) and L (long), e.g. SSSL")
+        _check(self.norm_eps > 0, f"model.norm_eps={self.norm_eps} must be > 0")
+        _check(self.logit_softcap >= 0, f"model.logit_softcap={self.logit_softcap} must be >= 0 (0 disables it)")
+        if self.smear:
+            _check(0 < self.smear_channels <= self.n_embd,
+                   f"model.smear_channels={self.smear_channels} must be in 1..n_embd={self.n_embd}")
+        if self.value_embeds:
+            _check(0 < self.ve_gate_channels <= self.n_embd,
+                   f"model.ve_gate_channels={self.ve_gate_channels} must be in 1..n_embd={self.n_embd}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // self.pad_vocab_to) * self.pad_vocab_to
+
+    def window_sizes(self) -> tuple[int, ...]:
+        """Per-layer window w: query t sees keys t-w..t. L = sequence_len, S = ceil(T/4/128)*128."""
+        long_w = self.sequence_len
+        short_w = min(long_w, -(-self.sequence_len // 4 // 128) * 128)
+        pat = self.window_pattern.upper()
+        ws = [long_w if pat[i % len(pat)] == "L" else short_w for i in range(self.n_layer)]
+        ws[-1] = long_w
+        return tuple(ws)
+
+    def has_value_embed(self, layer: int) -> bool:
+        return self.value_embeds and layer % 2 == (self.n_layer - 1) % 2
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with warmup then cosine decay and global-norm clipping (the seed model cards' recipe)."""
+
+    optimizer: str = "adamw"
+    lr: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0  # global-norm clip; 0 disables
+    warmup_steps: int = 500
+    end_lr_frac: float = 0.05  # cosine decays to this fraction of the peak
+
+    def __post_init__(self):
+        _check(self.optimizer == "adamw",
+               f"optim.optimizer={self.optimizer!r}: only 'adamw' is available in this version (see README status)")
+        _check(self.lr > 0 and math.isfinite(self.lr), f"optim.lr={self.lr} must be a positive finite number")
+        _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, f"optim betas ({self.b1}, {self.b2}) must lie in [0, 1)")
+        _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
+        _check(self.grad_clip >= 0, f"optim.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
+        _check(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        _check(0 <= self.end_lr_frac <= 1, f"optim.end_lr_frac={self.end_lr_frac} must lie in [0, 1]")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "stdlib"  # the embedded corpus built from this Python's standard library
+    tokenizer_vocab: int = 32768
+    tokenizer_path: str = ""  # a tokenizer.json to use instead of training one
+    data_seed: int = 0
+    max_train_chars: int = 0  # 0 = the whole source; else a deterministic prefix of the documents
+
+    def __post_init__(self):
+        _check(self.source == "stdlib",
+               f"data.source={self.source!r}: only the embedded 'stdlib' corpus is available in this version")
+        _check(self.tokenizer_vocab >= 256 + 9 + 1,
+               f"data.tokenizer_vocab={self.tokenizer_vocab} must be >= 266 (256 bytes + 9 specials + 1 merge)")
+        _check(self.max_train_chars >= 0, f"data.max_train_chars={self.max_train_chars} must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    num_steps: int = 1000
+    batch_size: int = 32  # sequences per optimizer step (global)
+    grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
+    init_seed: int = 0
+    eval_every: int = 250  # 0: only at the end
+    eval_tokens: int = 65536  # validation tokens per evaluation
+    save_every: int = 0  # 0: only at the end
+    log_every: int = 10
+    sample_tokens: int = 64
+
+    def __post_init__(self):
+        for name in ("num_steps", "batch_size", "grad_accum", "log_every", "eval_tokens"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v > 0, f"train.{name}={v!r} must be a positive integer")
+        _check(self.batch_size % self.grad_accum == 0,
+               f"train.batch_size={self.batch_size} does not divide into train.grad_accum={self.grad_accum} "
+               f"micro-batches: use a grad_accum among "
+               f"{[a for a in range(1, self.batch_size + 1) if self.batch_size % a == 0]}")
+        _check(self.eval_every >= 0 and self.save_every >= 0, "train.eval_every and train.save_every must be >= 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        _check(self.data.tokenizer_vocab <= self.model.vocab_size or self.data.tokenizer_path,
+               f"data.tokenizer_vocab={self.data.tokenizer_vocab} exceeds model.vocab_size={self.model.vocab_size}:"
+               f" set model.vocab_size >= the tokenizer's vocab")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @staticmethod
+    def from_dict(d: dict) -> "Config":
+        sections = {f.name: f.type for f in fields(Config)}
+        kw = {}
+        classes = {"model": ModelConfig, "optim": OptimConfig, "data": DataConfig, "train": TrainConfig}
+        for name, sub in d.items():
+            if name not in sections:
+                raise ConfigError(f"unknown config section {name!r}: expected one of {list(sections)}")
+            cls = classes[name]
+            known = {f.name for f in fields(cls)}
+            unknown = set(sub) - known
+            if unknown:
+                raise ConfigError(f"unknown keys in config section {name!r}: {sorted(unknown)}")
+            kw[name] = cls(**sub)
+        return Config(**kw)
+
+
+def _parse_value(key: str, raw: str, typ: Any) -> Any:
+    if typ is bool:
+        low = raw.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--set {key}={raw!r}: expected a boolean (true/false)")
+    if typ is int:
+        try:
+            f = float(raw.replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"--set {key}={raw!r}: expected an integer, e.g. {key}=128") from None
+        if not f.is_integer():
+            raise ConfigError(f"--set {key}={raw!r}: expected an integer, got a fraction")
+        return int(f)
+    if typ is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"--set {key}={raw!r}: expected a number, e.g. {key}=3e-4") from None
+    return raw
+
+
+def all_keys() -> list[str]:
+    out = []
+    for section in fields(Config):
+        cls = get_type_hints(Config)[section.name]
+        out += [f"{section.name}.{f.name}" for f in fields(cls)]
+    return out
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `section.key=value` strings. Keys may omit the section when the name is unique."""
+    keys = all_keys()
+    by_short: dict[str, list[str]] = {}
+    for k in keys:
+        by_short.setdefault(k.split(".", 1)[1], []).append(k)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.num_steps=100")
+        key, raw = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        if key not in keys:
+            full = by_short.get(key, [])
+            if len(full) == 1:
+                key = full[0]
+            else:
+                close = difflib.get_close_matches(key, keys + list(by_short), n=3, cutoff=0.5)
+                hint = f" Did you mean {', '.join(close)}?" if close else ""
+                raise ConfigError(f"--set {item!r}: unknown key {key!r}.{hint} "
+                                  f"Run `jaxchat presets --keys` to list every key.")
+        section, name = key.split(".", 1)
+        sub = getattr(cfg, section)
+        typ = get_type_hints(type(sub))[name]
+        try:
+            new_sub = replace(sub, **{name: _parse_value(key, raw, typ)})
+        except ConfigError as e:
+            raise ConfigError(f"--set {item}: {e}") from None
+        cfg = replace(cfg, **{section: new_sub})
+    return cfg

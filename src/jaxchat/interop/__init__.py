@@ -1,0 +1,1 @@
+"""Reading other projects' checkpoints into jaxchat models."""

@@ -1,0 +1,241 @@
+"""The nanochat GPT in Flax NNX (SPEC §1). Every design choice, in forward order:
+
+- token embedding `wte`, then a parameter-free RMSNorm (`norm(x) = x * rsqrt(mean(x^2) + eps)`, no weight);
+- smear: each token mixes in the previous token's normed embedding through a sigmoid gate computed from its
+  own first 24 channels, scaled by a learned `smear_lambda` (position 0 unchanged);
+- `x0` = that input, re-injected before every block: `x = resid_lambdas[i] * x + x0_lambdas[i] * x0`;
+- pre-norm blocks: `x += attn(norm(x)); x += mlp(norm(x))`; no biases anywhere;
+- attention: RoPE (split halves, base 100000) on q and k, then QK-norm scaled by 1.2, GQA, a per-layer sliding
+  window from the pattern string (last layer always long), softmax scale 1/sqrt(D);
+- value embeddings on alternating layers (the last included): `v += 3 * sigmoid(h[:12] Wg) * ve_i[idx]`;
+- backout: the residual after the middle block (i == L//2) is subtracted, scaled by `backout_lambda`;
+- final norm, lm_head (or the tied `wte`), logits sliced to the true vocab, cast to fp32, soft-capped
+  `15 * tanh(logits / 15)`.
+
+Shapes (einsum legend): B batch, T time, S key time, C model, H heads, K kv heads, D head dim, V vocab.
+Parameters are fp32; matmuls run in `config.compute_dtype`; logits and softmax are fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxchat.config import ModelConfig
+from jaxchat.model.attention import attend
+from jaxchat.model.mlp import F32, Dense, YatNMN, make_mlp
+
+
+def norm(x, eps):
+    """Parameter-free RMSNorm over the last axis, computed in fp32, returned in x's dtype."""
+    xf = x.astype(F32)
+    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def rope(x, pos, base):
+    """Rotary embedding on (B, T, N, D), split-halves layout: y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos."""
+    D = x.shape[-1]
+    inv_freq = base ** (-jnp.arange(0, D, 2, dtype=F32) / D)
+    angles = pos.astype(F32)[:, None] * inv_freq[None, :]  # (T, D/2)
+    cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
+    x1, x2 = jnp.split(x.astype(F32), 2, axis=-1)
+    y = jnp.concatenate([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], axis=-1)
+    return y.astype(x.dtype)
+
+
+class Embed(nnx.Module):
+    def __init__(self, num: int, dim: int):
+        self.embedding = nnx.Param(jnp.zeros((num, dim), F32))
+
+    def __call__(self, idx):
+        return jnp.take(self.embedding[...], idx, axis=0)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        C, H, K, D = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.cfg, self.layer, self.window = cfg, layer, cfg.window_sizes()[layer]
+        self.c_q, self.c_k, self.c_v = Dense(C, H * D), Dense(C, K * D), Dense(C, K * D)
+        self.c_proj = Dense(H * D, C)
+        self.ve_gate = Dense(cfg.ve_gate_channels, K) if cfg.has_value_embed(layer) else None
+
+    def __call__(self, h, ve, pos, cache=None):
+        cfg, dt = self.cfg, h.dtype
+        B, T, _ = h.shape
+        H, K, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        q = self.c_q(h, dt).reshape(B, T, H, D)
+        k = self.c_k(h, dt).reshape(B, T, K, D)
+        v = self.c_v(h, dt).reshape(B, T, K, D)
+        if ve is not None:
+            gate = 3.0 * jax.nn.sigmoid(self.ve_gate(h[..., : cfg.ve_gate_channels], dt))  # (B, T, K)
+            v = v + gate[..., None] * ve.reshape(B, T, K, D).astype(dt)
+        q, k = rope(q, pos, cfg.rope_base), rope(k, pos, cfg.rope_base)
+        q, k = norm(q, cfg.norm_eps) * cfg.qk_scale, norm(k, cfg.norm_eps) * cfg.qk_scale
+        if cache is None:
+            y = attend(q, k, v, window=self.window, q_pos=pos, k_pos=pos, backend=cfg.attention)
+            new_cache = None
+        else:  # write this chunk's keys/values at the cache cursor, attend over the filled prefix
+            k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, pos[0], 0, 0))
+            v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, pos[0], 0, 0))
+            k_pos = jnp.arange(k_all.shape[1])
+            y = attend(q, k_all.astype(dt), v_all.astype(dt), window=self.window, q_pos=pos, k_pos=k_pos,
+                       k_len=pos[-1] + 1, backend="xla")
+            new_cache = {"k": k_all, "v": v_all}
+        return self.c_proj(y.reshape(B, T, H * D), dt), new_cache
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        self.attn = Attention(cfg, layer)
+        self.mlp = make_mlp(cfg.n_embd, cfg)
+        self.eps = cfg.norm_eps
+
+    def __call__(self, x, ve, pos, cache=None):
+        a, cache = self.attn(norm(x, self.eps), ve, pos, cache)
+        x = x + a
+        x = x + self.mlp(norm(x, self.eps), x.dtype)
+        return x, cache
+
+
+class GPT(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs | None = None):
+        self.config = cfg
+        C, V, L = cfg.n_embd, cfg.padded_vocab_size, cfg.n_layer
+        kv_dim = cfg.n_kv_head * cfg.head_dim
+        self.wte = Embed(V, C)
+        self.blocks = nnx.List([Block(cfg, i) for i in range(L)])
+        self.value_embeds = nnx.Dict({str(i): Embed(V, kv_dim) for i in range(L) if cfg.has_value_embed(i)})
+        self.lm_head = None if cfg.tie_embeddings else Dense(C, V)
+        if cfg.residual_lambdas:
+            self.resid_lambdas = nnx.Param(jnp.ones((L,), F32))
+            self.x0_lambdas = nnx.Param(jnp.zeros((L,), F32))
+        if cfg.smear:
+            self.smear_gate = Dense(cfg.smear_channels, 1)
+            self.smear_lambda = nnx.Param(jnp.zeros((1,), F32))
+        if cfg.backout:
+            self.backout_lambda = nnx.Param(jnp.zeros((1,), F32))
+        init_weights(self, rngs if rngs is not None else nnx.Rngs(0))
+
+    def __call__(self, idx, cache=None):
+        """idx (B, T) int -> fp32 logits (B, T, vocab). With a `cache` (see `init_cache`), idx continues the
+        cached sequence and the call returns (logits, new_cache)."""
+        cfg = self.config
+        dt = jnp.dtype(cfg.compute_dtype)
+        B, T = idx.shape
+        start = 0 if cache is None else cache["pos"]
+        pos = start + jnp.arange(T)
+
+        x = norm(self.wte(idx), cfg.norm_eps).astype(dt)
+        if cfg.smear:  # mix in the previous token's normed embedding (from the cache when decoding)
+            first_prev = jnp.zeros_like(x[:, :1]) if cache is None else cache["prev_x"][:, None].astype(dt)
+            prev = jnp.concatenate([first_prev, x[:, :-1]], axis=1)
+            gate = jax.nn.sigmoid(self.smear_gate(x[..., : cfg.smear_channels], dt))
+            mix = self.smear_lambda[...].astype(dt) * gate * prev
+            x = x + jnp.where((pos > 0)[None, :, None], mix, 0)  # position 0 is never smeared
+        x0 = x
+
+        new_layers, x_backout = [], None
+        for i, block in enumerate(self.blocks):
+            if cfg.residual_lambdas:
+                x = self.resid_lambdas[i].astype(dt) * x + self.x0_lambdas[i].astype(dt) * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x, layer_cache = block(x, ve, pos, None if cache is None else cache["layers"][i])
+            new_layers.append(layer_cache)
+            if i == cfg.n_layer // 2:
+                x_backout = x
+        if cfg.backout:
+            x = x - self.backout_lambda[...].astype(dt) * x_backout
+        x = norm(x, cfg.norm_eps)
+
+        w_out = self.wte.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
+        logits = jnp.matmul(x, w_out.astype(dt), preferred_element_type=F32)[..., : cfg.vocab_size]
+        if cfg.logit_softcap > 0:
+            logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
+        if cache is None:
+            return logits
+        prev_x = norm(self.wte(idx[:, -1]), cfg.norm_eps)
+        return logits, {"pos": start + T, "prev_x": prev_x, "layers": new_layers}
+
+    def init_cache(self, batch: int, max_len: int, dtype=F32) -> dict:
+        cfg = self.config
+        shape = (batch, max_len, cfg.n_kv_head, cfg.head_dim)
+        layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layer)]
+        return {"pos": jnp.int32(0), "prev_x": jnp.zeros((batch, cfg.n_embd), F32), "layers": layers}
+
+
+def token_nll(logits, targets):
+    """Per-token negative log-likelihood (fp32); positions with target -1 get 0."""
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    tgt = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
+    return jnp.where(targets >= 0, logz - tgt, 0.0)
+
+
+def cross_entropy(logits, targets):
+    """Mean cross-entropy over targets != -1 (nanochat's ignore_index=-1)."""
+    nll = token_nll(logits, targets)
+    n = jnp.maximum(jnp.sum(targets >= 0), 1)
+    return jnp.sum(nll) / n
+
+
+def init_weights(model: GPT, rngs: nnx.Rngs) -> None:
+    """Every tensor's initial value, in one place (s = sqrt(3) / sqrt(C), U = uniform):
+
+    | tensor                         | init                         |
+    |--------------------------------|------------------------------|
+    | wte                            | N(0, 0.8)                    |
+    | lm_head (untied)               | N(0, 0.001)                  |
+    | c_q, c_k, c_v                  | U(-s, s)                     |
+    | attn c_proj, mlp c_proj        | zeros                        |
+    | mlp c_fc (relu2, gelu, swiglu) | U(-0.4 s, 0.4 s)             |
+    | mlp c_fc (yatnmn*)             | xavier normal, bias 0, alpha 1, eps_raw = softplus^-1(eps) |
+    | value embeds                   | U(-s, s)                     |
+    | ve_gate, smear_gate            | U(0, 0.02)                   |
+    | resid_lambdas[i]               | 1.15 - 0.10 i / (L-1)        |
+    | x0_lambdas[i]                  | 0.20 - 0.15 i / (L-1)        |
+    | smear_lambda, backout_lambda   | 0, 0.2                       |
+    """
+    cfg = model.config
+    C, L = cfg.n_embd, cfg.n_layer
+    s = math.sqrt(3.0) / math.sqrt(C)
+
+    def uniform(p, lo, hi):
+        p.value = jax.random.uniform(rngs.params(), p.value.shape, F32, lo, hi)
+
+    def normal(p, std):
+        p.value = std * jax.random.normal(rngs.params(), p.value.shape, F32)
+
+    normal(model.wte.embedding, 0.8)
+    if model.lm_head is not None:
+        normal(model.lm_head.kernel, 0.001)
+    for block in model.blocks:
+        a, m = block.attn, block.mlp
+        for lin in (a.c_q, a.c_k, a.c_v):
+            uniform(lin.kernel, -s, s)
+        a.c_proj.kernel.value = jnp.zeros_like(a.c_proj.kernel.value)
+        if a.ve_gate is not None:
+            uniform(a.ve_gate.kernel, 0.0, 0.02)
+        m.c_proj.kernel.value = jnp.zeros_like(m.c_proj.kernel.value)
+        if isinstance(m.c_fc, YatNMN):
+            m.c_fc.kernel.value = jax.nn.initializers.xavier_normal()(rngs.params(), m.c_fc.kernel.value.shape)
+            m.c_fc.bias.value = jnp.zeros_like(m.c_fc.bias.value)
+            m.c_fc.alpha.value = jnp.ones_like(m.c_fc.alpha.value)
+            if m.c_fc.softplus:  # softplus(eps_raw) = eps
+                m.c_fc.epsilon_param.value = jnp.full((1,), math.log(math.expm1(cfg.yatnmn_eps)), F32)
+        else:
+            uniform(m.c_fc.kernel, -0.4 * s, 0.4 * s)
+            if hasattr(m, "c_gate"):
+                uniform(m.c_gate.kernel, -0.4 * s, 0.4 * s)
+    for ve in model.value_embeds.values():
+        uniform(ve.embedding, -s, s)
+    if cfg.residual_lambdas:
+        frac = jnp.arange(L, dtype=F32) / max(L - 1, 1)
+        model.resid_lambdas.value = 1.15 - 0.10 * frac
+        model.x0_lambdas.value = 0.20 - 0.15 * frac
+    if cfg.smear:
+        uniform(model.smear_gate.kernel, 0.0, 0.02)
+        model.smear_lambda.value = jnp.zeros((1,), F32)
+    if cfg.backout:
+        model.backout_lambda.value = jnp.full((1,), 0.2, F32)
