@@ -42,7 +42,7 @@ class ModelConfig:
     mlp: str = "relu2"  # one of MLP_KINDS
     window_pattern: str = "SSSL"  # tiled over layers, last layer forced to L
     tie_embeddings: bool = False
-    norm_eps: float = 1.1920929e-07  # nanochat: fp32 machine epsilon; flaxchat: 1e-6
+    norm_eps: float = 2.0**-23  # nanochat: fp32 machine epsilon (1.19e-07); flaxchat: 1e-6
     rope_base: float = 100000.0
     qk_scale: float = 1.2  # q, k = norm(q) * qk_scale, norm(k) * qk_scale
     logit_softcap: float = 15.0  # 0 turns the tanh cap off
@@ -156,6 +156,7 @@ class TrainConfig:
     save_every: int = 0  # 0: only at the end
     log_every: int = 10
     sample_tokens: int = 64
+    nonfinite: str = "halt"  # NaN/Inf loss or gradient: "halt" (stop, nothing corrupt saved) or "skip" the step
 
     def __post_init__(self):
         for name in ("num_steps", "batch_size", "grad_accum", "log_every", "eval_tokens"):
@@ -165,6 +166,8 @@ class TrainConfig:
                f"train.batch_size={self.batch_size} does not divide into train.grad_accum={self.grad_accum} "
                f"micro-batches: use a grad_accum among "
                f"{[a for a in range(1, self.batch_size + 1) if self.batch_size % a == 0]}")
+        _check(self.nonfinite in ("halt", "skip"),
+               f"train.nonfinite={self.nonfinite!r}: choose 'halt' (stop at the first NaN/Inf) or 'skip'")
         _check(self.eval_every >= 0 and self.save_every >= 0, "train.eval_every and train.save_every must be >= 0")
 
 
@@ -241,6 +244,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     by_short: dict[str, list[str]] = {}
     for k in keys:
         by_short.setdefault(k.split(".", 1)[1], []).append(k)
+    sections = {f.name: getattr(cfg, f.name) for f in fields(Config)}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.num_steps=100")
@@ -256,11 +260,9 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
                 raise ConfigError(f"--set {item!r}: unknown key {key!r}.{hint} "
                                   f"Run `jaxchat presets --keys` to list every key.")
         section, name = key.split(".", 1)
-        sub = getattr(cfg, section)
-        typ = get_type_hints(type(sub))[name]
+        typ = get_type_hints(type(sections[section]))[name]
         try:
-            new_sub = replace(sub, **{name: _parse_value(key, raw, typ)})
+            sections[section] = replace(sections[section], **{name: _parse_value(key, raw, typ)})
         except ConfigError as e:
             raise ConfigError(f"--set {item}: {e}") from None
-        cfg = replace(cfg, **{section: new_sub})
-    return cfg
+    return Config(**sections)  # cross-section checks run once, after every override

@@ -9,7 +9,7 @@ import numpy as np
 from flax import nnx
 
 from jaxchat.config import ModelConfig
-from jaxchat.model.gpt import GPT
+from jaxchat.model.gpt import GPT, assign
 
 
 class InteropError(ValueError):
@@ -52,5 +52,5 @@ def model_from_lookup(cfg: ModelConfig, lookup: Callable[[tuple], np.ndarray | N
             f"tie_embeddings={cfg.tie_embeddings}):\n  " + "\n  ".join(problems[:20])
             + "\nFix: pass the config the checkpoint was trained with (depth, widths, MLP kind, tying).")
     for (path, var), arr in zip(flat, leaves):
-        var.value = jnp.asarray(arr, jnp.float32)
+        assign(var, jnp.asarray(arr, jnp.float32))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

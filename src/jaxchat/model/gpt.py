@@ -180,6 +180,20 @@ def cross_entropy(logits, targets):
     return jnp.sum(nll) / n
 
 
+def param_dict(model: nnx.Module) -> dict:
+    """The model's parameters as a plain nested dict of arrays (the pytree the train step works on)."""
+    state = nnx.state(model, nnx.Param)
+    return nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
+
+
+def assign(var: nnx.Variable, value) -> None:
+    """Set a Variable's value (flax 0.12 `set_value`, older flax `.value =`)."""
+    if hasattr(var, "set_value"):
+        var.set_value(value)
+    else:
+        var.value = value
+
+
 def init_weights(model: GPT, rngs: nnx.Rngs) -> None:
     """Every tensor's initial value, in one place (s = sqrt(3) / sqrt(C), U = uniform):
 
@@ -202,10 +216,13 @@ def init_weights(model: GPT, rngs: nnx.Rngs) -> None:
     s = math.sqrt(3.0) / math.sqrt(C)
 
     def uniform(p, lo, hi):
-        p.value = jax.random.uniform(rngs.params(), p.value.shape, F32, lo, hi)
+        assign(p, jax.random.uniform(rngs.params(), p.shape, F32, lo, hi))
 
     def normal(p, std):
-        p.value = std * jax.random.normal(rngs.params(), p.value.shape, F32)
+        assign(p, std * jax.random.normal(rngs.params(), p.shape, F32))
+
+    def zeros(p):
+        assign(p, jnp.zeros(p.shape, F32))
 
     normal(model.wte.embedding, 0.8)
     if model.lm_head is not None:
@@ -214,16 +231,16 @@ def init_weights(model: GPT, rngs: nnx.Rngs) -> None:
         a, m = block.attn, block.mlp
         for lin in (a.c_q, a.c_k, a.c_v):
             uniform(lin.kernel, -s, s)
-        a.c_proj.kernel.value = jnp.zeros_like(a.c_proj.kernel.value)
+        zeros(a.c_proj.kernel)
         if a.ve_gate is not None:
             uniform(a.ve_gate.kernel, 0.0, 0.02)
-        m.c_proj.kernel.value = jnp.zeros_like(m.c_proj.kernel.value)
+        zeros(m.c_proj.kernel)
         if isinstance(m.c_fc, YatNMN):
-            m.c_fc.kernel.value = jax.nn.initializers.xavier_normal()(rngs.params(), m.c_fc.kernel.value.shape)
-            m.c_fc.bias.value = jnp.zeros_like(m.c_fc.bias.value)
-            m.c_fc.alpha.value = jnp.ones_like(m.c_fc.alpha.value)
+            assign(m.c_fc.kernel, jax.nn.initializers.xavier_normal()(rngs.params(), m.c_fc.kernel.shape))
+            zeros(m.c_fc.bias)
+            assign(m.c_fc.alpha, jnp.ones((1,), F32))
             if m.c_fc.softplus:  # softplus(eps_raw) = eps
-                m.c_fc.epsilon_param.value = jnp.full((1,), math.log(math.expm1(cfg.yatnmn_eps)), F32)
+                assign(m.c_fc.epsilon_param, jnp.full((1,), math.log(math.expm1(cfg.yatnmn_eps)), F32))
         else:
             uniform(m.c_fc.kernel, -0.4 * s, 0.4 * s)
             if hasattr(m, "c_gate"):
@@ -232,10 +249,10 @@ def init_weights(model: GPT, rngs: nnx.Rngs) -> None:
         uniform(ve.embedding, -s, s)
     if cfg.residual_lambdas:
         frac = jnp.arange(L, dtype=F32) / max(L - 1, 1)
-        model.resid_lambdas.value = 1.15 - 0.10 * frac
-        model.x0_lambdas.value = 0.20 - 0.15 * frac
+        assign(model.resid_lambdas, 1.15 - 0.10 * frac)
+        assign(model.x0_lambdas, 0.20 - 0.15 * frac)
     if cfg.smear:
         uniform(model.smear_gate.kernel, 0.0, 0.02)
-        model.smear_lambda.value = jnp.zeros((1,), F32)
+        zeros(model.smear_lambda)
     if cfg.backout:
-        model.backout_lambda.value = jnp.full((1,), 0.2, F32)
+        assign(model.backout_lambda, jnp.full((1,), 0.2, F32))

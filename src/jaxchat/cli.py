@@ -1,0 +1,144 @@
+"""`jaxchat train | eval | sample | params | presets`.
+
+Errors a user can fix (bad config, missing run, wrong checkpoint) print one message and exit with status 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from jaxchat.checkpoint import CheckpointError, load_run_config
+from jaxchat.config import ConfigError, all_keys, apply_overrides
+from jaxchat.presets import PRESETS, get_preset
+
+USER_ERRORS = (ConfigError, CheckpointError)
+
+
+def cmd_train(args) -> None:
+    from jaxchat.loop import run_training
+
+    run_dir = Path(args.run_dir or f"runs/{args.preset or 'tiny'}")
+    if args.resume and not args.preset:
+        cfg = load_run_config(run_dir)  # continue the run with its own config (plus any --set)
+    else:
+        cfg = get_preset(args.preset or "tiny")
+    cfg = apply_overrides(cfg, args.set)
+    run_training(cfg, run_dir, resume=args.resume, force=args.force, prompt=args.prompt)
+
+
+def cmd_eval(args) -> None:
+    from jaxchat.evaluate import compressor_bpb, eval_rows, evaluate, make_eval_step, target_bytes
+    from jaxchat.loop import load_dataset, load_run
+
+    cfg, fns, params, tok, step = load_run(args.run, args.step)
+    ds = load_dataset(cfg, log=lambda *a: None)
+    if ds.tokenizer.fingerprint() != tok.fingerprint():
+        raise CheckpointError(f"the dataset's tokenizer differs from {args.run}/tokenizer.json: the run's data "
+                              f"config no longer reproduces its tokenizer (different Python stdlib?)")
+    rows = eval_rows(ds.val_rows, args.batch_size, args.tokens or cfg.train.eval_tokens)
+    out = evaluate(make_eval_step(fns, tok.token_bytes()), params, rows, args.batch_size)
+    ref = compressor_bpb(target_bytes(tok, rows))
+    print(f"{args.run} step {step}: val loss {out['val_loss']:.4f} | val bpb {out['val_bpb']:.4f} | "
+          f"gzip -9 {ref['gzip_bpb']:.3f} | xz -9e {ref['xz_bpb']:.3f} bits/byte "
+          f"({out['val_tokens']:,} tokens, {out['val_bytes']:,} bytes)")
+
+
+def cmd_sample(args) -> None:
+    from jaxchat.loop import load_run
+    from jaxchat.sample import Sampler
+
+    cfg, fns, params, tok, step = load_run(args.run, args.step)
+    ids = [tok.bos_id] + tok.encode(args.prompt)
+    out = Sampler(fns).generate(params, ids, args.max_tokens, args.temperature, args.top_k, args.seed)
+    print(args.prompt + tok.decode(out))
+
+
+def cmd_params(args) -> None:
+    from jaxchat.model.accounting import count
+
+    cfg = apply_overrides(get_preset(args.preset), args.set)
+    c = count(cfg.model)
+    total = c.params["total"]
+    print(f"{args.preset}: {total:,} parameters")
+    order = ["embed", "value_embeds", "attention", "mlp", "lm_head", "ve_gates", "scalars"]
+    for k in order:
+        if k in c.params:
+            print(f"  {k:<13} {c.params[k]:>14,}  {100 * c.params[k] / total:5.1f}%")
+    if cfg.model.tie_embeddings:
+        print("  (lm_head tied to embed)")
+    f = c.flops
+    print(f"FLOPs per token (training, 6N + attention): {f['total']:,} = {f['total']:.3e}")
+    for k in ("lm_head", "mlp", "attention", "gates"):
+        print(f"  {k:<13} {f[k]:>14,}  {100 * f[k] / f['total']:5.1f}%")
+
+
+def cmd_presets(args) -> None:
+    if args.keys:
+        print("\n".join(all_keys()))
+        return
+    width = max(map(len, PRESETS))
+    for name, (desc, _) in PRESETS.items():
+        print(f"{name:<{width}}  {desc}")
+    if args.show:
+        print(json.dumps(get_preset(args.show).to_dict(), indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxchat", description="Train nanochat-style GPTs in JAX.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train a preset (default tiny) into a run directory")
+    t.add_argument("--preset", help="preset name (jaxchat presets); default tiny, or the run's own with --resume")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.num_steps=100 (repeatable)")
+    t.add_argument("--run-dir", help="where config, checkpoints and metrics go (default runs/<preset>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
+    t.add_argument("--force", action="store_true", help="delete an existing run in --run-dir and start over")
+    t.add_argument("--prompt", default="def ", help="prompt of the sample printed at the end")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="validation loss and bits per byte of a run's checkpoint")
+    e.add_argument("--run", required=True, help="run directory")
+    e.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    e.add_argument("--tokens", type=int, default=0, help="validation tokens (default: the run's eval_tokens)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("sample", help="generate text from a run's checkpoint")
+    s.add_argument("--run", required=True, help="run directory")
+    s.add_argument("--prompt", default="def ")
+    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens (0 = all)")
+    s.add_argument("--max-tokens", type=int, default=128)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    s.set_defaults(fn=cmd_sample)
+
+    pa = sub.add_parser("params", help="parameter split and FLOPs per token of a preset")
+    pa.add_argument("--preset", required=True)
+    pa.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    pa.set_defaults(fn=cmd_params)
+
+    pr = sub.add_parser("presets", help="list presets with one-line descriptions")
+    pr.add_argument("--show", metavar="NAME", help="also print one preset's full config")
+    pr.add_argument("--keys", action="store_true", help="list every config key --set accepts")
+    pr.set_defaults(fn=cmd_presets)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except USER_ERRORS as e:
+        print(f"jaxchat {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

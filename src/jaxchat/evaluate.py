@@ -1,0 +1,74 @@
+"""Validation loss and bits per byte (SPEC §4), next to what general-purpose compressors achieve.
+
+bpb = sum(NLL over targets whose token has bytes > 0) / (ln 2 * sum(bytes of those targets)),
+where a token's bytes is the length of its UTF-8 decoding and special tokens count 0.
+The compressor baselines (gzip -9, xz -9e) are measured on exactly the bytes the model is scored on: the
+UTF-8 bytes of the evaluated target tokens, row by row, in order.
+"""
+
+from __future__ import annotations
+
+import gzip
+import lzma
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxchat.model.gpt import token_nll
+
+
+def make_eval_step(fns, token_bytes: np.ndarray):
+    table = jnp.asarray(token_bytes, jnp.int32)
+
+    @jax.jit
+    def eval_step(params, inputs, targets):
+        nll = token_nll(fns.logits(params, inputs), targets)
+        valid = targets >= 0
+        nbytes = jnp.where(valid, table[jnp.maximum(targets, 0)], 0)
+        return {"nll": jnp.sum(jnp.where(valid, nll, 0.0)), "tokens": jnp.sum(valid),
+                "nll_bytes": jnp.sum(jnp.where(nbytes > 0, nll, 0.0)), "bytes": jnp.sum(nbytes)}
+
+    return eval_step
+
+
+def eval_rows(rows: np.ndarray, batch_size: int, max_tokens: int) -> np.ndarray:
+    """The validation rows an evaluation uses: the first ones, enough for max_tokens targets."""
+    T = rows.shape[1] - 1
+    n = min(len(rows), max(1, math.ceil(max_tokens / T)))
+    n = max(batch_size, (n // batch_size) * batch_size) if len(rows) >= batch_size else len(rows)
+    return np.asarray(rows[:n])
+
+
+def evaluate(eval_step, params, rows: np.ndarray, batch_size: int, sharding=None) -> dict:
+    """Mean val loss (nats/token) and bpb over `rows` (N, T+1)."""
+    tot = {"nll": 0.0, "tokens": 0, "nll_bytes": 0.0, "bytes": 0}
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        x, y = chunk[:, :-1], chunk[:, 1:]
+        if sharding is not None and len(chunk) % sharding.mesh.size == 0:
+            x, y = jax.device_put(x, sharding), jax.device_put(y, sharding)
+        out = jax.device_get(eval_step(params, x, y))
+        for k in tot:
+            tot[k] += float(out[k])
+    return {"val_loss": tot["nll"] / max(tot["tokens"], 1),
+            "val_bpb": tot["nll_bytes"] / (math.log(2) * max(tot["bytes"], 1)),
+            "val_tokens": int(tot["tokens"]), "val_bytes": int(tot["bytes"])}
+
+
+def target_bytes(tokenizer, rows: np.ndarray) -> bytes:
+    """The UTF-8 bytes of every target token of `rows`, in order (specials contribute nothing)."""
+    specials = set(tokenizer.special_ids) if hasattr(tokenizer, "special_ids") else {tokenizer.bos_id}
+    parts = []
+    for row in rows:
+        ids = [int(t) for t in row[1:] if int(t) not in specials]
+        parts.append(tokenizer.decode(ids).encode("utf-8"))
+    return b"".join(parts)
+
+
+def compressor_bpb(data: bytes) -> dict:
+    """Bits per byte of gzip -9 and xz -9e on `data`."""
+    n = max(len(data), 1)
+    return {"gzip_bpb": 8 * len(gzip.compress(data, compresslevel=9)) / n,
+            "xz_bpb": 8 * len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)) / n}

@@ -1,0 +1,99 @@
+"""Parameter and FLOP counts (nanochat convention) and MFU, computed from shapes alone (no allocation).
+
+FLOPs per token (training) = 6 * (every matmul weight: blocks, lm_head, value-embedding and smear gates)
+                           + sum over layers of 12 * H * D * min(window, T).
+Embedding lookups (wte, value-embedding tables) cost no FLOPs. With tied embeddings the lm_head matmul still
+costs its 6 * C * V: the same weight, used as a matmul.
+MFU = flops_per_token * tokens_per_second / (peak_flops * devices).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+from flax import nnx
+
+from jaxchat.config import ModelConfig
+from jaxchat.model.gpt import GPT
+
+# bf16 dense peak FLOP/s per device (SPEC §1).
+PEAK_FLOPS = {
+    "H100": 989.5e12, "H200": 989.5e12, "A100": 312e12,
+    "TPU v6e": 918e12, "TPU v6 lite": 918e12, "TPU v5p": 459e12, "TPU v5e": 197e12, "TPU v5 lite": 197e12,
+    "TPU v4": 275e12,
+}
+
+
+def abstract_params(cfg: ModelConfig) -> list[tuple[tuple, tuple]]:
+    """(path, shape) of every parameter, from nnx.eval_shape: no memory is allocated."""
+    model = nnx.eval_shape(lambda: GPT(cfg))
+    return [(tuple(str(p) for p in path), tuple(v.shape)) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+
+
+def _size(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def param_group(path: tuple) -> str:
+    """Which line of the parameter split a tensor belongs to."""
+    if path[0] == "wte":
+        return "embed"
+    if path[0] == "value_embeds":
+        return "value_embeds"
+    if path[0] == "lm_head":
+        return "lm_head"
+    if path[0] == "blocks":
+        if path[3] == "ve_gate":
+            return "ve_gates"
+        return "attention" if path[2] == "attn" else "mlp"
+    return "scalars"  # resid/x0 lambdas, smear gate and lambda, backout lambda
+
+
+@dataclass(frozen=True)
+class Counts:
+    params: dict  # split by group, plus "total"
+    flops: dict  # per token, training: lm_head / mlp / attention (matmuls + scores) / gates, plus "total"
+
+
+def count(cfg: ModelConfig) -> Counts:
+    params: dict[str, int] = {}
+    matmul = {"lm_head": 0, "mlp": 0, "attention": 0, "gates": 0}
+    for path, shape in abstract_params(cfg):
+        g = param_group(path)
+        n = _size(shape)
+        params[g] = params.get(g, 0) + n
+        if g in ("mlp", "attention") and len(shape) == 2:
+            matmul[g] += n
+        elif g == "ve_gates" or path[0] == "smear_gate":
+            matmul["gates"] += n
+        elif g == "lm_head":
+            matmul["lm_head"] += n
+    if cfg.tie_embeddings:
+        matmul["lm_head"] += cfg.n_embd * cfg.padded_vocab_size
+    params["total"] = sum(params.values())
+    T = cfg.sequence_len
+    attn_scores = sum(12 * cfg.n_head * cfg.head_dim * min(w, T) for w in cfg.window_sizes())
+    flops = {k: 6 * v for k, v in matmul.items()}
+    flops["attention"] += attn_scores
+    flops["total"] = sum(flops.values())
+    return Counts(params=params, flops=flops)
+
+
+def device_peak_flops(device: jax.Device | None = None) -> float | None:
+    """Peak bf16 FLOP/s of a device from its kind, or None when unknown (e.g. CPU)."""
+    device = device or jax.devices()[0]
+    kind = getattr(device, "device_kind", "")
+    for name, peak in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
+        if name.lower() in kind.lower():
+            return peak
+    return None
+
+
+def mfu(flops_per_token: float, tokens_per_second: float, peak: float | None, devices: int = 1) -> float | None:
+    if not peak:
+        return None
+    return flops_per_token * tokens_per_second / (peak * devices)

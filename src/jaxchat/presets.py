@@ -1,0 +1,76 @@
+"""Named presets: a full `Config` each, with a one-line description.
+
+`tiny` is the CPU default and the project's shared CPU benchmark config (4 layers, n_embd 256, 2 heads of 128,
+vocab 8192, seq 512, batch 8, SSSL, AdamW, fp32). The `d12-*` presets are the exact configs and AdamW recipes of
+the seed model cards (trained with flaxchat: tied embeddings, RMSNorm eps 1e-6, 12 heads of 64, seq 1024,
+batch 256, Chinchilla 20x tokens). `nanochat-*` follow nanochat's architecture (depth sets the width:
+C = ceil(64 * depth / 128) * 128, head_dim 128), trained here with AdamW until the Muon recipe lands.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+from jaxchat.config import Config, ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig
+
+_SEED_CARD_MODEL = ModelConfig(vocab_size=32768, sequence_len=1024, n_layer=12, n_embd=768, n_head=12,
+                               n_kv_head=12, tie_embeddings=True, norm_eps=1e-6, mlp="gelu")
+_SEED_CARD_OPTIM = OptimConfig(lr=0.01, b1=0.9, b2=0.999, weight_decay=0.01, grad_clip=1.0, warmup_steps=500,
+                               end_lr_frac=0.05)
+_SEED_CARD_TRAIN = TrainConfig(num_steps=19920, batch_size=256, eval_every=1000, save_every=1000,
+                               eval_tokens=4 * 1024 * 1024)
+
+
+def _seed_card(mlp: str, lr: float, steps: int) -> Config:
+    return Config(model=replace(_SEED_CARD_MODEL, mlp=mlp), optim=replace(_SEED_CARD_OPTIM, lr=lr),
+                  data=DataConfig(tokenizer_vocab=32768), train=replace(_SEED_CARD_TRAIN, num_steps=steps))
+
+
+def nanochat_model(depth: int, sequence_len: int = 2048, vocab_size: int = 32768) -> ModelConfig:
+    C = math.ceil(64 * depth / 128) * 128
+    return ModelConfig(vocab_size=vocab_size, sequence_len=sequence_len, n_layer=depth, n_embd=C,
+                       n_head=C // 128, n_kv_head=C // 128, mlp="relu2")
+
+
+def _nanochat(depth: int) -> Config:
+    return Config(model=nanochat_model(depth), optim=OptimConfig(lr=3e-3, warmup_steps=40),
+                  data=DataConfig(tokenizer_vocab=32768),
+                  train=TrainConfig(num_steps=2520, batch_size=256, eval_every=250, save_every=500,
+                                    eval_tokens=4 * 1024 * 1024))
+
+
+PRESETS: dict[str, tuple[str, Config]] = {
+    "tiny": (
+        "CPU default: 4 layers, n_embd 256, 2 heads of 128, vocab 8192, seq 512, batch 8, AdamW, fp32; "
+        "trains on the embedded corpus in minutes on 2 cores",
+        Config(model=ModelConfig(vocab_size=8192, sequence_len=512, n_layer=4, n_embd=256, n_head=2,
+                                 n_kv_head=2, mlp="relu2"),
+               optim=OptimConfig(lr=3e-3, warmup_steps=20, weight_decay=0.01),
+               data=DataConfig(tokenizer_vocab=8192),
+               train=TrainConfig(num_steps=300, batch_size=8, eval_every=100, eval_tokens=65536, log_every=10))),
+    "d12-gelu-chinchilla": (
+        "seed card 'GELU d=12 Chinchilla' (261,096,338 params): GELU MLP, tied, AdamW lr 0.01, 19,920 steps x 256 x 1024",
+        _seed_card("gelu", 0.01, 19920)),
+    "d12-yatnmn-softplus-chinchilla": (
+        "seed card 'YatNMN-Softplus d=12 Chinchilla': YatNMN MLP with softplus bias and learnable eps, AdamW lr 0.03",
+        _seed_card("yatnmn_softplus", 0.03, 19922)),
+    "d12-relu2": (
+        "the YatNMN card's ReLU^2 baseline row: the seed-card recipe with nanochat's ReLU^2 MLP, AdamW lr 0.01",
+        _seed_card("relu2", 0.01, 19920)),
+    "d12-yatnmn": (
+        "the YatNMN card's plain YatNMN row: bias, learnable alpha, fixed eps 1e-3, AdamW lr 0.03 (the card's sweep)",
+        _seed_card("yatnmn", 0.03, 19920)),
+    "nanochat-d12": (
+        "nanochat architecture at depth 12 (C 768, 6 heads of 128, untied, ReLU^2, seq 2048); 286,261,730 params",
+        _nanochat(12)),
+    "nanochat-d20": (
+        "nanochat architecture at depth 20 (C 1280, 10 heads of 128, untied, ReLU^2, seq 2048)",
+        _nanochat(20)),
+}
+
+
+def get_preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)} (`jaxchat presets` lists them)")
+    return PRESETS[name][1]

@@ -1,0 +1,168 @@
+"""The jitted train step and the training loop.
+
+`make_train_step` builds a pure `step(state, batch) -> (state, metrics)`: state = {params, opt_state, step} (plain
+pytrees of arrays), batch = (inputs, targets) of shape (grad_accum, micro_batch, T). Gradients of the summed
+token NLL are accumulated over micro-batches with `lax.scan` and divided by the total token count, so
+accumulation equals the large batch. A non-finite loss or gradient never reaches the params or the optimizer
+moments: the update is discarded inside the step (no host sync) and the loop acts on it one step later.
+
+The loop (`run_training`) dispatches step n, then fetches step n-1's metrics, so the host never waits on the
+device in the hot path.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxchat.config import Config, ConfigError
+from jaxchat.model.gpt import GPT, param_dict, token_nll
+from jaxchat.optim import build_optimizer
+
+
+global_norm = optax.tree.norm if hasattr(optax, "tree") and hasattr(optax.tree, "norm") else optax.global_norm
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN/Inf loss or gradient; the offending update was not applied."""
+
+
+@dataclass
+class ModelFns:
+    """The model's static structure (graphdef) and helpers to run it from a plain dict of params."""
+
+    cfg: Config
+    graphdef: nnx.GraphDef = field(init=False)
+
+    def __post_init__(self):
+        self.graphdef, _ = nnx.split(nnx.eval_shape(lambda: GPT(self.cfg.model)))
+
+    def init_params(self, seed: int) -> dict:
+        """Fresh parameters from `init_weights`, built in one compiled call."""
+        return jax.jit(lambda: param_dict(GPT(self.cfg.model, nnx.Rngs(params=seed))))()
+
+    def module(self, params: dict) -> GPT:
+        return nnx.merge(self.graphdef, params)
+
+    def logits(self, params, idx):
+        return self.module(params)(idx)
+
+
+def make_mesh() -> Mesh:
+    """A 1-D data-parallel mesh over every local device (one device is a mesh of size one)."""
+    return Mesh(np.array(jax.devices()), ("data",))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(None, "data", None))  # (accum, batch, time): batch split over devices
+
+
+def check_batch_fits(cfg: Config, n_devices: int) -> int:
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    if micro % n_devices:
+        raise ConfigError(
+            f"the micro-batch of {micro} sequences (train.batch_size={cfg.train.batch_size} / "
+            f"train.grad_accum={cfg.train.grad_accum}) does not divide over {n_devices} devices: "
+            f"make batch_size / grad_accum a multiple of {n_devices}")
+    return micro
+
+
+def make_train_step(fns: ModelFns, optimizer: optax.GradientTransformation, nonfinite: str = "halt"):
+    def loss_sum(params, x, y):
+        nll = token_nll(fns.logits(params, x), y)
+        return jnp.sum(nll), jnp.sum(y >= 0)
+
+    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+
+    def step(state, batch):
+        inputs, targets = batch
+        params = state["params"]
+
+        def micro(carry, xy):
+            g_acc, l_acc, n_acc = carry
+            (l, n), g = grad_fn(params, *xy)
+            return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, n_acc + n), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grads, loss_total, count), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.int32(0)),
+                                                     (inputs, targets))
+        denom = jnp.maximum(count, 1).astype(jnp.float32)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        loss = loss_total / denom
+        grad_norm = global_norm(grads)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = {"params": keep(new_params, params), "opt_state": keep(opt_state, state["opt_state"]),
+                     "step": state["step"] + 1,
+                     "skipped": state["skipped"] + jnp.where(finite, 0, 1).astype(jnp.int32)}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "skipped": new_state["skipped"]}
+        return new_state, metrics
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def init_state(fns: ModelFns, optimizer, seed: int) -> dict:
+    params = fns.init_params(seed)
+    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0), "skipped": jnp.int32(0)}
+
+
+def abstract_state(fns: ModelFns, optimizer) -> dict:
+    return jax.eval_shape(lambda: init_state(fns, optimizer, 0))
+
+
+def shaped_batch(inputs: np.ndarray, targets: np.ndarray, grad_accum: int):
+    B, T = inputs.shape
+    return inputs.reshape(grad_accum, B // grad_accum, T), targets.reshape(grad_accum, B // grad_accum, T)
+
+
+class Progress:
+    """A live progress line on a terminal (tqdm: step, loss, tokens/s, MFU, ETA); plain log lines otherwise."""
+
+    def __init__(self, total: int, initial: int, log_every: int):
+        self.tty = sys.stderr.isatty()
+        self.log_every = log_every
+        self.total = total
+        self.t0 = time.perf_counter()
+        self.initial = initial
+        if self.tty:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, step: int, text: str) -> None:
+        if self.tty:
+            self.bar.n = step
+            self.bar.set_postfix_str(text, refresh=True)
+        elif step % self.log_every == 0 or step == self.total:
+            done = step - self.initial
+            el = time.perf_counter() - self.t0
+            eta = el / max(done, 1) * (self.total - step)
+            print(f"step {step:>6}/{self.total} | {text} | eta {fmt_time(eta)}", flush=True)
+
+    def write(self, text: str) -> None:
+        if self.tty:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self):
+        if self.tty:
+            self.bar.close()
+
+
+def fmt_time(sec: float) -> str:
+    sec = int(max(sec, 0))
+    return f"{sec // 3600}:{sec % 3600 // 60:02d}:{sec % 60:02d}" if sec >= 3600 else f"{sec // 60}:{sec % 60:02d}"
+
+
+def format_mfu(m: float | None) -> str:
+    return "n/a (unknown peak)" if m is None else f"{100 * m:.1f}%"
