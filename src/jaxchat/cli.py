@@ -76,6 +76,25 @@ def cmd_params(args) -> None:
         print(f"  {k:<13} {f[k]:>14,}  {100 * f[k] / f['total']:5.1f}%")
 
 
+def cmd_plan(args) -> None:
+    from jaxchat.plan import make_plan
+
+    cfg = apply_overrides(get_preset(args.preset), args.set)
+    p = make_plan(cfg, args.devices)
+    print(f"{args.preset} on {p['devices']} device(s), optimizer {p['optimizer']}")
+    print(f"  total batch      {p['batch_tokens']:>16,} tokens ({p['batch_sequences']:,} x {cfg.model.sequence_len})")
+    print(f"  per device       {p['device_batch_size']:>16,} sequences x {p['grad_accum']} accumulation steps")
+    print(f"  steps            {p['num_steps']:>16,}")
+    print(f"  tokens           {p['tokens']:>16,} ({p['tokens'] / 1e9:.2f}B; "
+          f"{p['tokens_per_scaling_param']:.1f} per scaling param, N = {p['scaling_params']:,})")
+    print(f"  FLOPs            {p['total_flops']:>16.3e} ({p['flops_per_token']:,} per token)")
+    print("  groups:")
+    for g in p["groups"]:
+        betas = f"betas {tuple(g['betas'])}" if g.get("betas") else "Nesterov momentum"
+        print(f"    {g['group']:<14} {g['kind']:<6} {g['params']:>13,} params  lr {g['lr']:.5g}  "
+              f"wd {g['wd']:.5g}  {betas}")
+
+
 def cmd_presets(args) -> None:
     if args.keys:
         print("\n".join(all_keys()))
@@ -122,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--preset", required=True)
     pa.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     pa.set_defaults(fn=cmd_params)
+
+    pl = sub.add_parser("plan", help="batch, accumulation, steps, tokens, FLOPs and every group's lr/wd of a preset")
+    pl.add_argument("--preset", required=True)
+    pl.add_argument("--devices", type=int, default=1, help="number of devices the run will use")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    pl.set_defaults(fn=cmd_plan)
 
     pr = sub.add_parser("presets", help="list presets with one-line descriptions")
     pr.add_argument("--show", metavar="NAME", help="also print one preset's full config")

@@ -25,7 +25,7 @@ def _check(cond: bool, msg: str) -> None:
 
 
 MLP_KINDS = ("relu2", "gelu", "swiglu", "yatnmn", "yatnmn_softplus")
-ATTENTION_BACKENDS = ("xla",)
+ATTENTION_BACKENDS = ("xla", "cudnn", "auto")  # see model/attention.py; cudnn is checked at first use
 DTYPES = ("float32", "bfloat16")
 
 
@@ -106,7 +106,10 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with warmup then cosine decay and global-norm clipping (the seed model cards' recipe)."""
+    """`adamw`: AdamW over every parameter with warmup then cosine decay and global-norm clipping (the seed model
+    cards' recipe; the fields below). `muon`: nanochat's recipe (Muon for block matrices, six AdamW groups,
+    nanochat's schedules and batch scaling; see optim/groups.py), tuned through `groups`, a JSON object of
+    overrides, e.g. '{"muon": {"lr": 0.03}, "lm_head": {"lr": 0.004}, "warmup_steps": 20}'."""
 
     optimizer: str = "adamw"
     lr: float = 0.01
@@ -117,10 +120,18 @@ class OptimConfig:
     grad_clip: float = 1.0  # global-norm clip; 0 disables
     warmup_steps: int = 500
     end_lr_frac: float = 0.05  # cosine decays to this fraction of the peak
+    groups: str = ""  # muon only: JSON overrides of the nanochat recipe's groups and schedules
 
     def __post_init__(self):
-        _check(self.optimizer == "adamw",
-               f"optim.optimizer={self.optimizer!r}: only 'adamw' is available in this version (see README status)")
+        _check(self.optimizer in ("adamw", "muon"),
+               f"optim.optimizer={self.optimizer!r}: choose 'adamw' (seed cards) or 'muon' (nanochat recipe)")
+        if self.groups:
+            try:
+                ok = isinstance(json.loads(self.groups), dict)
+            except json.JSONDecodeError:
+                ok = False
+            _check(ok, f"optim.groups={self.groups!r} is not a JSON object: write e.g. "
+                       f"optim.groups='{{\"muon\": {{\"lr\": 0.03}}}}'")
         _check(self.lr > 0 and math.isfinite(self.lr), f"optim.lr={self.lr} must be a positive finite number")
         _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, f"optim betas ({self.b1}, {self.b2}) must lie in [0, 1)")
         _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
@@ -147,9 +158,17 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    num_steps: int = 1000
-    batch_size: int = 32  # sequences per optimizer step (global)
+    """How long and how wide a run is. Horizon precedence (nanochat): num_steps > 0, else target_flops > 0, else
+    target_param_data_ratio (tokens per scaling parameter). batch_size -1 picks nanochat's batch rule; with
+    device_batch_size > 0 the gradient accumulation is derived from it and the device count. `plan.resolve`
+    turns these into concrete numbers before a run."""
+
+    num_steps: int = 1000  # -1: derive from target_flops or target_param_data_ratio
+    target_flops: float = -1.0
+    target_param_data_ratio: float = -1.0  # nanochat's default when deriving is 12
+    batch_size: int = 32  # sequences per optimizer step (global); -1: nanochat's batch-size rule
     grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
+    device_batch_size: int = 0  # > 0: sequences per device per micro-batch; grad_accum is then derived
     init_seed: int = 0
     eval_every: int = 250  # 0: only at the end
     eval_tokens: int = 65536  # validation tokens per evaluation
@@ -158,14 +177,26 @@ class TrainConfig:
     sample_tokens: int = 64
     nonfinite: str = "halt"  # NaN/Inf loss or gradient: "halt" (stop, nothing corrupt saved) or "skip" the step
 
+    @property
+    def resolved(self) -> bool:
+        return self.num_steps > 0 and self.batch_size > 0
+
     def __post_init__(self):
-        for name in ("num_steps", "batch_size", "grad_accum", "log_every", "eval_tokens"):
+        for name in ("grad_accum", "log_every", "eval_tokens"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v > 0, f"train.{name}={v!r} must be a positive integer")
-        _check(self.batch_size % self.grad_accum == 0,
-               f"train.batch_size={self.batch_size} does not divide into train.grad_accum={self.grad_accum} "
-               f"micro-batches: use a grad_accum among "
-               f"{[a for a in range(1, self.batch_size + 1) if self.batch_size % a == 0]}")
+        for name in ("num_steps", "batch_size"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and (v > 0 or v == -1),
+                   f"train.{name}={v!r} must be a positive integer (or -1 to derive it)")
+        _check(self.num_steps > 0 or self.target_flops > 0 or self.target_param_data_ratio > 0,
+               "train.num_steps=-1 needs a horizon: set train.target_flops or train.target_param_data_ratio")
+        _check(self.device_batch_size >= 0, f"train.device_batch_size={self.device_batch_size} must be >= 0")
+        if self.batch_size > 0 and not self.device_batch_size:
+            _check(self.batch_size % self.grad_accum == 0,
+                   f"train.batch_size={self.batch_size} does not divide into train.grad_accum={self.grad_accum} "
+                   f"micro-batches: use a grad_accum among "
+                   f"{[a for a in range(1, self.batch_size + 1) if self.batch_size % a == 0]}")
         _check(self.nonfinite in ("halt", "skip"),
                f"train.nonfinite={self.nonfinite!r}: choose 'halt' (stop at the first NaN/Inf) or 'skip'")
         _check(self.eval_every >= 0 and self.save_every >= 0, "train.eval_every and train.save_every must be >= 0")
@@ -244,7 +275,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     by_short: dict[str, list[str]] = {}
     for k in keys:
         by_short.setdefault(k.split(".", 1)[1], []).append(k)
-    sections = {f.name: getattr(cfg, f.name) for f in fields(Config)}
+    changes: dict[str, dict[str, Any]] = {f.name: {} for f in fields(Config)}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.num_steps=100")
@@ -260,9 +291,8 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
                 raise ConfigError(f"--set {item!r}: unknown key {key!r}.{hint} "
                                   f"Run `jaxchat presets --keys` to list every key.")
         section, name = key.split(".", 1)
-        typ = get_type_hints(type(sections[section]))[name]
-        try:
-            sections[section] = replace(sections[section], **{name: _parse_value(key, raw, typ)})
-        except ConfigError as e:
-            raise ConfigError(f"--set {item}: {e}") from None
-    return Config(**sections)  # cross-section checks run once, after every override
+        typ = get_type_hints(type(getattr(cfg, section)))[name]
+        changes[section][name] = _parse_value(key, raw, typ)
+    # each section is rebuilt once with all its changes, so checks that tie fields together see the final values
+    sections = {name: replace(getattr(cfg, name), **kw) if kw else getattr(cfg, name) for name, kw in changes.items()}
+    return Config(**sections)

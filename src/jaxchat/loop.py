@@ -20,6 +20,7 @@ from jaxchat.config import Config, ConfigError
 from jaxchat.data import get_batch, prepare_dataset
 from jaxchat.evaluate import compressor_bpb, eval_rows, evaluate, make_eval_step, target_bytes
 from jaxchat.model.accounting import count, device_peak_flops, mfu
+from jaxchat.plan import resolve
 from jaxchat.sample import Sampler
 from jaxchat.train import (ModelFns, NonFiniteError, Progress, abstract_state, batch_sharding, build_optimizer,
                            check_batch_fits, fmt_time, format_mfu, init_state, make_mesh, make_train_step,
@@ -92,6 +93,8 @@ def run_training(cfg: Config, run_dir: str | Path, resume: bool = False, force: 
     write_json_atomic(run_dir / "data.json", {k: v for k, v in ds.info.items() if k != "timings_s"})
 
     mesh = make_mesh()
+    cfg = resolve(cfg, mesh.size)
+    write_json_atomic(run_dir / "config.json", cfg.to_dict())  # the concrete config the run uses
     micro = check_batch_fits(cfg, mesh.size)
     sharding = batch_sharding(mesh)
     counts = count(cfg.model)
@@ -147,13 +150,15 @@ def run_training(cfg: Config, run_dir: str | Path, resume: bool = False, force: 
             report(pending, progress, log_metrics, cfg, counts, peak, mesh.size, t_last)
             t_last = time.perf_counter()
         pending = (step + 1, metrics)
+        t0 = time.perf_counter()
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < steps:
             last_eval = run_eval(step + 1)
             progress.write(f"step {step + 1}: val loss {last_eval['val_loss']:.4f} | val bpb {last_eval['val_bpb']:.4f}")
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < steps:
-            t0 = time.perf_counter()
+            t1 = time.perf_counter()
             ckpt.save(step + 1, state, {"config": cfg.to_dict()})
-            timer["checkpoint"] += time.perf_counter() - t0
+            timer["checkpoint"] += time.perf_counter() - t1
+        t_last += time.perf_counter() - t0  # tokens/s counts training time only
     t_loop_end = time.perf_counter()
     if pending is not None:
         report(pending, progress, log_metrics, cfg, counts, peak, mesh.size, t_last)

@@ -77,8 +77,10 @@ def check_batch_fits(cfg: Config, n_devices: int) -> int:
 
 def make_train_step(fns: ModelFns, optimizer: optax.GradientTransformation, nonfinite: str = "halt"):
     def loss_sum(params, x, y):
-        nll = token_nll(fns.logits(params, x), y)
-        return jnp.sum(nll), jnp.sum(y >= 0)
+        logits = fns.logits(params, x)
+        with jax.named_scope("loss"):
+            nll = token_nll(logits, y)
+            return jnp.sum(nll), jnp.sum(y >= 0)
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
@@ -97,9 +99,10 @@ def make_train_step(fns: ModelFns, optimizer: optax.GradientTransformation, nonf
         denom = jnp.maximum(count, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / denom, grads)
         loss = loss_total / denom
-        grad_norm = global_norm(grads)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
+        with jax.named_scope("optimizer"):
+            grad_norm = global_norm(grads)
+            updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+            new_params = optax.apply_updates(params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_state = {"params": keep(new_params, params), "opt_state": keep(opt_state, state["opt_state"]),

@@ -94,9 +94,11 @@ class Block(nnx.Module):
         self.eps = cfg.norm_eps
 
     def __call__(self, x, ve, pos, cache=None):
-        a, cache = self.attn(norm(x, self.eps), ve, pos, cache)
+        with jax.named_scope("attention"):  # named scopes label the profiler trace (`jaxchat bench --profile`)
+            a, cache = self.attn(norm(x, self.eps), ve, pos, cache)
         x = x + a
-        x = x + self.mlp(norm(x, self.eps), x.dtype)
+        with jax.named_scope("mlp"):
+            x = x + self.mlp(norm(x, self.eps), x.dtype)
         return x, cache
 
 
@@ -128,7 +130,8 @@ class GPT(nnx.Module):
         start = 0 if cache is None else cache["pos"]
         pos = start + jnp.arange(T)
 
-        x = norm(self.wte(idx), cfg.norm_eps).astype(dt)
+        with jax.named_scope("embed"):
+            x = norm(self.wte(idx), cfg.norm_eps).astype(dt)
         if cfg.smear:  # mix in the previous token's normed embedding (from the cache when decoding)
             first_prev = jnp.zeros_like(x[:, :1]) if cache is None else cache["prev_x"][:, None].astype(dt)
             prev = jnp.concatenate([first_prev, x[:, :-1]], axis=1)
@@ -150,10 +153,11 @@ class GPT(nnx.Module):
             x = x - self.backout_lambda[...].astype(dt) * x_backout
         x = norm(x, cfg.norm_eps)
 
-        w_out = self.wte.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
-        logits = jnp.matmul(x, w_out.astype(dt), preferred_element_type=F32)[..., : cfg.vocab_size]
-        if cfg.logit_softcap > 0:
-            logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
+        with jax.named_scope("lm_head"):
+            w_out = self.wte.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
+            logits = jnp.matmul(x, w_out.astype(dt), preferred_element_type=F32)[..., : cfg.vocab_size]
+            if cfg.logit_softcap > 0:
+                logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
         if cache is None:
             return logits
         prev_x = norm(self.wte(idx[:, -1]), cfg.norm_eps)

@@ -1,6 +1,13 @@
-"""Optimizers: `adamw.py` (the seed cards' recipe)."""
+"""Optimizers.
+
+- `adamw.py`: the seed cards' recipe (AdamW over everything, warmup-cosine, global-norm clipping);
+- `muon.py`, `groups.py`, `schedules.py`, `scaling.py`: nanochat's recipe (Muon for block matrices, six AdamW
+  groups, its schedules, and the depth/batch scaling rules behind `jaxchat plan`).
+"""
 
 from __future__ import annotations
+
+import json
 
 import optax
 
@@ -8,13 +15,39 @@ from jaxchat.config import Config
 from jaxchat.optim.adamw import adamw, warmup_cosine
 
 
-def build_optimizer(cfg: Config, params) -> optax.GradientTransformation:
-    """The optimizer a run uses, chosen by `optim.optimizer`."""
-    return adamw(cfg.optim, cfg.train.num_steps)
+def muon_overrides(cfg: Config) -> dict:
+    return json.loads(cfg.optim.groups) if cfg.optim.groups else {}
+
+
+def build_optimizer(cfg: Config, params=None) -> optax.GradientTransformation:
+    """The optimizer a run uses, chosen by `optim.optimizer`. `params` (arrays or shapes) is needed only to
+    know which of nanochat's groups are present; by default it is derived from the model config."""
+    if cfg.optim.optimizer == "adamw":
+        if cfg.train.num_steps < 1:
+            raise ValueError("build_optimizer needs a concrete num_steps: call jaxchat.plan.resolve first")
+        return adamw(cfg.optim, cfg.train.num_steps)
+    from jaxchat.optim.groups import nanochat_optimizer
+    from jaxchat.optim.scaling import abstract_state
+
+    if params is None:
+        params = abstract_state(cfg.model)
+    if not cfg.train.resolved:
+        raise ValueError("build_optimizer needs concrete num_steps and batch_size: call jaxchat.plan.resolve first")
+    batch_tokens = cfg.train.batch_size * cfg.model.sequence_len
+    overrides = muon_overrides(cfg)
+    if cfg.train.target_param_data_ratio > 0:
+        overrides.setdefault("ratio", cfg.train.target_param_data_ratio)
+    return nanochat_optimizer(params, cfg.model, cfg.train.num_steps, batch_tokens, overrides)
 
 
 def lr_at(cfg: Config, step: int) -> float:
-    return float(warmup_cosine(cfg.optim, cfg.train.num_steps)(step))
+    """The peak-relative learning rate at `step` (AdamW: absolute lr; Muon recipe: the lr multiplier)."""
+    if cfg.optim.optimizer == "adamw":
+        return float(warmup_cosine(cfg.optim, cfg.train.num_steps)(step))
+    from jaxchat.optim import schedules
+
+    sched = {k: v for k, v in muon_overrides(cfg).items() if k in ("warmup_steps", "warmdown_ratio", "final_lr_frac")}
+    return float(schedules.lr_multiplier(step, cfg.train.num_steps, **sched))
 
 
 __all__ = ["build_optimizer", "lr_at"]

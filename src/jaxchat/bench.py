@@ -1,0 +1,315 @@
+"""`jaxchat bench`: the training step's speed, MFU and memory on random tokens, one row in BENCHMARKS.md.
+
+It builds a preset's model and optimizer exactly as training does (`ModelFns`, `build_optimizer`,
+`make_train_step`, `init_state`), compiles the step (timed on its own), runs warm-up steps, then times the
+step in up to three windows (the device is synchronised at the end of each window, never inside one) and
+reports the median window. Tokens are uniform random ids, so no data pipeline is measured: this is the
+ceiling a real run approaches. MFU follows SPEC §1 (`model.accounting`): FLOPs/token x tokens/s over the
+device's bf16 dense peak.
+
+Peak memory is the device's own `peak_bytes_in_use` where the runtime reports it (GPU, TPU: the whole process,
+parameters and optimizer state included); elsewhere (CPU) XLA's estimate of the compiled step (arguments +
+outputs + temporaries - donated aliases) is shown instead, marked `~`.
+
+`--profile DIR` also writes a `jax.profiler` trace of a few steps; the model labels its parts with named scopes
+(embed, attention, mlp, lm_head, loss, optimizer), and `benchmarks/trace_summary.py DIR` totals device time per
+scope.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+HEADER = ("| date | commit | device | jax / flax | preset | config deltas | batch | seq | dtype | backend | "
+          "tok/s | MFU | peak mem | compile s | step ms | notes |")
+# keys that have their own column, left out of "config deltas"
+OWN_COLUMNS = ("model.sequence_len", "model.compute_dtype", "model.attention", "train.batch_size", "train.grad_accum",
+               "train.device_batch_size", "train.num_steps")  # the last three: bench times one micro-batch per step
+
+
+def git_commit(root: Path | None = None) -> str:
+    """`git rev-parse --short HEAD`, plus -dirty when tracked files differ; $JAXCHAT_COMMIT wins (for machines
+    that get a copy of the tree without .git). Read-only: `--no-optional-locks` keeps git off the index."""
+    if os.environ.get("JAXCHAT_COMMIT"):
+        return os.environ["JAXCHAT_COMMIT"]
+    root = root or Path(__file__).resolve().parents[2]
+    try:
+        run = lambda *a: subprocess.run(["git", "--no-optional-locks", "-C", str(root), *a], capture_output=True,
+                                        text=True, timeout=10, check=True).stdout.strip()
+        sha = run("rev-parse", "--short", "HEAD")
+        return sha + ("-dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flat(cfg) -> dict:
+    return {f"{sec}.{k}": v for sec, sub in cfg.to_dict().items() for k, v in sub.items()}
+
+
+def config_deltas(base, cfg) -> list[str]:
+    """`section.key=value` for every value that differs from the preset, except those with their own column."""
+    b, c = flat(base), flat(cfg)
+    return [f"{k}={c[k]}" for k in c if c[k] != b[k] and k not in OWN_COLUMNS]
+
+
+def bench_config(preset: str, sets: list[str], batch: int | None = None, seq: int | None = None,
+                 backend: str | None = None, dtype: str | None = None):
+    """(preset config, bench config): the preset with --set overrides and its horizon/batch rules resolved
+    (`plan.resolve`), then one micro-batch of `batch` sequences per step (no accumulation; default: the preset's
+    micro-batch) and the seq/backend/dtype choices. dtype defaults to bfloat16 on accelerators and to the
+    preset's compute dtype on CPU."""
+    import jax
+
+    from jaxchat.config import apply_overrides
+    from jaxchat.presets import get_preset
+
+    base = get_preset(preset)
+    cfg = apply_overrides(base, sets)
+    try:
+        from jaxchat.plan import resolve
+    except ImportError:  # older trees: configs are always concrete
+        resolve = None
+    if resolve is not None:
+        cfg = resolve(cfg, jax.device_count())
+    if dtype is None and jax.default_backend() != "cpu":
+        dtype = "bfloat16"
+    micro = batch or cfg.train.batch_size // cfg.train.grad_accum
+    extra = ["train.device_batch_size=0" if getattr(cfg.train, "device_batch_size", 0) else None,
+             "train.grad_accum=1", f"train.batch_size={micro}",
+             f"model.sequence_len={seq}" if seq else None, f"model.attention={backend}" if backend else None,
+             f"model.compute_dtype={dtype}" if dtype else None]
+    return base, apply_overrides(cfg, [e for e in extra if e])
+
+
+def device_label() -> str:
+    import jax
+
+    devs = jax.devices()
+    kind = devs[0].device_kind
+    if devs[0].platform == "cpu":
+        kind = f"cpu ({os.cpu_count()} cores)"
+    return kind + (f" x{len(devs)}" if len(devs) > 1 else "")
+
+
+def peak_device_memory() -> int | None:
+    import jax
+
+    stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
+    return (stats or {}).get("peak_bytes_in_use")
+
+
+def compiled_memory_estimate(compiled) -> int | None:
+    try:
+        m = compiled.memory_analysis()
+        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+    except Exception:  # not every backend or version implements it
+        return None
+
+
+def run_bench(preset: str, cfg, base=None, *, steps: int = 10, warmup: int = 2, profile_dir: str | None = None,
+              seed: int = 0, log=print) -> dict:
+    """Compile and time cfg's training step; returns every reported field as a dict."""
+    import flax
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jaxchat.model.accounting import count, device_peak_flops, mfu
+    from jaxchat.model.attention import resolve_backend
+    from jaxchat.train import (ModelFns, batch_sharding, build_optimizer, check_batch_fits, init_state, make_mesh,
+                               make_train_step, shaped_batch)
+
+    m, B, T = cfg.model, cfg.train.batch_size, cfg.model.sequence_len
+    mesh = make_mesh()
+    check_batch_fits(cfg, mesh.size)
+    counts = count(m)
+    peak = device_peak_flops()
+    q_like = jax.ShapeDtypeStruct((1, T, m.n_head, m.head_dim), jnp.dtype(m.compute_dtype))
+    k_like = jax.ShapeDtypeStruct((1, T, m.n_kv_head, m.head_dim), jnp.dtype(m.compute_dtype))
+    resolved = resolve_backend(m.attention, q_like, k_like)
+
+    fns = ModelFns(cfg)
+    optimizer = build_optimizer(cfg)
+    t0 = time.perf_counter()
+    state = jax.device_put(init_state(fns, optimizer, seed), NamedSharding(mesh, P()))
+    tokens = jax.random.randint(jax.random.key(seed + 1), (B, T + 1), 0, m.vocab_size, jnp.int32)
+    batch = jax.device_put(shaped_batch(tokens[:, :-1], tokens[:, 1:], cfg.train.grad_accum), batch_sharding(mesh))
+    jax.block_until_ready((state, batch))
+    init_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    step = make_train_step(fns, optimizer).lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    estimate = compiled_memory_estimate(step)
+
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    warmup_s = time.perf_counter() - t0
+
+    windows = [steps // 3 + (i < steps % 3) for i in range(min(3, steps))]
+    times = []
+    for n in windows:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            state, metrics = step(state, batch)
+        jax.block_until_ready((state, metrics))
+        times.append((time.perf_counter() - t0) / n)
+    step_s = statistics.median(times)
+    loss = float(metrics["loss"])
+
+    if profile_dir:  # the optimized HLO maps kernels back to named scopes (benchmarks/trace_summary.py)
+        Path(profile_dir).mkdir(parents=True, exist_ok=True)
+        (Path(profile_dir) / "step.hlo.txt").write_text(step.as_text())
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+            for _ in range(3):
+                state, metrics = step(state, batch)
+            jax.block_until_ready((state, metrics))
+
+    tps = B * T / step_s
+    u = mfu(counts.flops["total"], tps, peak, mesh.size)
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "commit": git_commit(), "device": device_label(),
+        "jax": jax.__version__, "flax": flax.__version__, "preset": preset,
+        "deltas": config_deltas(base, cfg) if base is not None else [], "batch": B, "seq": T,
+        "grad_accum": cfg.train.grad_accum, "dtype": m.compute_dtype, "backend": m.attention,
+        "backend_resolved": resolved, "tokens_per_step": B * T, "step_s": step_s, "step_s_windows": times,
+        "tokens_per_s": tps, "tflops": counts.flops["total"] * tps / 1e12, "mfu": u, "peak_flops": peak,
+        "flops_per_token": counts.flops, "params": counts.params, "peak_mem_bytes": peak_device_memory(),
+        "xla_mem_estimate_bytes": estimate, "compile_s": compile_s, "init_s": init_s, "warmup_s": warmup_s,
+        "warmup_steps": warmup, "timed_steps": sum(windows), "loss": loss, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "profile_dir": profile_dir or "",
+    }
+
+
+def gib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def mem_text(r: dict) -> str:
+    return gib(r["peak_mem_bytes"]) if r["peak_mem_bytes"] is not None else "~" + gib(r["xla_mem_estimate_bytes"])
+
+
+def backend_text(r: dict) -> str:
+    return r["backend"] if r["backend"] == r["backend_resolved"] else f"{r['backend']}->{r['backend_resolved']}"
+
+
+def mfu_text(r: dict) -> str:
+    return "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+
+
+def human(n: float) -> str:
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:,.2f}{unit}"
+    return f"{n:,.0f}"
+
+
+def split_text(d: dict, order: list[str]) -> str:
+    total = d["total"]
+    return " | ".join(f"{k} {human(d[k])} {100 * d[k] / total:.1f}%" for k in order if d.get(k))
+
+
+def format_report(r: dict) -> str:
+    f, p = r["flops_per_token"], r["params"]
+    w = r["step_s_windows"]
+    peak = "unknown peak" if r["peak_flops"] is None else f"peak {r['peak_flops'] / 1e12:.1f} TFLOP/s"
+    lines = [
+        f"bench {r['preset']} | {r['device']} | jax {r['jax']} flax {r['flax']} | commit {r['commit']}",
+        f"config: batch {r['batch']} x seq {r['seq']} = {r['tokens_per_step']:,} tokens/step | {r['dtype']} | "
+        f"attention {backend_text(r)} | deltas: {', '.join(r['deltas']) or '-'}",
+        f"params: {p['total']:,} ({split_text(p, ['embed', 'value_embeds', 'attention', 'mlp', 'lm_head', 've_gates', 'scalars'])})",
+        f"FLOPs/token: {human(f['total'])} ({split_text(f, ['lm_head', 'mlp', 'attention', 'gates'])})",
+        f"compile: {r['compile_s']:.1f} s | init {r['init_s']:.1f} s | warmup {r['warmup_steps']} steps "
+        f"{r['warmup_s']:.1f} s",
+        f"step time: {1e3 * r['step_s']:.1f} ms (median of {len(w)} windows, {r['timed_steps']} steps; "
+        f"{1e3 * min(w):.1f}..{1e3 * max(w):.1f} ms)",
+        f"tokens/s: {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} TFLOP/s | MFU {mfu_text(r)} ({peak})",
+        f"peak memory: {gib(r['peak_mem_bytes'])} (device) | XLA estimate of the step {gib(r['xla_mem_estimate_bytes'])}",
+        f"loss on random tokens (sanity): {r['loss']:.3f}",
+    ]
+    if r["xla_flags"]:
+        lines.append(f"XLA_FLAGS: {r['xla_flags']}")
+    if r["profile_dir"]:
+        lines.append(f"profile: {r['profile_dir']} (summarise with python benchmarks/trace_summary.py {r['profile_dir']})")
+    return "\n".join(lines)
+
+
+def markdown_row(r: dict, note: str = "") -> str:
+    notes = "; ".join(x for x in (note, f"XLA_FLAGS={r['xla_flags']}" if r["xla_flags"] else "") if x)
+    cells = [r["date"], r["commit"], r["device"], f"{r['jax']} / {r['flax']}", r["preset"],
+             ", ".join(r["deltas"]) or "-", str(r["batch"]), str(r["seq"]), r["dtype"], backend_text(r),
+             f"{r['tokens_per_s']:,.0f}", mfu_text(r), mem_text(r), f"{r['compile_s']:.1f}",
+             f"{1e3 * r['step_s']:.1f}", notes or "-"]
+    return "| " + " | ".join(c.replace("|", "/") for c in cells) + " |"
+
+
+def append_row(path: str | Path, r: dict, note: str = "") -> None:
+    path = Path(path)
+    if not path.exists():
+        path.write_text("# Benchmarks\n\nRows appended by `jaxchat bench` (see src/jaxchat/bench.py).\n\n"
+                        + HEADER + "\n" + "|---" * HEADER.count(" | ") + "|---|\n")
+    text = path.read_text()
+    with open(path, "a") as fh:
+        fh.write(("" if text.endswith("\n") else "\n") + markdown_row(r, note) + "\n")
+
+
+def cmd_bench(args) -> None:
+    base, cfg = bench_config(args.preset, args.set, args.batch, args.seq, args.backend, args.dtype)
+    r = run_bench(args.preset, cfg, base, steps=args.steps, warmup=args.warmup, profile_dir=args.profile)
+    print(format_report(r), flush=True)
+    if args.json:
+        with open(args.json, "a") as fh:
+            fh.write(json.dumps({**r, "note": args.note}) + "\n")
+    if not args.no_record:
+        append_row(args.record_to, r, args.note)
+        print(f"recorded in {args.record_to}")
+
+
+def add_parsers(subparsers) -> None:
+    """Register `bench` on the CLI's subparsers (cli.build_parser calls this)."""
+    b = subparsers.add_parser("bench", help="time the training step of a preset (tokens/s, MFU, memory) on random tokens",
+                              description=__doc__.split("\n\n")[0])
+    b.add_argument("--preset", required=True, help="preset name (jaxchat presets)")
+    b.add_argument("--batch", type=int, help="sequences per step (default: the preset's micro-batch)")
+    b.add_argument("--seq", type=int, help="sequence length (default: the preset's; windows follow it)")
+    b.add_argument("--steps", type=int, default=10, help="timed steps, split into up to 3 windows (default 10)")
+    b.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling (default 2)")
+    b.add_argument("--backend", choices=["xla", "cudnn", "auto"], help="attention backend (default: the preset's)")
+    b.add_argument("--dtype", choices=["bfloat16", "float32"],
+                   help="compute dtype (default: bfloat16 on GPU/TPU, the preset's on CPU)")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
+    b.add_argument("--profile", metavar="DIR", help="also write a jax.profiler trace of 3 steps to DIR")
+    b.add_argument("--no-record", action="store_true", help="do not append a row to BENCHMARKS.md")
+    b.add_argument("--record-to", default="BENCHMARKS.md", help="the file rows are appended to (default ./BENCHMARKS.md)")
+    b.add_argument("--json", metavar="FILE", help="also append the full result as one JSON line to FILE")
+    b.add_argument("--note", default="", help="free text for the row's notes column")
+    b.set_defaults(fn=cmd_bench)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m jaxchat.bench ...` (same arguments as `jaxchat bench`)."""
+    from jaxchat.config import ConfigError
+
+    p = argparse.ArgumentParser(prog="jaxchat")
+    add_parsers(p.add_subparsers(dest="cmd", required=True))
+    args = p.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        args.fn(args)
+    except ConfigError as e:
+        print(f"jaxchat bench: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

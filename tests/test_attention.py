@@ -1,0 +1,158 @@
+"""Attention backends: the seam, `auto`'s fallback, cuDNN's errors off-GPU, and (marked gpu) cuDNN vs the xla
+reference, forward and gradients, with windows on and off and GQA on and off."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxchat.config import ConfigError, ModelConfig
+from jaxchat.model.attention import (BACKENDS, attend, cuda_compute_capability, resolve_backend, xla_attention)
+from jaxchat.model.gpt import GPT
+
+HAS_CUDA = cuda_compute_capability() is not None
+needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU with cuDNN")
+
+
+def qkv(key, B, T, H, K, D, dtype=jnp.float32):
+    kq, kk, kv = jax.random.split(key, 3)
+    return (jax.random.normal(kq, (B, T, H, D), dtype), jax.random.normal(kk, (B, T, K, D), dtype),
+            jax.random.normal(kv, (B, T, K, D), dtype))
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_every_config_backend_is_registered():
+    from jaxchat.config import ATTENTION_BACKENDS
+    assert set(ATTENTION_BACKENDS) == set(BACKENDS) == {"xla", "cudnn", "auto"}
+    with pytest.raises(ConfigError, match="choose one of xla, cudnn, auto"):
+        ModelConfig(attention="flash")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the fallback on a machine without a CUDA GPU")
+def test_auto_falls_back_to_xla_without_gpu():
+    q, k, v = qkv(jax.random.key(0), 2, 32, 4, 2, 16)
+    pos = jnp.arange(32)
+    assert resolve_backend("auto", q, k) == "xla"
+    ref = xla_attention(q, k, v, window=7, q_pos=pos, k_pos=pos)
+    out = attend(q, k, v, window=7, q_pos=pos, k_pos=pos, backend="auto")
+    assert float(jnp.abs(ref).max()) > 0.1
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the error on a machine without a CUDA GPU")
+def test_cudnn_without_gpu_is_a_clear_error():
+    q, k, v = qkv(jax.random.key(0), 1, 16, 2, 2, 16, jnp.bfloat16)
+    pos = jnp.arange(16)
+    with pytest.raises(ConfigError, match=r"needs an NVIDIA GPU.*model\.attention=auto"):
+        attend(q, k, v, window=16, q_pos=pos, k_pos=pos, backend="cudnn")
+    # the same error from the model, at first use (config cannot know which devices a run will see)
+    cfg = ModelConfig(vocab_size=64, sequence_len=16, n_layer=1, n_embd=32, n_head=2, n_kv_head=2,
+                      attention="cudnn", compute_dtype="bfloat16")
+    with pytest.raises(ConfigError, match="needs an NVIDIA GPU"):  # traced only: raised before anything runs
+        jax.eval_shape(lambda: GPT(cfg)(jnp.zeros((1, 16), jnp.int32)))
+
+
+def test_unknown_backend_at_the_seam_names_the_choices():
+    q, k, v = qkv(jax.random.key(0), 1, 8, 2, 2, 8)
+    with pytest.raises(ConfigError, match="auto.*cudnn.*xla"):
+        attend(q, k, v, window=8, q_pos=jnp.arange(8), k_pos=jnp.arange(8), backend="splash")
+
+
+@pytest.mark.parametrize("window", [0, 3, 17, 63, 64, 1000])
+def test_jax_local_window_matches_our_window(window):
+    """cuDNN is reached through jax.nn.dot_product_attention with local_window_size=(w, 0); on CPU JAX's own xla
+    implementation of that argument must give our semantics (keys t-w..t), GQA included."""
+    q, k, v = qkv(jax.random.key(window), 2, 64, 4, 2, 16)
+    pos = jnp.arange(64)
+    ref = xla_attention(q, k, v, window=window, q_pos=pos, k_pos=pos)
+    local = None if window >= 63 else (window, 0)
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local, implementation="xla")
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_model_with_auto_equals_xla_on_cpu():
+    cfg = ModelConfig(vocab_size=64, sequence_len=16, n_layer=1, n_embd=32, n_head=2, n_kv_head=1)
+    idx = jax.random.randint(jax.random.key(1), (2, 16), 0, 64)
+    model = GPT(cfg)
+    ref = model(idx)
+    model.config = dataclasses.replace(cfg, attention="auto")
+    for block in model.blocks:
+        block.attn.cfg = model.config
+    expected = "cudnn" if HAS_CUDA else "xla"
+    assert resolve_backend("auto", jnp.zeros((1, 16, 2, 16), jnp.bfloat16), jnp.zeros((1, 16, 1, 16), jnp.bfloat16)) == expected
+    np.testing.assert_array_equal(np.asarray(model(idx)), np.asarray(ref))  # fp32 on CPU: xla either way
+
+
+# ---------------------------------------------------------------------------------------------------- GPU only
+
+CASES = [  # (H, K, D, window): windows on (3, 100) and off (T), GQA on (K < H) and off
+    (4, 4, 64, 256), (4, 4, 64, 3), (4, 4, 128, 100), (8, 2, 64, 256), (8, 2, 128, 3), (6, 1, 128, 100),
+]
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("H,K,D,window", CASES)
+def test_cudnn_matches_xla_forward_and_gradients(H, K, D, window):
+    """bf16 cuDNN vs bf16 xla, both measured against an fp32 xla reference: cuDNN's error must be bf16-sized
+    and no worse than a small multiple of the bf16 xla reference's own error."""
+    B, T = 2, 256
+    q, k, v = qkv(jax.random.key(H * 1000 + window), B, T, H, K, D)
+    ct = jax.random.normal(jax.random.key(7), (B, T, H, D))
+    pos = jnp.arange(T)
+
+    def loss(backend, dtype):
+        def f(q, k, v):
+            y = attend(q.astype(dtype), k.astype(dtype), v.astype(dtype), window=window, q_pos=pos, k_pos=pos,
+                       backend=backend)
+            return jnp.sum(y.astype(jnp.float32) * ct), y
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+    (_, y32), g32 = loss("xla", jnp.float32)
+    (_, y_xla), g_xla = loss("xla", jnp.bfloat16)
+    (_, y_cud), g_cud = loss("cudnn", jnp.bfloat16)
+    assert not np.isnan(np.asarray(y_cud, np.float32)).any()
+    e_xla, e_cud = rel_err(y_xla, y32), rel_err(y_cud, y32)
+    assert e_cud < 2e-2 and e_cud < 3 * e_xla + 2e-3, (e_cud, e_xla)
+    for name, a, b, r in zip("qkv", g_cud, g_xla, g32):
+        ge_cud, ge_xla = rel_err(a, r), rel_err(b, r)
+        assert ge_cud < 3e-2 and ge_cud < 3 * ge_xla + 3e-3, (name, ge_cud, ge_xla)
+    if window < T - 1:  # the window must matter: the unwindowed output is far from it
+        (_, y_full), _ = jax.jit(jax.value_and_grad(
+            lambda q, k, v: (0.0, attend(q, k, v, window=T, q_pos=pos, k_pos=pos, backend="xla")),
+            has_aux=True))(q, k, v)
+        assert rel_err(y_full, y32) > 0.1
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_cudnn_model_loss_and_grads_match_xla():
+    """A whole bf16 GPT (value embeddings, GQA, SSSL windows) with cuDNN vs xla: loss and gradients agree."""
+    from jaxchat.config import Config, TrainConfig
+    from jaxchat.model.gpt import cross_entropy
+    from jaxchat.train import ModelFns
+
+    mc = ModelConfig(vocab_size=512, sequence_len=512, n_layer=4, n_embd=256, n_head=4, n_kv_head=2,
+                     compute_dtype="bfloat16")
+    idx = jax.random.randint(jax.random.key(3), (2, 513), 0, 512)
+    out = {}
+    for backend in ("xla", "cudnn", "auto"):
+        fns = ModelFns(Config(model=dataclasses.replace(mc, attention=backend), train=TrainConfig(batch_size=2)))
+        params = fns.init_params(0)
+        params = jax.tree.map(lambda p: p + 0.01 * jax.random.normal(jax.random.key(p.size), p.shape), params)
+        f = jax.jit(jax.value_and_grad(lambda p: cross_entropy(fns.logits(p, idx[:, :-1]), idx[:, 1:])))
+        out[backend] = f(params)
+    (l_x, g_x), (l_c, g_c), (l_a, g_a) = out["xla"], out["cudnn"], out["auto"]
+    assert abs(float(l_x) - float(l_c)) < 2e-2 * abs(float(l_x))
+    gx, gc = jax.tree.leaves(g_x), jax.tree.leaves(g_c)
+    big = [i for i, g in enumerate(gx) if float(jnp.linalg.norm(g)) > 1e-3]
+    assert big
+    for i in big:
+        assert rel_err(gc[i], gx[i]) < 0.1, i
+    assert float(l_a) == float(l_c)  # auto picks cuDNN here

@@ -1,0 +1,103 @@
+"""The command line end to end on a micro config: train, eval, sample, resume; and its error messages."""
+
+import json
+
+import pytest
+
+from jaxchat.cli import main
+
+MICRO = ["--set", "model.n_layer=2", "--set", "model.n_embd=64", "--set", "model.n_head=1", "--set",
+         "model.n_kv_head=1", "--set", "model.sequence_len=64", "--set", "model.vocab_size=512", "--set",
+         "data.tokenizer_vocab=512", "--set", "train.batch_size=4", "--set", "train.num_steps=4", "--set",
+         "train.eval_every=2", "--set", "train.eval_tokens=512", "--set", "train.sample_tokens=8",
+         "--set", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "micro"
+    assert main(["train", "--preset", "tiny", "--run-dir", str(run)] + MICRO) == 0
+    return run
+
+
+def test_train_writes_a_complete_run(trained, capsys):
+    assert (trained / "config.json").is_file() and (trained / "tokenizer.json").is_file()
+    assert (trained / "checkpoints" / "4").is_dir()
+    lines = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in lines if "loss" in r]
+    assert steps == [1, 2, 3, 4]
+    evals = [r for r in lines if "val_bpb" in r]
+    assert [r["step"] for r in evals] == [2, 4] and all(0 < r["val_bpb"] < 20 for r in evals)
+    summary = json.loads((trained / "summary.json").read_text())
+    assert summary["gzip_bpb"] > 0.5 and summary["xz_bpb"] > 0.5
+    assert abs(sum(summary["time_s"].values()) - summary["wall_s"]) < 0.5
+
+
+def test_eval_and_sample_from_run(trained, capsys):
+    assert main(["eval", "--run", str(trained), "--batch-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "val bpb" in out and "gzip -9" in out
+    assert main(["sample", "--run", str(trained), "--prompt", "import ", "--max-tokens", "8", "--seed", "1"]) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("import ")
+    assert main(["sample", "--run", str(trained), "--prompt", "import ", "--max-tokens", "8", "--seed", "1"]) == 0
+    assert capsys.readouterr().out == first  # same seed, same text
+
+
+def test_existing_run_is_never_overwritten(trained, capsys):
+    assert main(["train", "--preset", "tiny", "--run-dir", str(trained)] + MICRO) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "--force" in err
+    assert (trained / "checkpoints" / "4").is_dir()
+
+
+def test_force_refuses_a_foreign_directory(tmp_path, capsys):
+    (tmp_path / "precious.txt").write_text("keep me")
+    assert main(["train", "--preset", "tiny", "--run-dir", str(tmp_path), "--force"] + MICRO) == 2
+    assert "refusing" in capsys.readouterr().err
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_resume_continues_from_latest(trained, capsys):
+    assert main(["train", "--run-dir", str(trained), "--resume", "--set", "train.num_steps=6"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed" in out and "at step 4" in out
+    lines = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_with_a_different_model_is_refused(trained, capsys):
+    assert main(["train", "--preset", "tiny", "--run-dir", str(trained), "--resume"] + MICRO
+                + ["--set", "model.n_embd=128"]) == 2
+    assert "model.n_embd" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ("model.n_hed=2", "Did you mean model.n_head"),
+    ("model.n_head=3", "not divisible"),
+    ("train.num_steps=abc", "expected an integer"),
+    ("optim.lr=-1", "positive"),
+    ("model.mlp=tanh", "relu2, gelu, swiglu"),
+    ("model.window_pattern=SSX", "letters S"),
+    ("train.batch_size=6", "grad_accum"),
+])
+def test_bad_set_values_are_clear(bad, needle, capsys, tmp_path):
+    extra = ["--set", "train.grad_accum=4"] if bad.startswith("train.batch_size") else []
+    assert main(["train", "--preset", "tiny", "--run-dir", str(tmp_path / "r"), "--set", bad] + extra) == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_params_prints_exact_counts(capsys):
+    assert main(["params", "--preset", "nanochat-d12"]) == 0
+    out = capsys.readouterr().out
+    assert "286,261,730" in out and "value_embeds" in out and "lm_head" in out and "attention" in out
+    assert main(["params", "--preset", "d12-gelu-chinchilla"]) == 0
+    assert "261,096,338" in capsys.readouterr().out
+
+
+def test_presets_lists_every_preset(capsys):
+    from jaxchat.presets import PRESETS
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in PRESETS)

@@ -1,0 +1,89 @@
+"""The train step: gradient accumulation, checkpoint round trip, the non-finite guard."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxchat.checkpoint import Checkpointer
+from jaxchat.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from jaxchat.optim import build_optimizer
+from jaxchat.train import ModelFns, abstract_state, init_state, make_train_step, shaped_batch
+
+V = 320
+
+
+def small_cfg(**train) -> Config:
+    return Config(model=ModelConfig(vocab_size=V, sequence_len=32, n_layer=2, n_embd=64, n_head=2, n_kv_head=1),
+                  optim=OptimConfig(lr=1e-2, warmup_steps=0), data=DataConfig(tokenizer_vocab=V),
+                  train=TrainConfig(num_steps=10, batch_size=8, **train))
+
+
+def data(seed=0):
+    rows = np.random.default_rng(seed).integers(0, V, (8, 33)).astype(np.int32)
+    return rows[:, :-1], rows[:, 1:]
+
+
+def leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = small_cfg()
+    fns = ModelFns(cfg)
+    opt = build_optimizer(cfg, None)
+    return cfg, fns, opt, make_train_step(fns, opt)
+
+
+def test_grad_accumulation_equals_large_batch(setup):
+    """Plain SGD makes the update linear in the gradient, so equal params mean equal gradients (AdamW's first
+    step is ~lr * sign(g) and would hide or exaggerate differences in near-zero gradients)."""
+    import optax
+
+    cfg, fns, _, _ = setup
+    sgd = optax.sgd(0.5)
+    step = make_train_step(fns, sgd)
+    x, y = data()
+    init = leaves(init_state(fns, sgd, 0)["params"])
+    s1, m1 = step(init_state(fns, sgd, 0), shaped_batch(x, y, 1))
+    s4, m4 = step(init_state(fns, sgd, 0), shaped_batch(x, y, 4))  # 4 micro-batches of 2
+    moved = [np.abs(a - b).max() for a, b in zip(leaves(s1["params"]), init)]
+    assert sum(m > 0 for m in moved) >= 5 and max(moved) > 1e-3  # (zero-init c_proj blocks the rest at step 0)
+    np.testing.assert_allclose(float(m1["loss"]), float(m4["loss"]), rtol=1e-6)
+    for a, b, i in zip(leaves(s1["params"]), leaves(s4["params"]), init):
+        np.testing.assert_allclose(a - i, b - i, atol=2e-7, rtol=1e-4)
+
+
+def test_checkpoint_round_trip_continues_identically(setup, tmp_path):
+    cfg, fns, opt, step = setup
+    state = init_state(fns, opt, 0)
+    for i in range(3):
+        state, _ = step(state, shaped_batch(*data(i), 1))
+    ck = Checkpointer(tmp_path, keep=2)
+    ck.save(3, state, {"config": cfg.to_dict()})
+    ck.close()
+    ck = Checkpointer(tmp_path)
+    restored, meta = ck.restore(abstract_state(fns, opt))
+    ck.close()
+    assert meta["config"]["model"]["n_embd"] == 64 and int(restored["step"]) == 3
+    for a, b in zip(leaves(state), leaves(restored)):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    batch = shaped_batch(*data(3), 1)
+    s_a, m_a = step(restored, batch)
+    s_b, m_b = step(state, batch)
+    assert float(m_a["loss"]) == float(m_b["loss"]) and np.isfinite(float(m_a["loss"]))
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(s_a), leaves(s_b)))
+
+
+def test_nonfinite_update_is_discarded(setup):
+    cfg, fns, opt, step = setup
+    state = init_state(fns, opt, 0)
+    state["params"]["lm_head"]["kernel"] = jnp.full_like(state["params"]["lm_head"]["kernel"], 3e38)
+    before = leaves(state)
+    new, m = step(jax.tree.map(jnp.copy, state), shaped_batch(*data(), 1))
+    assert not bool(m["finite"]) and int(m["skipped"]) == 1
+    after = leaves(new)
+    # everything except the step counters is untouched
+    same = [np.array_equal(a, b, equal_nan=True) for a, b in zip(before, after)]
+    assert sum(not s for s in same) == 2  # `step` and `skipped`
