@@ -79,7 +79,7 @@ def test_checkpoint_round_trip_continues_identically(setup, tmp_path):
 def test_nonfinite_update_is_discarded(setup):
     cfg, fns, opt, step = setup
     state = init_state(fns, opt, 0)
-    state["params"]["lm_head"]["kernel"] = jnp.full_like(state["params"]["lm_head"]["kernel"], 3e38)
+    state["params"]["x0_lambdas"] = state["params"]["x0_lambdas"].at[0].set(jnp.nan)  # poisons the forward
     before = leaves(state)
     new, m = step(jax.tree.map(jnp.copy, state), shaped_batch(*data(), 1))
     assert not bool(m["finite"]) and int(m["skipped"]) == 1
