@@ -113,6 +113,21 @@ def test_flaxchat_optimizer_state_restored(flaxchat):
     assert [int(s.count) for s in sched] == [120]  # the LR schedule resumes at the checkpoint's step
 
 
+def test_flaxchat_moments_under_the_muon_recipe(flaxchat, tmp_path):
+    """optim.optimizer=muon: AdamW groups get the checkpoint's moments, every schedule counter the step."""
+    run_cmd("import", "flaxchat", flaxchat["step_dir"], "--mlp", "gelu", "--out", tmp_path / "r", "--set",
+            "optim.optimizer=muon")
+    _, state = restore_state(tmp_path / "r")
+    adam = find_states(state["opt_state"], optax.ScaleByAdamState)
+    assert adam and all(int(a.count) == 1 for a in adam)
+    wte = [a.mu["wte"]["embedding"] for a in adam if not isinstance(a.mu["wte"]["embedding"], optax.MaskedNode)]
+    assert len(wte) == 1 and np.abs(np.asarray(wte[0])).max() > 0
+    counts = [int(x) for p, x in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]
+              if x.ndim == 0 and "count" in jax.tree_util.keystr(p)]
+    assert sorted(set(counts)) == [1, 120]
+    assert "no AdamW slot here: blocks.0" in (tmp_path / "r" / "import.json").read_text()
+
+
 def test_import_prints_mapping(flaxchat, tmp_path, capsys):
     run_cmd("import", "flaxchat", flaxchat["step_dir"], "--mlp", "gelu", "--out", tmp_path / "r", "--weights-only")
     out = capsys.readouterr().out

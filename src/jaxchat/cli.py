@@ -13,9 +13,10 @@ from pathlib import Path
 
 from jaxchat.checkpoint import CheckpointError, load_run_config
 from jaxchat.config import ConfigError, all_keys, apply_overrides
+from jaxchat.interop.common import InteropError
 from jaxchat.presets import PRESETS, get_preset
 
-USER_ERRORS = (ConfigError, CheckpointError)
+USER_ERRORS = (ConfigError, CheckpointError, InteropError, FileNotFoundError)
 
 
 def cmd_train(args) -> None:
@@ -152,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--show", metavar="NAME", help="also print one preset's full config")
     pr.add_argument("--keys", action="store_true", help="list every config key --set accepts")
     pr.set_defaults(fn=cmd_presets)
+
+    from jaxchat.interop.commands import add_parsers as add_interop_parsers
+
+    add_interop_parsers(sub)  # import flaxchat|nanochat, export
     return p
 
 

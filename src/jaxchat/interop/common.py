@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -81,8 +81,8 @@ class ImportReport:
         for src, dst, shape in self.mapped:
             key = (re.sub(r"\.\d+\.", ".*.", src), re.sub(r"\.\d+\.", ".*.", dst))
             groups.setdefault(key, []).append(shape)
-        out = [f"import {self.source}: mapped {len(self.mapped)} tensors "
-               f"({sum(int(np.prod(s)) for _, _, s in self.mapped):,} values)"]
+        values = sum(int(np.prod(s)) for _, _, s in self.mapped)
+        out = [f"import {self.source}: mapped {len(self.mapped)} tensors ({values:,} values)"]
         for (src, dst), shapes in groups.items():
             arrow = "(same name)" if src == dst else f"-> {dst}"
             out.append(f"  {src:<44} {arrow} x{len(shapes)} {shapes[0]}")
@@ -127,8 +127,10 @@ def map_adam_state(opt_state, moments: dict[str, tuple[np.ndarray, np.ndarray]],
     """Fill every AdamW slot of our optax state from `moments` ({dotted param path: (mu, nu)}).
 
     ScaleByAdamState: mu/nu per parameter by path, count = the source's Adam count (the bias correction
-    must continue from the number of updates the moments hold). Schedule counters (ScaleByScheduleState,
-    inject_hyperparams) are set to `step` so the learning-rate schedule resumes where the run was."""
+    must continue from the number of updates the moments hold). Every other `count` (ScaleByScheduleState,
+    inject_hyperparams, jaxchat's MuonState) is a schedule step and is set to `step`, so learning-rate, momentum
+    and weight-decay schedules resume where the run was. Moments with no AdamW slot (e.g. block matrices under
+    optim.optimizer=muon, whose Muon momenta start at zero) are reported as ignored."""
     used, missing = set(), []
 
     def fill(which):
@@ -151,7 +153,7 @@ def map_adam_state(opt_state, moments: dict[str, tuple[np.ndarray, np.ndarray]],
                                  nu=jax.tree_util.tree_map_with_path(fill(1), node.nu))
         if isinstance(node, tuple) and hasattr(node, "_fields"):
             kids = {f: visit(getattr(node, f)) for f in node._fields}
-            if "count" in kids and ("hyperparams" in kids or isinstance(node, optax.ScaleByScheduleState)):
+            if "count" in kids and "nu" not in kids:  # a step counter for schedules (not Adam bias correction)
                 kids["count"] = jnp.asarray(step, jnp.asarray(kids["count"]).dtype)
             return type(node)(**kids)
         if isinstance(node, (tuple, list)):
@@ -185,7 +187,7 @@ def load_user_tokenizer(path: str | None, vocab_size: int, report: ImportReport)
         raise InteropError(f"--tokenizer {path} has {tok.vocab_size} tokens but the checkpoint's vocab is "
                            f"{vocab_size}: this is not the tokenizer the checkpoint was trained with")
     try:
-        tok.bos_id
+        _ = tok.bos_id
     except ValueError as e:
         report.notes.append(f"tokenizer: {e} (eval, sample and train need a BOS token)")
     return tok

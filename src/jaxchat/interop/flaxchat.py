@@ -69,10 +69,10 @@ def _restore(item: Path):
         raise InteropError(f"could not read the Orbax item {item}: {type(e).__name__}: {str(e)[:300]}") from None
 
 
-def read_checkpoint(step_dir: Path) -> tuple[dict, object, dict]:
+def read_checkpoint(step_dir: Path, optimizer: bool = True) -> tuple[dict, object, dict]:
     """(flat model params {dotted name: array}, the raw optimizer tree or None, metadata JSON)."""
     params = flatten_tree(_restore(step_dir / "model"))
-    opt = _restore(step_dir / "optimizer") if (step_dir / "optimizer").is_dir() else None
+    opt = _restore(step_dir / "optimizer") if optimizer and (step_dir / "optimizer").is_dir() else None
     meta = {}
     for f in sorted((step_dir / "metadata").glob("*")) if (step_dir / "metadata").is_dir() else []:
         try:
@@ -209,12 +209,15 @@ def import_flaxchat(step_dir: str | Path, mlp: str, out: str | Path, config: str
         raise InteropError(f"--mlp {mlp!r}: flaxchat checkpoints use one of {', '.join(MLP_CHOICES)}")
     step_dir = find_step_dir(step_dir)
     report = ImportReport(source=f"flaxchat {step_dir}")
-    flat, opt_tree, meta = read_checkpoint(step_dir)
+    flat, opt_tree, meta = read_checkpoint(step_dir, optimizer=not weights_only)
     given = parse_config(config)
     if not given:
         given = parse_config({k: v for k, v in meta.items() if isinstance(v, dict)})
         if any(k in given for k in GPT_CONFIG_KEYS):
             report.notes.append("model config taken from the checkpoint metadata")
+    said = str(given.get("mlp", mlp)).replace("-", "_")
+    if said != mlp:
+        raise InteropError(f"--mlp {mlp} but the config says mlp={given['mlp']!r}: pass the MLP it was trained with")
     kinds = detect_mlp(flat)
     if mlp not in kinds:
         raise InteropError(f"--mlp {mlp} does not match the checkpoint: layer 0's MLP holds "
@@ -237,9 +240,11 @@ def import_flaxchat(step_dir: str | Path, mlp: str, out: str | Path, config: str
                               lambda: sorted(set(flat) - used))
     report.mapped = [(n, n, flat[n].shape) for n in sorted(used, key=_natural)]
     count = None
-    moments = None if opt_tree is None or weights_only else _adam_moments(opt_tree, report)
+    moments = None if opt_tree is None else _adam_moments(opt_tree, report)
     if moments is not None:
         count = moments[1]
+    elif weights_only:
+        report.ignored.append("optimizer/ (--weights-only)")
     elif opt_tree is None:
         report.notes.append("no optimizer/ item: optimizer state starts fresh")
     if meta:
@@ -253,4 +258,4 @@ def import_flaxchat(step_dir: str | Path, mlp: str, out: str | Path, config: str
 
 
 def _natural(name: str):
-    return [int(p) if p.isdigit() else p for p in name.split(".")]
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
