@@ -9,13 +9,20 @@ where permutation(seed, epoch) = np.random.default_rng([seed, epoch]).permutatio
 seen exactly once per epoch, a batch may straddle two epochs, and nothing depends on what ran before.
 The permutations of the last few epochs asked for are cached.
 
-Shapes: rows (N, T+1) int32 -> inputs (B, T) = rows[:, :-1], targets (B, T) = rows[:, 1:].
+Shapes: rows (N, T+1) int32 (or the uint16/uint32 memmap of a prepared dataset) -> inputs (B, T) =
+rows[:, :-1], targets (B, T) = rows[:, 1:], both int32.
+
+Multi-host: with process_count P, process p reads only its contiguous slice [p*B/P, (p+1)*B/P) of the global
+batch (the layout `jax.make_array_from_process_local_data` expects), so the P slices of a step are disjoint
+and together are the global batch. `Prefetcher` computes the next batches on a background thread.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Iterator
+import queue
+import threading
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -51,10 +58,97 @@ def split_row(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(batch[:, :-1]), np.ascontiguousarray(batch[:, 1:])
 
 
-def get_batch(rows: np.ndarray, step: int, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(inputs, targets) int32 (B, T) of the global batch at `step`. `rows` may be a read-only memmap."""
-    idx = batch_indices(step, batch_size, rows.shape[0], seed)
-    return split_row(rows[idx])
+def process_slice(batch_size: int, process_index: int = 0, process_count: int = 1) -> slice:
+    """The rows of a global batch that process `process_index` of `process_count` reads."""
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must lie in [0, process_count={process_count})")
+    if batch_size % process_count:
+        raise ValueError(f"the global batch of {batch_size} rows does not split evenly over {process_count} "
+                         f"processes: use a batch size divisible by {process_count}")
+    per = batch_size // process_count
+    return slice(process_index * per, (process_index + 1) * per)
+
+
+def get_batch(rows: np.ndarray, step: int, batch_size: int, seed: int, process_index: int = 0,
+              process_count: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, targets) int32 of the batch at `step`: the whole global batch (B, T), or with process_count > 1
+    this process's slice (B / process_count, T) of it. `rows` may be a read-only memmap."""
+    idx = batch_indices(step, batch_size, rows.shape[0], seed)[process_slice(batch_size, process_index,
+                                                                             process_count)]
+    order = np.argsort(idx, kind="stable")  # read the memmap in file order, then put the rows back
+    batch = np.empty((idx.size, rows.shape[1]), dtype=rows.dtype)
+    batch[order] = rows[idx[order]]
+    return split_row(batch)
+
+
+class Prefetcher:
+    """Computes `fn(step)` for the steps after the one last asked for, `depth` ahead, on a background thread.
+
+        with Prefetcher(lambda s: get_batch(rows, s, B, seed), start_step) as batches:
+            for step in range(start_step, num_steps):
+                x, y = batches.get(step)
+
+    Because a batch is a pure function of the step, asking for any other step than the next one just restarts
+    the thread there; the result is always fn(step). An exception in fn is re-raised by `get`."""
+
+    def __init__(self, fn: Callable[[int], object], start_step: int = 0, depth: int = 2):
+        if depth < 1:
+            raise ValueError(f"depth={depth} must be >= 1")
+        self.fn, self.depth = fn, depth
+        self._thread = None
+        self._start(start_step)
+
+    def _start(self, step: int) -> None:
+        self._next = step
+        self._queue: queue.Queue = queue.Queue(maxsize=self.depth)
+        self._stop = threading.Event()
+        q, stop = self._queue, self._stop
+
+        def work():
+            s = step
+            while not stop.is_set():
+                try:
+                    item = (s, self.fn(s), None)
+                except BaseException as e:  # handed to get()
+                    item = (s, None, e)
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.05)
+                        break
+                    except queue.Full:
+                        pass
+                if item[2] is not None:
+                    return
+                s += 1
+
+        self._thread = threading.Thread(target=work, daemon=True, name="jaxchat-prefetch")
+        self._thread.start()
+
+    def get(self, step: int):
+        if step != self._next:
+            self.close()
+            self._start(step)
+        s, value, err = self._queue.get()
+        assert s == step, (s, step)
+        self._next = step + 1
+        if err is not None:
+            self.close()
+            self._thread = None
+            self._next = None  # the next get restarts the thread
+            raise err
+        return value
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def num_eval_batches(num_rows: int, row_len: int, batch_size: int, max_tokens: int = 0) -> int:

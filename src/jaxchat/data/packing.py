@@ -39,6 +39,17 @@ def pack_bestfit(docs: Iterable[list[int] | np.ndarray], row_len: int, bos_id: i
     (discarded tails of cropped documents) and tokens_dropped (the partial last row), so that
     tokens_in == tokens_in_rows + tokens_cropped + tokens_dropped.
     """
+    stats: dict = {}
+    chunks = list(iter_pack_bestfit(docs, row_len, bos_id, buffer_size, stats))
+    rows = np.concatenate(chunks) if chunks else np.empty((0, row_len), dtype=np.int32)
+    return rows, stats
+
+
+def iter_pack_bestfit(docs: Iterable[list[int] | np.ndarray], row_len: int, bos_id: int,
+                      buffer_size: int = 1000, stats: dict | None = None, block_rows: int = 4096):
+    """The streaming form of `pack_bestfit`: yields int32 blocks of up to `block_rows` full rows, in order, so
+    a corpus larger than memory packs straight to disk. When the generator is exhausted, `stats` (if given) is
+    filled in with the same counts `pack_bestfit` returns."""
     if row_len < 2:
         raise ValueError(f"row_len={row_len} must be >= 2 (inputs and targets are row[:-1] and row[1:])")
     if buffer_size < 1:
@@ -48,7 +59,7 @@ def pack_bestfit(docs: Iterable[list[int] | np.ndarray], row_len: int, bos_id: i
     keys: list[tuple[int, int]] = []  # sorted (length, arrival) of the buffered documents
     store: dict[int, np.ndarray] = {}  # arrival -> document (BOS-prefixed)
     arrivals = 0
-    tokens_in = tokens_cropped = 0
+    tokens_in = tokens_cropped = rows_out = 0
 
     def refill():
         nonlocal exhausted, arrivals, tokens_in
@@ -63,8 +74,7 @@ def pack_bestfit(docs: Iterable[list[int] | np.ndarray], row_len: int, bos_id: i
             store[arrivals] = doc
             arrivals += 1
 
-    chunks: list[np.ndarray] = []  # filled rows, gathered in blocks to bound the copies
-    block = np.empty((4096, row_len), dtype=np.int32)
+    block = np.empty((block_rows, row_len), dtype=np.int32)
     nrow = 0
     row = block[0]
     pos = 0
@@ -88,23 +98,25 @@ def pack_bestfit(docs: Iterable[list[int] | np.ndarray], row_len: int, bos_id: i
         if pos == row_len:
             nrow += 1
             if nrow == block.shape[0]:
-                chunks.append(block)
+                rows_out += nrow
+                yield block
                 block = np.empty_like(block)
                 nrow = 0
             row = block[nrow]
             pos = 0
-    chunks.append(block[:nrow])
-    rows = np.concatenate(chunks) if len(chunks) > 1 else chunks[0].copy()
-    stats = {
-        "docs": arrivals,
-        "rows": int(rows.shape[0]),
-        "tokens_in": int(tokens_in),
-        "tokens_in_rows": int(rows.size),
-        "tokens_cropped": int(tokens_cropped),
-        "tokens_dropped": int(pos),
-    }
-    assert stats["tokens_in"] == stats["tokens_in_rows"] + stats["tokens_cropped"] + stats["tokens_dropped"]
-    return rows, stats
+    if nrow:
+        rows_out += nrow
+        yield block[:nrow]
+    if stats is not None:
+        stats.update({
+            "docs": arrivals,
+            "rows": int(rows_out),
+            "tokens_in": int(tokens_in),
+            "tokens_in_rows": int(rows_out * row_len),
+            "tokens_cropped": int(tokens_cropped),
+            "tokens_dropped": int(pos),
+        })
+        assert stats["tokens_in"] == stats["tokens_in_rows"] + stats["tokens_cropped"] + stats["tokens_dropped"]
 
 
 def split_long_docs(docs: Iterable[list[int] | np.ndarray], row_len: int, bos_id: int) -> list[np.ndarray]:
@@ -115,15 +127,17 @@ def split_long_docs(docs: Iterable[list[int] | np.ndarray], row_len: int, bos_id
     would be lost. A document of n tokens (BOS included) becomes full pieces of row_len tokens
     (BOS + row_len - 1 tokens of text) and one shorter last piece; no token is lost.
     """
-    out = []
+    return list(iter_split_long_docs(docs, row_len, bos_id))
+
+
+def iter_split_long_docs(docs: Iterable[list[int] | np.ndarray], row_len: int, bos_id: int):
+    """The streaming form of `split_long_docs`."""
     step = row_len - 1
     for doc in docs:
         doc = _with_bos(doc, bos_id)
-        body = doc[1:]
         if doc.size <= row_len:
-            out.append(doc)
+            yield doc
             continue
+        body = doc[1:]
         for start in range(0, body.size, step):
-            piece = body[start:start + step]
-            out.append(np.concatenate([doc[:1], piece]))
-    return out
+            yield np.concatenate([doc[:1], body[start:start + step]])
