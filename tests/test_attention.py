@@ -134,7 +134,7 @@ def test_cudnn_matches_xla_forward_and_gradients(H, K, D, window):
 @needs_gpu
 def test_cudnn_model_loss_and_grads_match_xla():
     """A whole bf16 GPT (value embeddings, GQA, SSSL windows) with cuDNN vs xla: loss and gradients agree."""
-    from jaxchat.config import Config, TrainConfig
+    from jaxchat.config import Config, DataConfig, TrainConfig
     from jaxchat.model.gpt import cross_entropy
     from jaxchat.train import ModelFns
 
@@ -143,7 +143,8 @@ def test_cudnn_model_loss_and_grads_match_xla():
     idx = jax.random.randint(jax.random.key(3), (2, 513), 0, 512)
     out = {}
     for backend in ("xla", "cudnn", "auto"):
-        fns = ModelFns(Config(model=dataclasses.replace(mc, attention=backend), train=TrainConfig(batch_size=2)))
+        fns = ModelFns(Config(model=dataclasses.replace(mc, attention=backend), data=DataConfig(tokenizer_vocab=512),
+                                 train=TrainConfig(batch_size=2)))
         params = fns.init_params(0)
         params = jax.tree.map(lambda p: p + 0.01 * jax.random.normal(jax.random.key(p.size), p.shape), params)
         f = jax.jit(jax.value_and_grad(lambda p: cross_entropy(fns.logits(p, idx[:, :-1]), idx[:, 1:])))

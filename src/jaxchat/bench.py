@@ -214,6 +214,10 @@ def human(n: float) -> str:
     return f"{n:,.0f}"
 
 
+def flops_rate(x: float) -> str:
+    return f"{x / 1e12:.1f} TFLOP/s" if x >= 1e12 else f"{x / 1e9:.1f} GFLOP/s"
+
+
 def split_text(d: dict, order: list[str]) -> str:
     total = d["total"]
     return " | ".join(f"{k} {human(d[k])} {100 * d[k] / total:.1f}%" for k in order if d.get(k))
@@ -233,7 +237,7 @@ def format_report(r: dict) -> str:
         f"{r['warmup_s']:.1f} s",
         f"step time: {1e3 * r['step_s']:.1f} ms (median of {len(w)} windows, {r['timed_steps']} steps; "
         f"{1e3 * min(w):.1f}..{1e3 * max(w):.1f} ms)",
-        f"tokens/s: {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} TFLOP/s | MFU {mfu_text(r)} ({peak})",
+        f"tokens/s: {r['tokens_per_s']:,.0f} | {flops_rate(r['tflops'] * 1e12)} | MFU {mfu_text(r)} ({peak})",
         f"peak memory: {gib(r['peak_mem_bytes'])} (device) | XLA estimate of the step {gib(r['xla_mem_estimate_bytes'])}",
         f"loss on random tokens (sanity): {r['loss']:.3f}",
     ]
@@ -254,13 +258,21 @@ def markdown_row(r: dict, note: str = "") -> str:
 
 
 def append_row(path: str | Path, r: dict, note: str = "") -> None:
+    """Add a row at the end of the results table (the one under HEADER), wherever it sits in the file, so
+    prose sections after it stay put; a missing file or table gets one."""
     path = Path(path)
-    if not path.exists():
-        path.write_text("# Benchmarks\n\nRows appended by `jaxchat bench` (see src/jaxchat/bench.py).\n\n"
-                        + HEADER + "\n" + "|---" * HEADER.count(" | ") + "|---|\n")
-    text = path.read_text()
-    with open(path, "a") as fh:
-        fh.write(("" if text.endswith("\n") else "\n") + markdown_row(r, note) + "\n")
+    lines = path.read_text().splitlines() if path.exists() else ["# Benchmarks"]
+    sep = "|---" * HEADER.count(" | ") + "|---|"
+    starts = [i for i, line in enumerate(lines) if line.strip() == HEADER]
+    if not starts:
+        lines += ["", "## All rows", "", "Rows appended by `jaxchat bench` (src/jaxchat/bench.py).", "", HEADER, sep]
+        end = len(lines)
+    else:
+        end = starts[-1] + 1
+        while end < len(lines) and lines[end].startswith("|"):
+            end += 1
+    lines.insert(end, markdown_row(r, note))
+    path.write_text("\n".join(lines) + "\n")
 
 
 def cmd_bench(args) -> None:

@@ -1,25 +1,45 @@
-"""Run directories and Orbax checkpoints of the full training state.
+"""Run directories and Orbax checkpoints of the full training state, and what a restart must repair.
 
 A run directory holds:
-    config.json      the full Config of the run
-    tokenizer.json   the tokenizer the run trained with
-    metrics.jsonl    one JSON object per logged step / evaluation
-    checkpoints/N/   Orbax checkpoint of step N: `state` (params, optimizer state, step) and `meta` (JSON)
+    config.json             the full, resolved Config of the run
+    tokenizer.json          the tokenizer the run trained with
+    data.json               what the data pipeline built
+    metrics.jsonl           one JSON object per logged step / evaluation, each step once
+    metrics.discarded.jsonl records a killed process logged after its last checkpoint (moved here on resume)
+    restarts.jsonl          one record per resume: debris removed, steps and seconds lost
+    summary.json            the final numbers and the wall-time split
+    checkpoints/N/          Orbax checkpoint of step N: `state` (params, optimizer state, step, skipped counter)
+                            and `meta` (JSON: config, cumulative wall-time split, save time, process id)
 
-Orbax writes each step into a temporary directory and renames it when complete, so a reader never sees a
-partial step. Saves are asynchronous: training continues while the previous step is written; `close()` waits.
+Atomicity (Orbax's protocol, which we rely on rather than re-implement): each step is written into
+`checkpoints/N.orbax-checkpoint-tmp*` and renamed to `checkpoints/N` only once every file is written, so a
+reader (and `latest_step`) never sees a partial step. A process killed mid-save leaves that temporary
+directory behind; `remove_debris` deletes it on the next start and says so. Saves are asynchronous (training
+continues while a step is written; the next save or `close()` waits for it). Retention keeps the last
+`keep_last` steps plus every step divisible by `keep_every` (Orbax's max_to_keep / keep_period); Orbax deletes
+an old step only after the new one is committed.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
+import time
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
-from jaxchat.config import Config
+from jaxchat.config import Config, ConfigError
+
+TMP_MARK = ".orbax-checkpoint-tmp"  # Orbax's suffix for a step directory still being written
+# Test hook: "SECONDS" or "SECONDS@STEP" makes an async save sleep after all its files are written and before
+# the rename that commits it (so a test can kill the process mid-save, deterministically). With
+# JAXCHAT_TEST_SAVE_MARKER=path, a line is appended to that file when the sleep starts.
+SAVE_DELAY_ENV = "JAXCHAT_TEST_SAVE_DELAY"
+SAVE_MARKER_ENV = "JAXCHAT_TEST_SAVE_MARKER"
 
 
 class CheckpointError(RuntimeError):
@@ -27,65 +47,262 @@ class CheckpointError(RuntimeError):
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    """Write JSON to a temporary file, flush it to disk, then rename it over `path`."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> tuple[list[dict], int]:
+    """The records of a JSON-lines file and how many unreadable lines were skipped (a process killed while
+    writing leaves at most a partial last line)."""
+    if not Path(path).is_file():
+        return [], 0
+    out, bad = [], 0
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            bad += 1
+    return out, bad
+
+
+def write_jsonl_atomic(path: Path, records: list[dict]) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
 
 
 def load_run_config(run_dir: str | Path) -> Config:
     run_dir = Path(run_dir)
     path = run_dir / "config.json"
     if not path.is_file():
-        raise CheckpointError(f"{run_dir} is not a jaxchat run directory: {path} does not exist. "
-                              f"Pass the --run-dir a `jaxchat train` wrote (e.g. runs/tiny).")
+        raise CheckpointError(f"{run_dir} is not a jaxchat run directory: {path} does not exist. Pass the "
+                              f"directory of an existing run (one `jaxchat train` wrote, e.g. runs/tiny), or start a "
+                              f"new run there with `jaxchat train` without --resume.")
     try:
         return Config.from_dict(json.loads(path.read_text()))
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path} is not a valid jaxchat config ({e}); restore it from the run's "
-                              f"checkpoints/*/meta or re-create the run.") from None
+                              f"checkpoints/*/meta/metadata (its 'config' entry) or re-create the run.") from None
+
+
+def lock_run_dir(run_dir: Path) -> int:
+    """Take an exclusive advisory lock on the run directory for this process's lifetime (the kernel releases it
+    when the process dies, even by SIGKILL). Returns the file descriptor to keep open."""
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CheckpointError(f"another process is using run directory {run_dir} (it holds the run's lock): "
+                              f"wait for that `jaxchat train` to finish or stop it, then retry. Nothing was "
+                              f"changed.") from None
+    return fd
+
+
+def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
+    """Never destroys a run by accident: an existing run needs --resume (continue) or --force (start over).
+    Only looks; `run_training` acts later, once every other check has passed."""
+    if resume and force:
+        raise ConfigError("--resume and --force contradict each other: --resume continues the run in --run-dir, "
+                          "--force deletes it and starts over. Pass one.")
+    if resume:
+        if not (run_dir / "config.json").is_file():
+            raise CheckpointError(f"--resume: {run_dir} holds no run (no config.json); start it without --resume")
+        return
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"--run-dir {run_dir} is a file, not a directory: choose another --run-dir")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not force:
+            raise CheckpointError(f"run directory {run_dir} already exists: pass --resume to continue that run, "
+                                  f"--force to delete it and start over, or choose another --run-dir")
+        if not (run_dir / "config.json").is_file():
+            raise CheckpointError(f"--force: {run_dir} is not empty and is not a jaxchat run (no config.json); "
+                                  f"refusing to delete it. Choose another --run-dir.")
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
+    """check_run_dir, then (without --resume) delete an old run under --force and create the directory. The
+    caller holds the old run's lock (`lock_run_dir`), so a run another process is training is never deleted."""
+    check_run_dir(run_dir, resume, force)
+    if not resume:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def find_debris(run_dir: str | Path) -> list[Path]:
+    """Orbax temporary step directories under checkpoints/: saves that never committed."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if TMP_MARK in p.name)
+
+
+def remove_debris(run_dir: str | Path) -> list[str]:
+    """Delete what interrupted saves left behind; returns the names removed. Call only while holding the run's
+    lock (a live writer's temporary directory looks the same)."""
+    removed = []
+    for p in find_debris(run_dir):
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+        removed.append(p.name)
+    return removed
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str | Path, keep: int = 2, async_save: bool = True):
+    """Orbax CheckpointManager for the {state, meta} of a run, with jaxchat's retention and error messages."""
+
+    def __init__(self, run_dir: str | Path, keep_last: int = 2, keep_every: int = 0, async_save: bool = True,
+                 keep: int | None = None, read_only: bool = False):
+        if keep is not None:  # older name of keep_last
+            keep_last = keep
         self.dir = Path(run_dir).absolute() / "checkpoints"
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=async_save)
+        if read_only and not self.dir.is_dir():
+            raise CheckpointError(f"no checkpoint in {Path(run_dir)}: {self.dir} does not exist. Train the run "
+                                  f"first (`jaxchat train --run-dir {run_dir}`), or pass the run directory that "
+                                  f"holds checkpoints/.")
+        self._saving: int | None = None
+        async_options = None
+        if async_save and os.environ.get(SAVE_DELAY_ENV):
+            async_options = ocp.AsyncOptions(post_finalization_callback=self._test_delay)
+        # (a reader does not pass Orbax's read_only, which only adds warnings: it never saves, so never deletes)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep_last, keep_period=keep_every or None,
+                                               create=not read_only, enable_async_checkpointing=async_save,
+                                               async_options=async_options)
         self.manager = ocp.CheckpointManager(self.dir, options=options)
+
+    def _test_delay(self) -> None:
+        spec = os.environ.get(SAVE_DELAY_ENV, "")
+        seconds, _, only = spec.partition("@")
+        if not seconds or (only and int(only) != self._saving):
+            return
+        if os.environ.get(SAVE_MARKER_ENV):
+            with open(os.environ[SAVE_MARKER_ENV], "a") as f:
+                f.write(f"{self._saving} {[p.name for p in find_debris(self.dir.parent)]}\n")
+        time.sleep(float(seconds))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
+        return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state: dict, meta: dict, force: bool = True) -> None:
+    def save(self, step: int, state: dict, meta: dict) -> None:
+        """Start saving `step`: returns once the arrays are copied off the device; files are written in the
+        background. Waits first for the previous save, if it is still being written."""
+        self.manager.wait_until_finished()
+        self._saving = step
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        self.manager.save(step, args=args, force=force)
+        self.manager.save(step, args=args, force=True)
+
+    def _check_step(self, step: int | None) -> int:
+        steps = self.all_steps()
+        if step is None:
+            if not steps:
+                debris = find_debris(self.dir.parent)
+                why = (f" (only an interrupted save, {debris[0].name}, never committed)" if debris else "")
+                raise CheckpointError(
+                    f"no committed checkpoint in {self.dir}{why}: the run stopped before its first save finished. "
+                    f"Start it again with --force (its config.json is kept in the new run), or without --resume "
+                    f"under another --run-dir.")
+            return steps[-1]
+        if step not in steps:
+            raise CheckpointError(f"step {step} is not among the committed checkpoints in {self.dir}: available "
+                                  f"steps are {steps}. Pass one of them (e.g. --step {steps[-1]}).")
+        return step
+
+    def _restore(self, step: int, args, what: str):
+        try:
+            return self.manager.restore(step, args=args)
+        except Exception as e:  # orbax / tensorstore raise many types for unreadable or mismatched trees
+            detail = " ".join(str(e).split())[:300]
+            older = [s for s in self.all_steps() if s < step]
+            fallback = (f"move {self.dir / str(step)} aside (e.g. `mv {self.dir / str(step)} "
+                        f"{self.dir / str(step)}.bad`) and resume again from step {older[-1]}"
+                        if older else "no older checkpoint is left; start the run again with --force")
+            raise CheckpointError(
+                f"could not read the {what} of checkpoint step {step} in {self.dir}: {type(e).__name__}: {detail}. "
+                f"If the run's config.json or code changed since that save, restore them; if the files are damaged, "
+                f"{fallback}. Nothing was deleted.") from None
+
+    def read_meta(self, step: int | None = None) -> tuple[int, dict]:
+        """(step, meta) of `step` (default: the latest committed one), without reading the arrays."""
+        step = self._check_step(step)
+        out = self._restore(step, ocp.args.Composite(meta=ocp.args.JsonRestore()), "metadata")
+        return step, out["meta"]
 
     def restore(self, abstract_state: dict, step: int | None = None) -> tuple[dict, dict]:
-        """Restore `step` (default: the latest committed one) into the structure of `abstract_state`."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"no checkpoint in {self.dir}: train first, or start without --resume")
-        if step not in self.all_steps():
-            raise CheckpointError(f"step {step} is not among the checkpoints in {self.dir}: "
-                                  f"available steps are {self.all_steps()}")
+        """Restore `step` (default: the latest committed one) into the structure (and shardings) of
+        `abstract_state`, a pytree of jax.ShapeDtypeStruct."""
+        step = self._check_step(step)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
-        try:
-            out = self.manager.restore(step, args=args)
-        except Exception as e:  # orbax raises many types for unreadable or mismatched trees
-            raise CheckpointError(
-                f"could not restore step {step} from {self.dir}: {type(e).__name__}: {str(e)[:400]}\n"
-                f"Fix: check that the run's config.json matches the checkpoint (same model and optimizer), or "
-                f"restore an older step with --step.") from None
+        out = self._restore(step, args, "state")
         return out["state"], out["meta"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.manager.wait_until_finished()
+        finally:
+            self.manager.close()
+
+
+def reconcile_metrics(run_dir: Path, step: int, meta: dict) -> dict:
+    """Make metrics.jsonl hold exactly the records of steps <= `step` (the checkpoint being resumed), each
+    (kind, step) once: a killed process may have logged steps after its last checkpoint (they will be
+    recomputed) and may have died mid-line. Dropped records are appended to metrics.discarded.jsonl.
+
+    Returns what was done and the progress lost: `lost_s` sums, over each process that logged after the
+    checkpoint, the time from the checkpoint's save (for the process that wrote it) or from the process's start
+    (for a later one that died before its own first save) to its last record."""
+    path = run_dir / "metrics.jsonl"
+    records, bad = read_jsonl(path)
+    keep, dropped, seen, dupes = [], [], set(), 0
+    for r in records:
+        key = ("loss" in r, "val_loss" in r, r.get("step"))
+        if r.get("step", 0) > step:
+            dropped.append(r)
+        elif key in seen:
+            dupes += 1
+        else:
+            seen.add(key)
+            keep.append(r)
+    lost_s, by_proc = 0.0, {}
+    for r in dropped:
+        if "time" in r:
+            by_proc.setdefault(r.get("proc"), []).append(r["time"])
+    for proc, times in by_proc.items():
+        start = meta.get("saved_at") if proc == meta.get("proc") else proc
+        if start is not None:
+            lost_s += max(0.0, max(times) - float(start))
+    lost_steps = sorted({r["step"] for r in dropped if "loss" in r})
+    if dropped or bad or dupes:
+        if dropped:
+            append_jsonl(run_dir / "metrics.discarded.jsonl", dropped)
+        write_jsonl_atomic(path, keep)
+    return {"dropped": len(dropped), "lost_steps": lost_steps, "lost_s": lost_s, "unreadable_lines": bad,
+            "duplicates": dupes}
 
 
 def abstract_like(tree):

@@ -27,8 +27,19 @@ def cmd_train(args) -> None:
         cfg = load_run_config(run_dir)  # continue the run with its own config (plus any --set)
     else:
         cfg = get_preset(args.preset or "tiny")
-    cfg = apply_overrides(cfg, args.set)
-    run_training(cfg, run_dir, resume=args.resume, force=args.force, prompt=args.prompt)
+    keep = [f"train.keep_last={args.keep_last}"] * (args.keep_last is not None) + \
+        [f"train.keep_every={args.keep_every}"] * (args.keep_every is not None)
+    cfg = apply_overrides(cfg, args.set + keep)
+    if args.dry_run:
+        from jaxchat.dryrun import dry_run, parse_bytes
+        dry_run(cfg, memory_limit=parse_bytes(args.memory_limit) if args.memory_limit else None)
+        return
+    from jaxchat.train import NonFiniteError
+    try:
+        run_training(cfg, run_dir, resume=args.resume, force=args.force, prompt=args.prompt)
+    except NonFiniteError as e:
+        print(f"jaxchat train: halted: {e}", file=sys.stderr)
+        raise SystemExit(3) from None
 
 
 def cmd_eval(args) -> None:
@@ -119,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
     t.add_argument("--force", action="store_true", help="delete an existing run in --run-dir and start over")
     t.add_argument("--prompt", default="def ", help="prompt of the sample printed at the end")
+    t.add_argument("--keep-last", type=int, metavar="N", help="keep the last N checkpoints (>= 2; train.keep_last)")
+    t.add_argument("--keep-every", type=int, metavar="M",
+                   help="also keep every checkpoint whose step M divides, for good (train.keep_every)")
+    t.add_argument("--dry-run", action="store_true",
+                   help="compile the step from shapes only and print parameter, optimizer and peak memory and the "
+                        "largest device batch that fits; allocates no weights, writes nothing")
+    t.add_argument("--memory-limit", metavar="SIZE",
+                   help="--dry-run: device memory to fit into, e.g. 80GB (default: the device's; host RAM on CPU)")
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("eval", help="validation loss and bits per byte of a run's checkpoint")
@@ -157,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     from jaxchat.interop.commands import add_parsers as add_interop_parsers
 
     add_interop_parsers(sub)  # import flaxchat|nanochat, export
+    from jaxchat.data.commands import add_parsers as add_data_parsers
+
+    add_data_parsers(sub)  # data prepare|pack|info|verify, tokenizer train|eval
+    from jaxchat import bench
+
+    bench.add_parsers(sub)  # bench
     return p
 
 

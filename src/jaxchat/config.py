@@ -142,15 +142,22 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "stdlib"  # the embedded corpus built from this Python's standard library
+    source: str = "stdlib"  # the embedded stdlib corpus, or a directory made by `jaxchat data prepare`
     tokenizer_vocab: int = 32768
     tokenizer_path: str = ""  # a tokenizer.json to use instead of training one
     data_seed: int = 0
     max_train_chars: int = 0  # 0 = the whole source; else a deterministic prefix of the documents
 
     def __post_init__(self):
-        _check(self.source == "stdlib",
-               f"data.source={self.source!r}: only the embedded 'stdlib' corpus is available in this version")
+        raw = self.source.startswith("hf:") or self.source.lower().endswith(
+            (".txt", ".jsonl", ".parquet", ".bin", ".gz", ".zst")) or any(c in self.source for c in "*?[")
+        _check(bool(self.source) and not raw,
+               f"data.source={self.source!r}: give 'stdlib' (the embedded corpus) or a dataset directory prepared "
+               f"from raw text first: jaxchat data prepare {self.source or 'SOURCE'} --tokenizer tokenizer.json "
+               f"--out DIR --seq <model.sequence_len>, then --set data.source=DIR")
+        _check(self.source == "stdlib" or self.max_train_chars == 0,
+               f"data.max_train_chars={self.max_train_chars} applies to the stdlib corpus only: set it to 0 for the "
+               f"prepared dataset {self.source!r} (cap its size with `jaxchat data prepare --max-docs`)")
         _check(self.tokenizer_vocab >= 256 + 9 + 1,
                f"data.tokenizer_vocab={self.tokenizer_vocab} must be >= 266 (256 bytes + 9 specials + 1 merge)")
         _check(self.max_train_chars >= 0, f"data.max_train_chars={self.max_train_chars} must be >= 0")
@@ -176,6 +183,8 @@ class TrainConfig:
     log_every: int = 10
     sample_tokens: int = 64
     nonfinite: str = "halt"  # NaN/Inf loss or gradient: "halt" (stop, nothing corrupt saved) or "skip" the step
+    keep_last: int = 2  # checkpoints kept: the latest keep_last (>= 2, so a bad latest one has a fallback) ...
+    keep_every: int = 0  # ... plus every step divisible by keep_every, kept for good (0: none)
 
     @property
     def resolved(self) -> bool:
@@ -200,6 +209,17 @@ class TrainConfig:
         _check(self.nonfinite in ("halt", "skip"),
                f"train.nonfinite={self.nonfinite!r}: choose 'halt' (stop at the first NaN/Inf) or 'skip'")
         _check(self.eval_every >= 0 and self.save_every >= 0, "train.eval_every and train.save_every must be >= 0")
+        _check(isinstance(self.keep_last, int) and self.keep_last >= 2,
+               f"train.keep_last={self.keep_last!r} must be an integer >= 2: with one checkpoint, a latest step that "
+               f"turns out unreadable leaves nothing to resume from. Use train.keep_every to keep more for good.")
+        _check(isinstance(self.keep_every, int) and self.keep_every >= 0,
+               f"train.keep_every={self.keep_every!r} must be >= 0 (0: keep only the last train.keep_last)")
+        if self.keep_every:
+            _check(self.save_every > 0, f"train.keep_every={self.keep_every} keeps saved steps for good, but "
+                                        f"train.save_every=0 saves only the final step: set train.save_every too")
+            s, k = self.save_every, self.keep_every
+            _check(k % s == 0, f"train.keep_every={k} must be a multiple of train.save_every={s}, so every permanent "
+                               f"checkpoint falls on a saved step: use {max(s, k // s * s)} or {(k // s + 1) * s}")
 
 
 @dataclass(frozen=True)
@@ -210,7 +230,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
-        _check(self.data.tokenizer_vocab <= self.model.vocab_size or self.data.tokenizer_path,
+        _check(self.data.tokenizer_vocab <= self.model.vocab_size or self.data.tokenizer_path
+               or self.data.source != "stdlib",  # a prepared dataset brings its own tokenizer (checked at load)
                f"data.tokenizer_vocab={self.data.tokenizer_vocab} exceeds model.vocab_size={self.model.vocab_size}:"
                f" set model.vocab_size >= the tokenizer's vocab")
 

@@ -1,23 +1,40 @@
-"""A whole training run: data, run directory, compile, the step loop, evaluation, checkpoints, a sample.
+"""A whole training run: checks, data, run directory, compile, the step loop, evaluation, checkpoints, a sample.
 
-Wall time is accounted for in parts (compile, data, train steps, eval, checkpoint, sample, setup) that add up
-to the total, and printed at the end with the final validation numbers.
+Order of a run (so that a mistake costs nothing and destroys nothing):
+1. every check that needs no data or disk writes: batch over devices, run directory state (exists without
+   --resume/--force), a tokenizer_path that does not exist or does not fit the model's vocab;
+2. on --resume: lock the run (no second process on it), read the latest committed checkpoint's config and
+   check it against this one, then restore it (a missing, damaged or mismatched checkpoint fails here);
+3. the dataset (built or loaded from the cache); its tokenizer against the model and against the run's;
+4. only then the run directory changes: --force deletes the old run; --resume removes debris of interrupted
+   saves and moves the metrics a killed process logged after its last checkpoint aside.
+
+Exact resume: a batch is a pure function of (data seed, step) and the train step has no other randomness, so
+the state at step K (params, optimizer state, step, skip counter) is all a resumed run needs; evaluation and
+sampling read the params and never touch training state. The loss of step s is written to metrics.jsonl before
+the checkpoint of step s is saved, so a resumed run neither loses nor repeats a record.
+
+Wall time is charged, moment by moment, to one part (setup, data, compile, train, eval, checkpoint, sample,
+restarts, other), so the parts add up to the total. The totals are cumulative over the processes of a run:
+each checkpoint stores the split so far, and a resume adds the time the killed process spent after its last
+checkpoint (from its metrics records) as `restarts`.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
-import shutil
 import time
 from pathlib import Path
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxchat.checkpoint import Checkpointer, CheckpointError, load_run_config, write_json_atomic
+from jaxchat.checkpoint import (Checkpointer, CheckpointError, append_jsonl, check_run_dir, load_run_config,
+                                lock_run_dir, prepare_run_dir, read_jsonl, reconcile_metrics, remove_debris,
+                                write_json_atomic)
 from jaxchat.config import Config, ConfigError
-from jaxchat.data import get_batch, prepare_dataset
+from jaxchat.data import Prefetcher, check_manifest, get_batch, load_for_training
 from jaxchat.evaluate import compressor_bpb, eval_rows, evaluate, make_eval_step, target_bytes
 from jaxchat.model.accounting import count, device_peak_flops, mfu
 from jaxchat.plan import resolve
@@ -27,6 +44,34 @@ from jaxchat.train import (ModelFns, NonFiniteError, Progress, abstract_state, b
                            shaped_batch)
 
 DEFAULT_PROMPT = "def "
+PARTS = ("setup", "data", "compile", "train", "eval", "checkpoint", "sample", "restarts", "other")
+
+
+class Clock:
+    """Charges every moment of this process's wall time to exactly one part: `with clock("eval"): ...`."""
+
+    def __init__(self, part: str = "setup"):
+        self.parts = dict.fromkeys(PARTS, 0.0)
+        self.t0 = self.mark = time.perf_counter()
+        self.current = part
+
+    def switch(self, part: str) -> str:
+        now = time.perf_counter()
+        self.parts[self.current] += now - self.mark
+        self.mark, (prev, self.current) = now, (self.current, part)
+        return prev
+
+    @contextlib.contextmanager
+    def __call__(self, part: str):
+        prev = self.switch(part)
+        try:
+            yield
+        finally:
+            self.switch(prev)
+
+    def read(self) -> dict:
+        self.switch(self.current)
+        return dict(self.parts)
 
 
 def cache_dir() -> Path:
@@ -38,177 +83,301 @@ def cache_dir() -> Path:
 
 
 def load_dataset(cfg: Config, log=print):
-    return prepare_dataset(sequence_len=cfg.model.sequence_len, vocab_size=cfg.data.tokenizer_vocab,
-                           cache_dir=cache_dir() / "data", max_train_chars=cfg.data.max_train_chars,
-                           tokenizer_path=cfg.data.tokenizer_path, log=log)
+    """The run's dataset: the stdlib corpus (built and cached) or a directory made by `jaxchat data prepare`."""
+    return load_for_training(cfg.data, cfg.model.sequence_len, cache_dir() / "data", log=log)
 
 
-def check_vocab(cfg: Config, tokenizer) -> None:
+def check_vocab(cfg: Config, tokenizer, where: str = "the tokenizer") -> None:
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
-                          f"{cfg.model.vocab_size}: set --set model.vocab_size={tokenizer.vocab_size}")
+        raise ConfigError(f"{where} has {tokenizer.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}, "
+                          f"so its top ids would have no embedding row: set --set model.vocab_size="
+                          f"{tokenizer.vocab_size} (or larger), or use a tokenizer of at most {cfg.model.vocab_size} "
+                          f"tokens.")
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
-    """Never destroys a run by accident: an existing run needs --resume (continue) or --force (start over)."""
-    if resume:
-        if not (run_dir / "config.json").is_file():
-            raise CheckpointError(f"--resume: {run_dir} holds no run (no config.json); start it without --resume")
+def check_data_inputs(cfg: Config) -> None:
+    """A data.tokenizer_path that does not exist or does not fit the model fails here, before any work."""
+    path = cfg.data.tokenizer_path
+    if not path:
         return
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not force:
-            raise CheckpointError(f"run directory {run_dir} already exists: pass --resume to continue that run, "
-                                  f"--force to delete it and start over, or choose another --run-dir")
-        if not (run_dir / "config.json").is_file():
-            raise CheckpointError(f"--force: {run_dir} is not empty and is not a jaxchat run (no config.json); "
-                                  f"refusing to delete it. Choose another --run-dir.")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    p = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
+    if not p.is_file():
+        what = "holds no tokenizer.json" if Path(path).is_dir() else "does not exist"
+        raise ConfigError(f"data.tokenizer_path={path!r} {what}: point it at a HF tokenizer.json (e.g. "
+                          f"runs/tiny/tokenizer.json), or set data.tokenizer_path='' to train a BPE tokenizer of "
+                          f"data.tokenizer_vocab tokens.")
+    from jaxchat.data import Tokenizer
+    try:
+        tok = Tokenizer.load(p)
+    except Exception as e:  # the HF loader raises plain Exceptions for malformed files
+        raise ConfigError(f"data.tokenizer_path={path!r} is not a readable tokenizer.json ({type(e).__name__}: "
+                          f"{str(e)[:200]}): point it at a HF tokenizer.json, or set data.tokenizer_path=''.") from None
+    check_vocab(cfg, tok, where=f"data.tokenizer_path={path!r}")
 
 
-def check_resume_config(cfg: Config, saved: Config) -> None:
-    diffs = [f"{sec}.{k}: run has {v!r}, now {getattr(getattr(cfg, sec), k)!r}"
+def check_resume_config(cfg: Config, saved: Config, batch: bool = True) -> None:
+    """The model, optimizer and data of a resumed run must be the checkpoint's; so must the global batch (a
+    batch is a function of (seed, step, batch size): another size would repeat or skip data), unless `batch` is
+    False (a checkpoint imported from elsewhere, whose data order was never jaxchat's)."""
+    diffs = [f"{sec}.{k}: checkpoint has {v!r}, now {getattr(getattr(cfg, sec), k)!r}"
              for sec in ("model", "optim", "data") for k, v in getattr(saved, sec).__dict__.items()
              if getattr(getattr(cfg, sec), k) != v]
+    if batch and cfg.train.batch_size != saved.train.batch_size:
+        diffs.append(f"train.batch_size: checkpoint has {saved.train.batch_size}, now {cfg.train.batch_size}")
     if diffs:
         raise ConfigError("--resume with a config that does not fit the run's checkpoint:\n  " + "\n  ".join(diffs)
-                          + "\nFix: resume with the run's own config (omit --preset), or start a new run.")
+                          + "\nFix: resume with the run's own config (omit --preset and those --set), or start a "
+                            "new run under another --run-dir. Nothing was changed.")
+
+
+def check_run_tokenizer(run_dir: Path, tokenizer) -> None:
+    from jaxchat.data import Tokenizer
+    path = run_dir / "tokenizer.json"
+    if path.is_file() and Tokenizer.load(path).fingerprint() != tokenizer.fingerprint():
+        raise CheckpointError(f"the data config now yields a different tokenizer than the run's {path}: its token "
+                              f"ids would mean other text. Resume with the run's own data config (and Python "
+                              f"version, for the stdlib corpus), or set data.tokenizer_path={str(path)!r}.")
+
+
+def _restore(cfg: Config, ckpt: Checkpointer, abstract: dict, clock: Clock):
+    """The latest committed step, checked against this config first (from its metadata, before the arrays)."""
+    step, meta = ckpt.read_meta()
+    check_resume_config(cfg, Config.from_dict(meta["config"]), batch="imported_from" not in meta)
+    with clock("checkpoint"):
+        return ckpt.restore(abstract, step)
+
+
+def _repair(run_dir: Path, step: int, meta: dict, ckpt: Checkpointer, log) -> tuple[dict, dict]:
+    """Remove the debris of interrupted saves, make metrics.jsonl end at `step`, and account the lost progress.
+    Returns (prior, history): the run's wall-time split up to the checkpoint plus the lost time, and counts."""
+    removed = remove_debris(run_dir)
+    if removed:
+        log(f"resume: removed {len(removed)} incomplete checkpoint(s) left by an interrupted save: "
+            f"{', '.join(removed)} (never committed; Orbax renames a step into place only when it is complete)")
+    rec = reconcile_metrics(run_dir, step, meta)
+    if rec["dropped"]:
+        lost = rec["lost_steps"]
+        span = f"steps {lost[0]}-{lost[-1]}" if len(lost) > 1 else (f"step {lost[0]}" if lost else "no steps")
+        log(f"resume: metrics.jsonl had {rec['dropped']} record(s) after step {step} ({span}), logged by a "
+            f"process that died after its last checkpoint; moved them to metrics.discarded.jsonl (they are "
+            f"recomputed now)")
+    if rec["unreadable_lines"] or rec["duplicates"]:
+        log(f"resume: metrics.jsonl: dropped {rec['unreadable_lines']} unreadable line(s) and "
+            f"{rec['duplicates']} duplicate record(s)")
+    history = dict(meta.get("history") or {"restarts": 0, "lost_steps": 0})
+    history = {"restarts": history["restarts"] + 1, "lost_steps": history["lost_steps"] + len(rec["lost_steps"])}
+    prior = {k: float(v) for k, v in (meta.get("time_s") or {}).items()}
+    prior["restarts"] = prior.get("restarts", 0.0) + rec["lost_s"]
+    lost = (f"; the interrupted process lost {len(rec['lost_steps'])} step(s), {rec['lost_s']:.1f}s of work, since "
+            f"that checkpoint" if rec["dropped"] else "")
+    log(f"resumed {run_dir} at step {step} (the latest committed checkpoint of {ckpt.all_steps()}){lost}")
+    append_jsonl(run_dir / "restarts.jsonl", [{"time": round(time.time(), 3), "step": step, "removed": removed,
+                                               **rec, "history": history}])
+    return prior, history
 
 
 def run_training(cfg: Config, run_dir: str | Path, resume: bool = False, force: bool = False,
                  prompt: str = DEFAULT_PROMPT, log=print) -> dict:
-    t_start = time.perf_counter()
-    timer = {"setup": 0.0, "data": 0.0, "compile": 0.0, "train": 0.0, "eval": 0.0, "checkpoint": 0.0, "sample": 0.0}
+    clock = Clock("setup")
+    proc = round(time.time(), 3)  # this process's id in metrics records (its start time)
     run_dir = Path(run_dir)
-    if resume:
-        check_resume_config(cfg, load_run_config(run_dir))
-    prepare_run_dir(run_dir, resume, force)
 
-    t = time.perf_counter()
-    ds = load_dataset(cfg, log)
-    check_vocab(cfg, ds.tokenizer)
-    timer["data"] += time.perf_counter() - t
-    write_json_atomic(run_dir / "config.json", cfg.to_dict())
-    ds.tokenizer.save(run_dir / "tokenizer.json")
-    write_json_atomic(run_dir / "data.json", {k: v for k, v in ds.info.items() if k != "timings_s"})
-
+    # 1. checks that read nothing big and write nothing
     mesh = make_mesh()
     cfg = resolve(cfg, mesh.size)
-    write_json_atomic(run_dir / "config.json", cfg.to_dict())  # the concrete config the run uses
     micro = check_batch_fits(cfg, mesh.size)
-    sharding = batch_sharding(mesh)
-    counts = count(cfg.model)
-    peak = device_peak_flops()
-    log(f"model: {counts.params['total']:,} params | {counts.flops['total'] / 1e6:,.1f} MFLOP/token | "
-        f"{jax.devices()[0].device_kind} x{mesh.size} | batch {cfg.train.batch_size} x {cfg.model.sequence_len} "
-        f"(micro {micro} x {cfg.train.grad_accum})")
+    check_run_dir(run_dir, resume, force)
+    if resume:
+        check_resume_config(cfg, load_run_config(run_dir), batch=False)  # (the checkpoint's is checked below)
+    check_data_inputs(cfg)
 
     fns = ModelFns(cfg)
     optimizer = build_optimizer(cfg, None)
-    ckpt = Checkpointer(run_dir, keep=2)
-    if resume:
-        state, meta = ckpt.restore(abstract_state(fns, optimizer))
-        log(f"resumed {run_dir} at step {int(state['step'])}")
-    else:
-        state = init_state(fns, optimizer, cfg.train.init_seed)
-    state = jax.device_put(state, NamedSharding(mesh, P()))  # params and moments replicated over the mesh
+    replicated = NamedSharding(mesh, P())  # params and moments replicated over the mesh
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                            abstract_state(fns, optimizer))
+    # an existing run is locked from here on: no second process resumes or deletes it meanwhile
+    lock, ckpt = (lock_run_dir(run_dir) if run_dir.is_dir() else None), None
+    try:
+        # 2. --resume: the checkpoint (a missing, damaged or mismatched one fails here, before any work)
+        if resume:
+            ckpt = Checkpointer(run_dir, keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every)
+            state, meta = _restore(cfg, ckpt, abstract, clock)
+
+        # 3. data
+        with clock("data"):
+            ds = load_dataset(cfg, log)
+        check_vocab(cfg, ds.tokenizer)
+        if resume:
+            check_run_tokenizer(run_dir, ds.tokenizer)
+            check_manifest(run_dir, ds)  # the same dataset (and packing) as the run's data.json records
+
+        # 4. only now, the run directory changes
+        if resume:
+            prior, history = _repair(run_dir, int(state["step"]), meta, ckpt, log)
+        else:
+            prepare_run_dir(run_dir, resume, force)
+            if lock is not None:
+                os.close(lock)
+            lock = lock_run_dir(run_dir)
+            ckpt = Checkpointer(run_dir, keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every)
+            ds.tokenizer.save(run_dir / "tokenizer.json.tmp")
+            os.replace(run_dir / "tokenizer.json.tmp", run_dir / "tokenizer.json")
+            write_json_atomic(run_dir / "data.json", {k: v for k, v in ds.info.items() if k != "timings_s"})
+            state = jax.device_put(init_state(fns, optimizer, cfg.train.init_seed), replicated)
+            prior, history = {}, {"restarts": 0, "lost_steps": 0}
+        write_json_atomic(run_dir / "config.json", cfg.to_dict())  # the concrete config the run uses
+        return _train(cfg, run_dir, ds, fns, optimizer, state, ckpt, mesh, micro, clock, prior, history, proc,
+                      prompt, log)
+    finally:
+        if ckpt is not None:
+            ckpt.close()  # an in-flight save of a good state completes even when training failed
+        if lock is not None:
+            os.close(lock)
+
+
+def _train(cfg, run_dir, ds, fns, optimizer, state, ckpt, mesh, micro, clock, prior, history, proc, prompt, log):
+    sharding = batch_sharding(mesh)
+    counts = count(cfg.model)
+    peak = device_peak_flops()
     start = int(state["step"])
-    steps, B, T = cfg.train.num_steps, cfg.train.batch_size, cfg.model.sequence_len
-    timer["setup"] += time.perf_counter() - t_start - timer["data"]
+    steps, B, T, A = cfg.train.num_steps, cfg.train.batch_size, cfg.model.sequence_len, cfg.train.grad_accum
+    log(f"model: {counts.params['total']:,} params | {counts.flops['total'] / 1e6:,.1f} MFLOP/token | "
+        f"{jax.devices()[0].device_kind} x{mesh.size} | batch {B} x {T} (micro {micro} x {A})")
 
-    def batch_at(step):
+    def host_batch(step):  # on the prefetch thread; a pure function of (data seed, step)
+        if step >= steps:
+            return None
         x, y = get_batch(ds.train_rows, step, B, cfg.data.data_seed)
-        return jax.device_put(shaped_batch(x, y, cfg.train.grad_accum), sharding)
+        return shaped_batch(x, y, A)
 
-    t = time.perf_counter()
-    step_fn = make_train_step(fns, optimizer).lower(state, batch_at(start)).compile()
-    eval_step = make_eval_step(fns, ds.tokenizer.token_bytes())
-    timer["compile"] += time.perf_counter() - t
+    with clock("compile"):
+        batch_shape = jax.ShapeDtypeStruct((A, B // A, T), jax.numpy.int32, sharding=sharding)
+        step_fn = make_train_step(fns, optimizer).lower(state, (batch_shape, batch_shape)).compile()
+        eval_step = make_eval_step(fns, ds.tokenizer.token_bytes())
     val = eval_rows(ds.val_rows, micro, cfg.train.eval_tokens)
     metrics_path = run_dir / "metrics.jsonl"
 
     def log_metrics(rec):
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        append_jsonl(metrics_path, [{**rec, "time": round(time.time(), 3), "proc": proc}])
+
+    logged_evals = {r["step"] for r in read_jsonl(metrics_path)[0] if "val_loss" in r}  # (a resumed run's)
 
     def run_eval(step):
-        t0 = time.perf_counter()
-        out = evaluate(eval_step, state["params"], val, micro, NamedSharding(mesh, P("data", None)))
-        timer["eval"] += time.perf_counter() - t0
-        log_metrics({"step": step, **out})
+        with clock("eval"):
+            out = evaluate(eval_step, state["params"], val, micro, NamedSharding(mesh, P("data", None)))
+        if step not in logged_evals:
+            log_metrics({"step": step, **out})
         return out
 
+    def totals() -> dict:  # the run's cumulative split so far
+        now = clock.read()
+        return {k: prior.get(k, 0.0) + now[k] for k in PARTS}
+
+    def save(step):
+        with clock("checkpoint"):
+            ckpt.save(step, state, {"config": cfg.to_dict(), "time_s": totals(), "saved_at": time.time(),
+                                    "proc": proc, "history": history})
+
     progress = Progress(steps, start, cfg.train.log_every)
-    t_loop, before = time.perf_counter(), dict(timer)
-    pending, t_last, last_eval = None, time.perf_counter(), None
-    for step in range(start, steps):
-        t0 = time.perf_counter()
-        batch = batch_at(step)
-        timer["data"] += time.perf_counter() - t0
-        state, metrics = step_fn(state, batch)
-        if pending is not None:  # fetch the previous step's metrics while this one runs
-            report(pending, progress, log_metrics, cfg, counts, peak, mesh.size, t_last)
-            t_last = time.perf_counter()
-        pending = (step + 1, metrics)
-        t0 = time.perf_counter()
-        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < steps:
-            last_eval = run_eval(step + 1)
-            progress.write(f"step {step + 1}: val loss {last_eval['val_loss']:.4f} | val bpb {last_eval['val_bpb']:.4f}")
-        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < steps:
-            t1 = time.perf_counter()
-            ckpt.save(step + 1, state, {"config": cfg.to_dict()})
-            timer["checkpoint"] += time.perf_counter() - t1
-        t_last += time.perf_counter() - t0  # tokens/s counts training time only
-    t_loop_end = time.perf_counter()
-    if pending is not None:
-        report(pending, progress, log_metrics, cfg, counts, peak, mesh.size, t_last)
+    reporter = Reporter(cfg, counts, peak, mesh.size, clock, log_metrics, progress)
+
+    pending = None
+    prefetch = Prefetcher(host_batch, start)  # batches are computed on a background thread, ahead of the step
+    clock.switch("train")
+    try:
+        for step in range(start, steps):
+            with clock("data"):  # the wait for the prefetched batch, and its copy to the devices
+                batch = jax.device_put(prefetch.get(step), sharding)
+            state, metrics = step_fn(state, batch)
+            if pending is not None:  # fetch the previous step's metrics while this one runs
+                reporter(*pending)
+            pending = (step + 1, metrics)
+            done = step + 1
+            eval_due = cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < steps
+            save_due = cfg.train.save_every and done % cfg.train.save_every == 0 and done < steps
+            if eval_due or save_due:  # log step `done` (and halt on a non-finite one) before evaluating/saving it
+                reporter(*pending)
+                pending = None
+            if eval_due:
+                ev = run_eval(done)
+                progress.write(f"step {done}: val loss {ev['val_loss']:.4f} | val bpb {ev['val_bpb']:.4f}")
+            if save_due:
+                save(done)
+        if pending is not None:
+            reporter(*pending)
+    finally:
+        prefetch.close()
     progress.close()
-    timer["train"] = (t_loop_end - t_loop) - sum(timer[k] - before[k] for k in timer)
+    clock.switch("other")
 
     final = run_eval(steps)
-    t0 = time.perf_counter()
-    ckpt.save(steps, state, {"config": cfg.to_dict()})
-    ckpt.close()
-    timer["checkpoint"] += time.perf_counter() - t0
-    ref = compressor_bpb(target_bytes(ds.tokenizer, val))
-
-    t0 = time.perf_counter()
-    sample_ids = Sampler(fns).generate(state["params"], [ds.tokenizer.bos_id] + ds.tokenizer.encode(prompt),
-                                       cfg.train.sample_tokens, temperature=0.8, top_k=50, seed=0)
-    sample = prompt + ds.tokenizer.decode(sample_ids)
-    timer["sample"] += time.perf_counter() - t0
-    total = time.perf_counter() - t_start
-    timer["other"] = max(0.0, total - sum(timer.values()))
-    summary = {"step": steps, **final, **ref, "wall_s": round(total, 2),
-               "time_s": {k: round(v, 2) for k, v in timer.items()}, "sample": sample,
-               "params": counts.params["total"], "skipped_steps": int(state["skipped"])}
+    if steps not in ckpt.all_steps():
+        save(steps)
+    with clock("checkpoint"):
+        ckpt.wait()  # the wait at exit for the last async save
+    with clock("eval"):
+        ref = compressor_bpb(target_bytes(ds.tokenizer, val))
+    sample = prompt
+    if cfg.train.sample_tokens > 0:  # (0: no sample, and no sampler to compile)
+        with clock("sample"):
+            ids = Sampler(fns).generate(state["params"], [ds.tokenizer.bos_id] + ds.tokenizer.encode(prompt),
+                                        cfg.train.sample_tokens, temperature=0.8, top_k=50, seed=0)
+            sample += ds.tokenizer.decode(ids)
+    parts = totals()
+    wall = sum(parts.values())
+    summary = {"step": steps, **final, **ref, "wall_s": round(wall, 2),
+               "time_s": {k: round(v, 2) for k, v in parts.items()},
+               "process_wall_s": round(time.perf_counter() - clock.t0, 2), **history,
+               "sample": sample, "params": counts.params["total"], "skipped_steps": int(state["skipped"])}
     write_json_atomic(run_dir / "summary.json", summary)
     log(f"\nval loss {final['val_loss']:.4f} | val bpb {final['val_bpb']:.4f} "
         f"(gzip -9: {ref['gzip_bpb']:.3f}, xz -9e: {ref['xz_bpb']:.3f} bits/byte on the same {final['val_bytes']:,} bytes)")
-    log("time: " + " | ".join(f"{k} {fmt_time(v)}" for k, v in timer.items()) + f" | total {fmt_time(total)}")
+    log("time: " + " | ".join(f"{k} {fmt_time(v)}" for k, v in parts.items()) + f" | total {fmt_time(wall)}"
+        + (f" (over {history['restarts'] + 1} processes)" if history["restarts"] else ""))
+    if summary["skipped_steps"]:
+        log(f"skipped steps (non-finite loss or gradient): {summary['skipped_steps']}")
     log(f"checkpoint: {ckpt.dir / str(steps)}")
     log(f"sample (temperature 0.8, top-k 50):\n{sample}")
     return summary
 
 
-def report(pending, progress, log_metrics, cfg, counts, peak, n_dev, t_last):
-    step, metrics = pending
-    m = jax.device_get(metrics)
-    if not m["finite"]:
-        if cfg.train.nonfinite == "halt":
-            raise NonFiniteError(f"step {step}: loss {float(m['loss'])} / grad norm {float(m['grad_norm'])} is not "
-                                 f"finite; the update was discarded and nothing corrupt was saved. Lower optim.lr, "
-                                 f"or set train.nonfinite=skip to skip such steps.")
-    dt = max(time.perf_counter() - t_last, 1e-9)
-    tps = cfg.train.batch_size * cfg.model.sequence_len / dt
-    u = mfu(counts.flops["total"], tps, peak, n_dev)
-    rec = {"step": step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "tok_per_s": round(tps, 1),
-           "skipped": int(m["skipped"])}
-    if u is not None:
-        rec["mfu"] = round(u, 4)
-    log_metrics(rec)
-    progress.update(step, f"loss {rec['loss']:.4f} | {tps:,.0f} tok/s | MFU {format_mfu(u)}")
-    return rec
+class Reporter:
+    """Fetches a step's metrics, applies the non-finite policy and logs the record. Tokens/s counts the data and
+    train time since the previous record."""
+
+    def __init__(self, cfg, counts, peak, n_dev, clock, log_metrics, progress):
+        self.cfg, self.counts, self.peak, self.n_dev = cfg, counts, peak, n_dev
+        self.clock, self.log_metrics, self.progress = clock, log_metrics, progress
+        self.busy = self._busy()
+
+    def _busy(self) -> float:
+        p = self.clock.read()
+        return p["train"] + p["data"]
+
+    def __call__(self, step, metrics):
+        m = jax.device_get(metrics)
+        busy = self._busy()
+        dt, self.busy = max(busy - self.busy, 1e-9), busy
+        cfg = self.cfg
+        tps = cfg.train.batch_size * cfg.model.sequence_len / dt
+        u = mfu(self.counts.flops["total"], tps, self.peak, self.n_dev)
+        rec = {"step": step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+               "tok_per_s": round(tps, 1), "skipped": int(m["skipped"])}
+        if u is not None:
+            rec["mfu"] = round(u, 4)
+        self.log_metrics(rec)
+        if not m["finite"]:
+            if cfg.train.nonfinite == "halt":
+                raise NonFiniteError(
+                    f"step {step}: loss {rec['loss']} / grad norm {rec['grad_norm']} is not finite; the update was "
+                    f"discarded and training halted, so every checkpoint on disk holds finite values (the latest "
+                    f"is the one to resume from). Lower optim.lr or check the data, or set train.nonfinite=skip to "
+                    f"skip such steps.")
+            self.progress.write(f"step {step}: non-finite loss or gradient; update skipped "
+                                f"({rec['skipped']} skipped so far)")
+        self.progress.update(step, f"loss {rec['loss']:.4f} | {tps:,.0f} tok/s | MFU {format_mfu(u)}")
+        return rec
 
 
 def load_run(run_dir: str | Path, step: int | None = None):
@@ -219,13 +388,15 @@ def load_run(run_dir: str | Path, step: int | None = None):
     cfg = load_run_config(run_dir)
     fns = ModelFns(cfg)
     optimizer = build_optimizer(cfg, None)
-    ckpt = Checkpointer(run_dir, async_save=False)
-    state, _ = ckpt.restore(abstract_state(fns, optimizer), step)
-    ckpt.close()
+    ckpt = Checkpointer(run_dir, async_save=False, read_only=True)
+    try:
+        state, _ = ckpt.restore(abstract_state(fns, optimizer), step)
+    finally:
+        ckpt.close()
     tok_path = run_dir / "tokenizer.json"
     if not tok_path.is_file():
         raise CheckpointError(f"{tok_path} is missing: copy the tokenizer the run trained with there")
     return cfg, fns, state["params"], Tokenizer.load(tok_path), int(state["step"])
 
 
-__all__ = ["run_training", "load_run", "load_dataset", "cache_dir"]
+__all__ = ["run_training", "load_run", "load_dataset", "cache_dir", "Clock", "check_run_dir", "check_data_inputs"]

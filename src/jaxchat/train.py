@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxchat.config import Config, ConfigError
-from jaxchat.model.gpt import GPT, param_dict, token_nll
+from jaxchat.model.gpt import GPT, param_dict
 from jaxchat.optim import build_optimizer
 
 
@@ -77,10 +77,8 @@ def check_batch_fits(cfg: Config, n_devices: int) -> int:
 
 def make_train_step(fns: ModelFns, optimizer: optax.GradientTransformation, nonfinite: str = "halt"):
     def loss_sum(params, x, y):
-        logits = fns.logits(params, x)
-        with jax.named_scope("loss"):
-            nll = token_nll(logits, y)
-            return jnp.sum(nll), jnp.sum(y >= 0)
+        nll = fns.module(params)(x, targets=y)  # fused lm_head + cross-entropy (model/head.py)
+        return jnp.sum(nll), jnp.sum(y >= 0)
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
@@ -93,9 +91,12 @@ def make_train_step(fns: ModelFns, optimizer: optax.GradientTransformation, nonf
             (l, n), g = grad_fn(params, *xy)
             return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, n_acc + n), None
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (grads, loss_total, count), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.int32(0)),
-                                                     (inputs, targets))
+        if inputs.shape[0] == 1:  # no accumulation: skip the loop (a length-1 scan stays a while loop on GPU)
+            (loss_total, count), grads = grad_fn(params, inputs[0], targets[0])
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (grads, loss_total, count), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.int32(0)),
+                                                         (inputs, targets))
         denom = jnp.maximum(count, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / denom, grads)
         loss = loss_total / denom
@@ -103,7 +104,7 @@ def make_train_step(fns: ModelFns, optimizer: optax.GradientTransformation, nonf
             grad_norm = global_norm(grads)
             updates, opt_state = optimizer.update(grads, state["opt_state"], params)
             new_params = optax.apply_updates(params, updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(global_norm(updates))
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_state = {"params": keep(new_params, params), "opt_state": keep(opt_state, state["opt_state"]),
                      "step": state["step"] + 1,

@@ -10,7 +10,7 @@
 - value embeddings on alternating layers (the last included): `v += 3 * sigmoid(h[:12] Wg) * ve_i[idx]`;
 - backout: the residual after the middle block (i == L//2) is subtracted, scaled by `backout_lambda`;
 - final norm, lm_head (or the tied `wte`), logits sliced to the true vocab, cast to fp32, soft-capped
-  `15 * tanh(logits / 15)`.
+  `15 * tanh(logits / 15)`; in training that head and the cross-entropy run as one op (model/head.py).
 
 Shapes (einsum legend): B batch, T time, S key time, C model, H heads, K kv heads, D head dim, V vocab.
 Parameters are fp32; matmuls run in `config.compute_dtype`; logits and softmax are fp32.
@@ -26,6 +26,7 @@ from flax import nnx
 
 from jaxchat.config import ModelConfig
 from jaxchat.model.attention import attend
+from jaxchat.model.head import head_nll
 from jaxchat.model.mlp import F32, Dense, YatNMN, make_mlp
 
 
@@ -121,9 +122,10 @@ class GPT(nnx.Module):
             self.backout_lambda = nnx.Param(jnp.zeros((1,), F32))
         init_weights(self, rngs if rngs is not None else nnx.Rngs(0))
 
-    def __call__(self, idx, cache=None):
+    def __call__(self, idx, cache=None, targets=None):
         """idx (B, T) int -> fp32 logits (B, T, vocab). With a `cache` (see `init_cache`), idx continues the
-        cached sequence and the call returns (logits, new_cache)."""
+        cached sequence and the call returns (logits, new_cache). With `targets` (B, T) (training), it returns
+        the per-token fp32 NLL instead, through the fused head (model/head.py): the logits are never stored."""
         cfg = self.config
         dt = jnp.dtype(cfg.compute_dtype)
         B, T = idx.shape
@@ -153,8 +155,10 @@ class GPT(nnx.Module):
             x = x - self.backout_lambda[...].astype(dt) * x_backout
         x = norm(x, cfg.norm_eps)
 
+        w_out = self.wte.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
+        if targets is not None:
+            return head_nll(x, w_out[:, : cfg.vocab_size].astype(dt), targets, cfg.logit_softcap)
         with jax.named_scope("lm_head"):
-            w_out = self.wte.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
             logits = jnp.matmul(x, w_out.astype(dt), preferred_element_type=F32)[..., : cfg.vocab_size]
             if cfg.logit_softcap > 0:
                 logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)

@@ -1,0 +1,147 @@
+"""Run a named plan of `jaxchat bench` measurements, one fresh process each (so every peak-memory reading is
+that run's own), inside a time budget; collect JSON lines, BENCHMARKS.md rows and logs in one folder.
+
+    python benchmarks/suite.py PLAN --out DIR [--budget SECONDS] [--only SUBSTRING]
+
+Plans are below (`PLANS`); each entry is (note, bench arguments, extra environment). A run that fails (out of
+memory, unsupported shape) is recorded as a failure with the tail of its output, and the suite goes on. Rows land
+in DIR/rows.md (append them to BENCHMARKS.md), full results in DIR/results.jsonl, output in DIR/suite.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_CMDBUF = {"XLA_FLAGS": "--xla_gpu_enable_command_buffer="}
+
+D12 = ["--preset", "nanochat-d12", "--seq", "2048", "--dtype", "bfloat16"]
+GELU = ["--preset", "d12-gelu-chinchilla", "--seq", "1024", "--dtype", "bfloat16"]
+
+MICRO = ["--preset", "tiny", "--set", "model.n_layer=2", "--set", "model.n_embd=64", "--set", "model.n_kv_head=1",
+         "--set", "model.n_head=1", "--set", "model.vocab_size=512", "--set", "data.tokenizer_vocab=512",
+         "--seq", "64", "--batch", "4", "--steps", "3", "--warmup", "1"]
+
+PLANS: dict[str, list[tuple[str, list[str], dict]]] = {
+    "micro": [("micro smoke test", MICRO, {}), ("micro smoke test, profiled", MICRO + ["--profile", "/tmp/jaxchat-prof"], {})],
+    # the shared CPU benchmark config (SPEC: tiny = 4 layers, 256 wide, vocab 8192, seq 512, batch 8, fp32)
+    "cpu": [("shared CPU config", ["--preset", "cpu-bench", "--batch", "8", "--seq", "512", "--dtype", "float32",
+                                   "--steps", "6", "--warmup", "1"], {})],
+    # first H100 call: the honest baseline numbers, then one profiled run
+    "h100-baseline": [
+        ("d12 b32 cudnn", D12 + ["--batch", "32", "--backend", "cudnn", "--steps", "15"], {}),
+        ("gelu b64 cudnn", GELU + ["--batch", "64", "--backend", "cudnn", "--steps", "15"], {}),
+        ("d12 b32 cudnn, command buffers off, profiled", D12 + ["--batch", "32", "--backend", "cudnn", "--steps", "9",
+                                                                "--profile", "/tmp/jaxchat-prof"], NO_CMDBUF),
+        ("gelu b32 cudnn", GELU + ["--batch", "32", "--backend", "cudnn", "--steps", "15"], {}),
+        ("d12 b16 xla", D12 + ["--batch", "16", "--backend", "xla", "--steps", "9"], {}),
+        ("gelu b32 xla", GELU + ["--batch", "32", "--backend", "xla", "--steps", "9"], {}),
+        ("d12 b16 cudnn", D12 + ["--batch", "16", "--backend", "cudnn", "--steps", "15"], {}),
+    ],
+    # second H100 call, after the fused head (model/head.py) and the accumulation loop skipped at grad_accum 1
+    "h100-opt": [
+        ("d12 b32 cudnn, fused head", D12 + ["--batch", "32", "--backend", "cudnn", "--steps", "15"], {}),
+        ("gelu b64 cudnn, fused head", GELU + ["--batch", "64", "--backend", "cudnn", "--steps", "15"], {}),
+        ("d12 b32 cudnn, fused head, cmdbuf off, profiled", D12 + ["--batch", "32", "--backend", "cudnn", "--steps", "9",
+                                                                   "--profile", "/tmp/jaxchat-prof"], NO_CMDBUF),
+        ("gelu b128 cudnn, fused head", GELU + ["--batch", "128", "--backend", "cudnn", "--steps", "9"], {}),
+        ("d12 b32 cudnn, fused head, triton_gemm_any", D12 + ["--batch", "32", "--backend", "cudnn", "--steps", "15"],
+         {"XLA_FLAGS": "--xla_gpu_triton_gemm_any=true"}),
+        ("gelu b32 cudnn, fused head", GELU + ["--batch", "32", "--backend", "cudnn", "--steps", "15"], {}),
+        ("d12 b64 cudnn, fused head", D12 + ["--batch", "64", "--backend", "cudnn", "--steps", "9"], {}),
+    ],
+    # third H100 call: one-pass logsumexp under the soft-cap (model/head.py)
+    "h100-lse": [
+        ("d12 b32 cudnn, fused head + one-pass lse", D12 + ["--batch", "32", "--backend", "cudnn", "--steps", "15"], {}),
+        ("gelu b64 cudnn, fused head + one-pass lse", GELU + ["--batch", "64", "--backend", "cudnn", "--steps", "15"], {}),
+    ],
+    # the same after `patch -p1 < benchmarks/patches/qkv_fused.patch` (one GEMM for q, k, v)
+    "h100-qkv": [
+        ("d12 b32 cudnn, fused head, qkv fused", D12 + ["--batch", "32", "--backend", "cudnn", "--steps", "15"], {}),
+        ("gelu b64 cudnn, fused head, qkv fused", GELU + ["--batch", "64", "--backend", "cudnn", "--steps", "15"], {}),
+    ],
+}
+
+
+def run_one(note: str, args: list[str], env_extra: dict, out: Path, timeout: float, log) -> dict:
+    args = [a.replace("{out}", str(out)) for a in args]
+    cmd = [sys.executable, "-m", "jaxchat.bench", *args, "--json", str(out / "results.jsonl"),
+           "--record-to", str(out / "rows.md"), "--note", note]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "PYTHONUNBUFFERED": "1", **env_extra}
+    log(f"\n=== {note}: {' '.join(args)} {env_extra or ''}")
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        rc, text = p.returncode, p.stdout + p.stderr
+    except subprocess.TimeoutExpired as e:
+        partial = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        rc, text = -9, partial + f"\ntimed out after {timeout:.0f} s"
+    log(text.rstrip())
+    log(f"--- rc {rc}, {time.perf_counter() - t0:.0f} s")
+    if rc == 0 and "--profile" in args:
+        prof = args[args.index("--profile") + 1]
+        s = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "trace_summary.py"), prof],
+                           capture_output=True, text=True)
+        (out / "trace_summary.txt").write_text(f"{note}\n{s.stdout}{s.stderr}")
+        log(s.stdout + s.stderr)
+    if rc != 0:
+        tail = "\n".join(text.strip().splitlines()[-6:])
+        with open(out / "results.jsonl", "a") as fh:
+            fh.write(json.dumps({"note": note, "args": args, "env": env_extra, "failed": True, "rc": rc,
+                                 "error": tail}) + "\n")
+    return {"note": note, "rc": rc}
+
+
+def table(out: Path) -> str:
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()] \
+        if (out / "results.jsonl").exists() else []
+    lines = [f"{'note':<48}{'tok/s':>12}{'MFU':>8}{'step ms':>9}{'peak GiB':>10}{'compile s':>10}"]
+    for r in rows:
+        if r.get("failed"):
+            lines.append(f"{r['note'][:47]:<48}  FAILED rc={r['rc']}: {r['error'].splitlines()[-1][:80]}")
+            continue
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        peak = r["peak_mem_bytes"] or r["xla_mem_estimate_bytes"] or 0
+        lines.append(f"{r['note'][:47]:<48}{r['tokens_per_s']:>12,.0f}{mfu:>8}{1e3 * r['step_s']:>9.1f}"
+                     f"{peak / 2**30:>10.2f}{r['compile_s']:>10.1f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("plan", choices=sorted(PLANS))
+    p.add_argument("--out", required=True)
+    p.add_argument("--budget", type=float, default=540, help="seconds; no run starts after this")
+    p.add_argument("--timeout", type=float, default=150, help="seconds per run")
+    p.add_argument("--only", default="", help="run only entries whose note contains this")
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logf = open(out / "suite.log", "a")
+
+    def log(text):
+        print(text, flush=True)
+        logf.write(text + "\n")
+        logf.flush()
+
+    t0 = time.perf_counter()
+    for note, args, env in PLANS[a.plan]:
+        if a.only and a.only not in note:
+            continue
+        left = a.budget - (time.perf_counter() - t0)
+        if left < 30:
+            log(f"=== skipped (budget): {note}")
+            continue
+        run_one(note, args, env, out, min(a.timeout, left), log)
+    log("\n" + table(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""`jaxchat bench` on a micro config (CPU, a few seconds): the fields it prints, the JSON it writes, and the
+BENCHMARKS.md row format."""
+
+import argparse
+import contextlib
+import io
+import json
+
+import pytest
+
+from jaxchat import bench
+
+MICRO = ["--preset", "tiny", "--set", "model.n_layer=2", "--set", "model.n_embd=64", "--set", "model.n_kv_head=1",
+         "--set", "model.n_head=1", "--set", "model.vocab_size=512", "--set", "data.tokenizer_vocab=512",
+         "--seq", "64", "--batch", "4", "--steps", "3", "--warmup", "1"]
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="jaxchat")
+    bench.add_parsers(p.add_subparsers(dest="cmd", required=True))
+    return p.parse_args(argv)
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    args = parse(["bench", *MICRO, "--no-record", "--record-to", str(tmp / "B.md"), "--json", str(tmp / "r.jsonl")])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        args.fn(args)
+    return out.getvalue(), json.loads((tmp / "r.jsonl").read_text()), tmp
+
+
+def test_bench_prints_every_field(ran):
+    text, _, _ = ran
+    for field in ("bench tiny", "batch 4 x seq 64 = 256 tokens/step", "float32", "attention xla", "params:",
+                  "value_embeds", "FLOPs/token:", "lm_head", "mlp", "compile:", "step time:", "tokens/s:", "MFU",
+                  "peak memory:", "model.n_layer=2"):
+        assert field in text, field
+    assert "MFU n/a" in text  # no known peak on CPU
+    assert "recorded in" not in text
+
+
+def test_bench_result_is_sane(ran):
+    _, r, tmp = ran
+    assert r["tokens_per_s"] > 0 and r["tokens_per_step"] == 256 and r["timed_steps"] == 3
+    assert len(r["step_s_windows"]) == 3 and min(r["step_s_windows"]) <= r["step_s"] <= max(r["step_s_windows"])
+    assert abs(r["tokens_per_s"] - 256 / r["step_s"]) < 1e-6 * r["tokens_per_s"]
+    assert r["backend"] == r["backend_resolved"] == "xla" and r["mfu"] is None
+    assert r["params"]["total"] == sum(v for k, v in r["params"].items() if k != "total")
+    assert r["flops_per_token"]["total"] > 6 * (r["params"]["mlp"] + r["params"]["attention"])
+    assert 0 < r["loss"] < 10 and r["compile_s"] > 0
+    assert r["xla_mem_estimate_bytes"] > 0
+    assert not (tmp / "B.md").exists()  # --no-record
+
+
+def test_rows_append_under_one_header(ran, tmp_path):
+    _, r, _ = ran
+    path = tmp_path / "BENCHMARKS.md"
+    bench.append_row(path, r, note="first | run")
+    bench.append_row(path, r)
+    lines = path.read_text().splitlines()
+    header = [i for i, line in enumerate(lines) if line.startswith("| date |")]
+    assert len(header) == 1
+    rows = lines[header[0] + 2:]
+    assert len(rows) == 2 and all(row.count("|") == lines[header[0]].count("|") for row in rows)
+    assert "first / run" in rows[0] and "| tiny |" in rows[0] and "| cpu (" in rows[0]
+
+
+def test_rows_go_into_the_table_even_with_sections_after_it(ran, tmp_path):
+    _, r, _ = ran
+    path = tmp_path / "BENCHMARKS.md"
+    bench.append_row(path, r)
+    path.write_text(path.read_text() + "\n## Another section\n\nprose\n")
+    bench.append_row(path, r, note="second")
+    lines = path.read_text().splitlines()
+    assert lines[-1] == "prose" and "second" in lines[lines.index("## Another section") - 2]
+
+
+def test_config_deltas_leave_out_own_columns():
+    base, cfg = bench.bench_config("tiny", ["model.n_layer=2"], batch=4, seq=64, backend="auto", dtype="float32")
+    assert cfg.train.batch_size == 4 and cfg.train.grad_accum == 1 and cfg.model.sequence_len == 64
+    assert bench.config_deltas(base, cfg) == ["model.n_layer=2"]
+
+
+def test_commit_label_can_be_given(monkeypatch):
+    monkeypatch.setenv("JAXCHAT_COMMIT", "abc1234-dirty")
+    assert bench.git_commit() == "abc1234-dirty"
+
+
+def test_bad_preset_is_a_user_error(capsys):
+    assert bench.main(["--preset", "nope", "--no-record"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+
+
+def test_cli_registers_bench():
+    from jaxchat import cli
+    try:
+        args = cli.build_parser().parse_args(["bench", "--preset", "tiny", "--no-record"])
+    except SystemExit:
+        pytest.skip("cli.py does not register `bench` yet (add bench.add_parsers(sub) to build_parser)")
+    assert args.fn is bench.cmd_bench
