@@ -55,8 +55,13 @@ def test_grad_accumulation_equals_large_batch(setup):
         np.testing.assert_allclose(a - i, b - i, atol=2e-7, rtol=1e-4)
 
 
-def test_checkpoint_round_trip_continues_identically(setup, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_checkpoint_round_trip_continues_identically(setup, tmp_path, optimizer):
     cfg, fns, opt, step = setup
+    if optimizer == "muon":  # nanochat's recipe: Muon momenta and second moments, per-group AdamW states
+        cfg = Config(model=cfg.model, optim=OptimConfig(optimizer="muon"), data=cfg.data, train=cfg.train)
+        opt = build_optimizer(cfg)
+        step = make_train_step(fns, opt)
     state = init_state(fns, opt, 0)
     for i in range(3):
         state, _ = step(state, shaped_batch(*data(i), 1))

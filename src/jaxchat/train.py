@@ -104,7 +104,7 @@ def make_train_step(fns: ModelFns, optimizer: optax.GradientTransformation, nonf
             grad_norm = global_norm(grads)
             updates, opt_state = optimizer.update(grads, state["opt_state"], params)
             new_params = optax.apply_updates(params, updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(global_norm(updates))
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_state = {"params": keep(new_params, params), "opt_state": keep(opt_state, state["opt_state"]),
                      "step": state["step"] + 1,
