@@ -15,8 +15,7 @@ from jaxchat.model.mlp import MLPS, swiglu_hidden
 from jaxchat.presets import PRESETS, get_preset
 from jaxchat.train import ModelFns, init_state, make_train_step, shaped_batch
 
-# T = 96 > the short window (sequence_len 256 -> S = 128? no: ceil(256/512)*128 = 128 >= T), so use seq 512
-# with T = 160 tokens: S = 128 < 160, the sliding window is really exercised.
+# sequence_len 512 gives short windows of 128; tests use 160 tokens so the sliding window is really exercised.
 SMALL = ModelConfig(vocab_size=320, sequence_len=512, n_layer=4, n_embd=64, n_head=4, n_kv_head=2)
 
 
@@ -87,10 +86,9 @@ def test_causality_by_gradient(model):
 
 def test_sliding_window_limits_receptive_field():
     """With one short-window layer only, position t cannot see position t - w - 1."""
-    cfg = ModelConfig(vocab_size=320, sequence_len=512, n_layer=1, n_embd=64, n_head=4, n_kv_head=4,
+    # two S layers: the last is forced long, so the first one is tested alone
+    cfg = ModelConfig(vocab_size=320, sequence_len=512, n_layer=2, n_embd=64, n_head=4, n_kv_head=4,
                       window_pattern="S", value_embeds=False, smear=False)
-    object.__setattr__(cfg, "n_layer", 2)  # two S layers: the last is forced L, so test the first alone
-    cfg = ModelConfig(**{**cfg.__dict__})
     w = cfg.window_sizes()[0]
     assert w == 128
     m = randomized(cfg)
