@@ -310,17 +310,9 @@ def add_parsers(subparsers) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m jaxchat.bench ...` (same arguments as `jaxchat bench`)."""
-    from jaxchat.config import ConfigError
+    from jaxchat.cli import main as cli_main
 
-    p = argparse.ArgumentParser(prog="jaxchat")
-    add_parsers(p.add_subparsers(dest="cmd", required=True))
-    args = p.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        args.fn(args)
-    except ConfigError as e:
-        print(f"jaxchat bench: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
