@@ -25,7 +25,11 @@ def _check(cond: bool, msg: str) -> None:
 
 
 MLP_KINDS = ("relu2", "gelu", "swiglu", "yatnmn", "yatnmn_softplus")
-ATTENTION_BACKENDS = ("xla", "cudnn", "auto")  # see model/attention.py; cudnn is checked at first use
+ATTENTION_BACKENDS = ("xla", "cudnn", "splash", "auto")  # see model/attention.py; checked at first use
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj", "save_out_proj")  # see model/remat.py
+# Fields that choose how the step is computed, not what it computes: the parameters and their layout do not depend
+# on them, so a run may resume with other values (results then differ only by rounding).
+EXECUTION_FIELDS = ("attention", "scan_layers", "remat", "loss_chunk")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -56,6 +60,9 @@ class ModelConfig:
     yatnmn_eps: float = 1e-3
     attention: str = "xla"  # attention backend, see model/attention.py
     compute_dtype: str = "float32"  # params stay fp32; matmuls run in this dtype
+    scan_layers: bool = False  # run repeating groups of blocks (e.g. SSSL) under lax.scan: one group compiled
+    remat: str = "none"  # activation checkpointing policy per block, one of REMAT_POLICIES (model/remat.py)
+    loss_chunk: int = 0  # > 0: the fused lm_head + loss runs over chunks of this many tokens (0: all at once)
 
     def __post_init__(self):
         for name in ("vocab_size", "sequence_len", "n_layer", "n_embd", "n_head", "n_kv_head", "pad_vocab_to"):
@@ -70,6 +77,11 @@ class ModelConfig:
         _check(self.mlp in MLP_KINDS, f"model.mlp={self.mlp!r} is unknown: choose one of {', '.join(MLP_KINDS)}")
         _check(self.attention in ATTENTION_BACKENDS,
                f"model.attention={self.attention!r} is unknown: choose one of {', '.join(ATTENTION_BACKENDS)}")
+        _check(self.remat in REMAT_POLICIES,
+               f"model.remat={self.remat!r} is unknown: choose one of {', '.join(REMAT_POLICIES)}")
+        _check(isinstance(self.loss_chunk, int) and self.loss_chunk >= 0,
+               f"model.loss_chunk={self.loss_chunk!r} must be an integer >= 0 (tokens per chunk of the fused "
+               f"lm_head + loss; 0 computes it for the whole batch at once)")
         _check(self.compute_dtype in DTYPES,
                f"model.compute_dtype={self.compute_dtype!r}: choose one of {', '.join(DTYPES)}")
         _check(len(self.window_pattern) > 0 and set(self.window_pattern.upper()) <= {"S", "L"},

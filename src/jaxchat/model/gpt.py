@@ -157,7 +157,7 @@ class GPT(nnx.Module):
 
         w_out = self.wte.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
         if targets is not None:
-            return head_nll(x, w_out[:, : cfg.vocab_size].astype(dt), targets, cfg.logit_softcap)
+            return head_nll(x, w_out[:, : cfg.vocab_size].astype(dt), targets, cfg.logit_softcap, cfg.loss_chunk)
         with jax.named_scope("lm_head"):
             logits = jnp.matmul(x, w_out.astype(dt), preferred_element_type=F32)[..., : cfg.vocab_size]
             if cfg.logit_softcap > 0:

@@ -34,13 +34,13 @@ def _logsumexp(s, cap: float):
     return jax.nn.logsumexp(s, axis=-1)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
-def head_nll(x, w, targets, cap: float):
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def head_nll(x, w, targets, cap: float, chunk: int = 0):
     """x (..., C) and w (C, V) in the compute dtype, int targets (...) (-1 = ignored) -> fp32 NLL (...)."""
-    return _fwd(x, w, targets, cap)[0]
+    return _fwd(x, w, targets, cap, chunk)[0]
 
 
-def _fwd(x, w, targets, cap):
+def _fwd(x, w, targets, cap, chunk):
     with jax.named_scope("lm_head"):
         z = jnp.matmul(x, w)  # the logits in the compute dtype, as nanochat (autocast) makes them
     with jax.named_scope("loss"):
@@ -50,7 +50,7 @@ def _fwd(x, w, targets, cap):
     return nll, (x, w, z, lse, targets)
 
 
-def _bwd(cap, res, g):
+def _bwd(cap, chunk, res, g):
     x, w, z, lse, targets = res
     with jax.named_scope("loss"):
         s = _capped(z, cap)
