@@ -1,7 +1,9 @@
-"""Attention backends: the seam, `auto`'s fallback, cuDNN's errors off-GPU, and (marked gpu) cuDNN vs the xla
-reference, forward and gradients, with windows on and off and GQA on and off."""
+"""Attention backends: the seam, `auto`'s fallback, cuDNN's and splash's errors off their devices, the real splash
+kernel in Pallas's interpreter on CPU vs the xla reference, and (marked gpu / TPU only) cuDNN and compiled splash
+vs the xla reference; forward and gradients, with windows on and off and GQA on and off."""
 
 import dataclasses
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -9,10 +11,13 @@ import numpy as np
 import pytest
 
 from jaxchat.config import ConfigError, ModelConfig
-from jaxchat.model.attention import (BACKENDS, attend, cuda_compute_capability, resolve_backend, xla_attention)
+from jaxchat.model import attention
+from jaxchat.model.attention import (BACKENDS, attend, cuda_compute_capability, resolve_backend,
+                                     splash_kernel_attention, xla_attention)
 from jaxchat.model.gpt import GPT
 
 HAS_CUDA = cuda_compute_capability() is not None
+HAS_TPU = jax.devices()[0].platform == "tpu"
 needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU with cuDNN")
 
 
@@ -29,12 +34,12 @@ def rel_err(a, b) -> float:
 
 def test_every_config_backend_is_registered():
     from jaxchat.config import ATTENTION_BACKENDS
-    assert set(ATTENTION_BACKENDS) == set(BACKENDS) == {"xla", "cudnn", "auto"}
-    with pytest.raises(ConfigError, match="choose one of xla, cudnn, auto"):
+    assert set(ATTENTION_BACKENDS) == set(BACKENDS) == {"xla", "cudnn", "splash", "auto"}
+    with pytest.raises(ConfigError, match="choose one of xla, cudnn, splash, auto"):
         ModelConfig(attention="flash")
 
 
-@pytest.mark.skipif(HAS_CUDA, reason="checks the fallback on a machine without a CUDA GPU")
+@pytest.mark.skipif(HAS_CUDA or HAS_TPU, reason="checks the fallback on a machine without a GPU or TPU")
 def test_auto_falls_back_to_xla_without_gpu():
     q, k, v = qkv(jax.random.key(0), 2, 32, 4, 2, 16)
     pos = jnp.arange(32)
@@ -58,10 +63,46 @@ def test_cudnn_without_gpu_is_a_clear_error():
         jax.eval_shape(lambda: GPT(cfg)(jnp.zeros((1, 16), jnp.int32)))
 
 
+@pytest.mark.skipif(HAS_TPU, reason="checks the error on a machine without a TPU")
+def test_splash_without_tpu_is_a_clear_error():
+    q, k, v = qkv(jax.random.key(0), 1, 128, 2, 2, 16)
+    pos = jnp.arange(128)
+    with pytest.raises(ConfigError, match=r"model\.attention='splash'.*needs a TPU.*model\.attention=auto"):
+        attend(q, k, v, window=16, q_pos=pos, k_pos=pos, backend="splash")
+    assert resolve_backend("auto", q, k) == "xla"  # fp32: cuDNN declines too, GPU or not
+    cfg = ModelConfig(vocab_size=64, sequence_len=128, n_layer=1, n_embd=32, n_head=2, n_kv_head=2,
+                      attention="splash")
+    with pytest.raises(ConfigError, match="needs a TPU"):  # from the model at first use, traced only
+        jax.eval_shape(lambda: GPT(cfg)(jnp.zeros((1, 128), jnp.int32)))
+
+
+def test_splash_rejects_inputs_its_kernel_cannot_take():
+    """Off the training path or with T not a multiple of 128 the kernel itself refuses, naming the value."""
+    q, k, v = qkv(jax.random.key(0), 1, 200, 2, 2, 16)
+    with pytest.raises(ConfigError, match=r"T=200 must be a multiple of 128.*model\.attention=auto or xla"):
+        splash_kernel_attention(q, k, v, window=16, interpret=True)
+    q, k, v = qkv(jax.random.key(0), 1, 128, 2, 2, 16)
+    with pytest.raises(ConfigError, match="only the training path"):
+        splash_kernel_attention(q, k[:, :64], v[:, :64], window=16, interpret=True)
+
+
+def test_splash_module_missing_is_reported_at_use_not_import(monkeypatch):
+    """A JAX where the Pallas splash module moved still imports attention.py; splash says what is missing."""
+    monkeypatch.setitem(sys.modules, "jax.experimental.pallas.ops.tpu.splash_attention", None)
+    attention._splash_modules.cache_clear()
+    try:
+        q, k, v = qkv(jax.random.key(0), 1, 128, 2, 2, 16)
+        with pytest.raises(ConfigError, match=r"has no jax\.experimental\.pallas\.ops\.tpu\.splash_attention.*auto"):
+            splash_kernel_attention(q, k, v, window=16, interpret=True)
+    finally:
+        monkeypatch.undo()
+        attention._splash_modules.cache_clear()
+
+
 def test_unknown_backend_at_the_seam_names_the_choices():
     q, k, v = qkv(jax.random.key(0), 1, 8, 2, 2, 8)
-    with pytest.raises(ConfigError, match="auto.*cudnn.*xla"):
-        attend(q, k, v, window=8, q_pos=jnp.arange(8), k_pos=jnp.arange(8), backend="splash")
+    with pytest.raises(ConfigError, match="auto.*cudnn.*splash.*xla"):
+        attend(q, k, v, window=8, q_pos=jnp.arange(8), k_pos=jnp.arange(8), backend="flash")
 
 
 @pytest.mark.parametrize("window", [0, 3, 17, 63, 64, 1000])
@@ -87,6 +128,72 @@ def test_model_with_auto_equals_xla_on_cpu():
     expected = "cudnn" if HAS_CUDA else "xla"
     assert resolve_backend("auto", jnp.zeros((1, 16, 2, 16), jnp.bfloat16), jnp.zeros((1, 16, 1, 16), jnp.bfloat16)) == expected
     np.testing.assert_array_equal(np.asarray(model(idx)), np.asarray(ref))  # fp32 on CPU: xla either way
+
+
+# ------------------------------------------------------------------------- splash in Pallas's interpreter (CPU)
+
+SPLASH_CASES = [  # (H, K, D, window) at T=256 with 128-blocks: windows off (255 = T-1, 1000) and on (37; 128, one
+    # block exactly), GQA off (K = H), on (K = 2) and MQA (K = 1)
+    (4, 4, 64, 1000), (4, 4, 64, 37), (4, 2, 128, 128), (4, 2, 64, 255), (4, 1, 64, 37),
+]
+
+
+@pytest.mark.parametrize("H,K,D,window", SPLASH_CASES)
+def test_splash_kernel_interpreted_matches_xla_forward_and_gradients(H, K, D, window):
+    """The real splash kernels (forward and fused backward) run by Pallas's interpreter on CPU, fp32, against the
+    xla reference: output and dq, dk, dv agree to fp32 rounding. The reference with the window one key shorter
+    or longer is far from splash's output, so an off-by-one in the mask would fail here."""
+    B, T = 2, 256
+    q, k, v = qkv(jax.random.key(H * 1000 + K * 100 + window), B, T, H, K, D)
+    ct = jax.random.normal(jax.random.key(7), (B, T, H, D))
+    pos = jnp.arange(T)
+
+    def output_and_grads(attn):
+        def f(q, k, v):
+            y = attn(q, k, v)
+            return jnp.sum(y * ct), y
+        (_, y), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+        return (y, *grads)
+
+    got = output_and_grads(lambda q, k, v: splash_kernel_attention(q, k, v, window=window, block=128, interpret=True))
+    ref = output_and_grads(lambda q, k, v: xla_attention(q, k, v, window=window, q_pos=pos, k_pos=pos))
+    for name, a, b in zip(("y", "dq", "dk", "dv"), got, ref):
+        assert float(jnp.abs(b).max()) > 0.1, name  # a real comparison, not zeros against zeros
+        assert rel_err(a, b) < 1e-5, (name, rel_err(a, b))
+    if window < T - 1:
+        for wrong in (window - 1, window + 1):
+            assert rel_err(got[0], xla_attention(q, k, v, window=wrong, q_pos=pos, k_pos=pos)) > 1e-2, wrong
+
+
+# ---------------------------------------------------------------------------------------------------- TPU only
+
+@pytest.mark.skipif(not HAS_TPU, reason="needs a TPU")
+@pytest.mark.parametrize("H,K,window", [(4, 4, 1024), (8, 2, 100), (6, 1, 511)])
+def test_splash_on_tpu_matches_xla_forward_and_gradients(H, K, window):
+    """The compiled kernel through the public seam (T=1024: two 512-blocks), bf16 splash vs bf16 xla, both
+    measured against an fp32 xla reference at highest matmul precision, as cuDNN's test does."""
+    B, T, D = 2, 1024, 128
+    q, k, v = qkv(jax.random.key(H * 1000 + window), B, T, H, K, D)
+    ct = jax.random.normal(jax.random.key(7), (B, T, H, D))
+    pos = jnp.arange(T)
+    assert resolve_backend("auto", q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)) == "splash"
+
+    def loss(backend, dtype):
+        def f(q, k, v):
+            y = attend(q.astype(dtype), k.astype(dtype), v.astype(dtype), window=window, q_pos=pos, k_pos=pos,
+                       backend=backend)
+            return jnp.sum(y.astype(jnp.float32) * ct), y
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+    with jax.default_matmul_precision("highest"):
+        (_, y32), g32 = loss("xla", jnp.float32)
+    (_, y_xla), g_xla = loss("xla", jnp.bfloat16)
+    (_, y_spl), g_spl = loss("splash", jnp.bfloat16)
+    e_xla, e_spl = rel_err(y_xla, y32), rel_err(y_spl, y32)
+    assert e_spl < 2e-2 and e_spl < 3 * e_xla + 2e-3, (e_spl, e_xla)
+    for name, a, b, r in zip("qkv", g_spl, g_xla, g32):
+        ge_spl, ge_xla = rel_err(a, r), rel_err(b, r)
+        assert ge_spl < 3e-2 and ge_spl < 3 * ge_xla + 3e-3, (name, ge_spl, ge_xla)
 
 
 # ---------------------------------------------------------------------------------------------------- GPU only

@@ -15,10 +15,17 @@ Backends (`model.attention`):
   into cuDNN's exclusive sliding-window length w+1, i.e. keys t-w..t like ours). Training path only (q_pos ==
   k_pos == arange(T), no k_len): the decode path always uses `xla`. Needs an NVIDIA GPU and bf16/fp16 inputs;
   asking for it elsewhere raises a `ConfigError` that says what to use instead.
-- `auto`: `cudnn` where it can run (CUDA GPU, bf16/fp16, head_dim a multiple of 8 and <= 256 on Hopper, <= 128
-  before), `xla` otherwise. Resolved at trace time from the actual shapes and dtype.
-There is no TPU here, so the Pallas splash-attention backend is not written yet; it would register in
-`BACKENDS` the same way.
+- `splash`: Pallas splash attention for TPU (`jax.experimental.pallas.ops.tpu.splash_attention`), one kernel
+  per batch element (vmapped), heads-major layout (H, T, D), q pre-scaled by 1/sqrt(D) (the kernel does not
+  scale), the window as a `LocalMask` with left size w and right size 0 (keys t-w..t like ours; a window >= T-1
+  is a plain `CausalMask`). GQA native: the MHA kernel takes K kv heads and maps q head h to kv head h // (H/K),
+  the same grouping as `xla`, so K/V are not repeated. Fused backward kernel (dq, dk, dv in one pass); blocks
+  of 512, 256 or 128 (the largest dividing T). Training path only, like `cudnn`; needs a TPU and T a multiple
+  of 128; asking for it elsewhere raises a `ConfigError` that says what to use instead. The kernel builder
+  takes an internal `interpret` flag so tests run the real kernel in Pallas's interpreter on CPU.
+- `auto`: `splash` on a TPU where it can run (T a multiple of 128), else `cudnn` where it can run (CUDA GPU,
+  bf16/fp16, head_dim a multiple of 8 and <= 256 on Hopper, <= 128 before), else `xla`. Resolved at trace time
+  from the actual shapes and dtype.
 """
 
 from __future__ import annotations
@@ -100,19 +107,105 @@ def cudnn_attention(q, k, v, *, window: int, q_pos, k_pos, k_len=None):
                                         local_window_size=local, implementation="cudnn")
 
 
-def auto_attention(q, k, v, *, window: int, q_pos, k_pos, k_len=None):
-    fn = cudnn_attention if cudnn_unsupported_reason(q, k, k_len) is None else xla_attention
-    return fn(q, k, v, window=window, q_pos=q_pos, k_pos=k_pos, k_len=k_len)
+SPLASH_BLOCKS = (512, 256, 128)  # splash tiles must be multiples of 128 (TPU lanes); the largest dividing T wins
 
 
-BACKENDS = {"xla": xla_attention, "cudnn": cudnn_attention, "auto": auto_attention}
+@functools.lru_cache(maxsize=None)
+def _splash_modules():
+    """(splash_attention_kernel, splash_attention_mask), or a string saying why this JAX cannot import them.
+
+    Imported on first use, not with this module, so a JAX where the Pallas ops moved still imports attention.py
+    and only `splash` reports the problem."""
+    try:
+        from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel, splash_attention_mask
+    except ImportError as e:
+        return f"jax {jax.__version__} has no jax.experimental.pallas.ops.tpu.splash_attention ({e})"
+    return splash_attention_kernel, splash_attention_mask
+
+
+def _splash_input_reason(q, k, k_len) -> str | None:
+    """Why the splash kernel cannot take these inputs on any device (None: it can)."""
+    modules = _splash_modules()
+    if isinstance(modules, str):
+        return modules
+    if k_len is not None or q.shape[1] != k.shape[1]:
+        return "it serves only the training path (queries and keys at the same positions, no KV cache)"
+    T = q.shape[1]
+    if T % SPLASH_BLOCKS[-1]:
+        return f"sequence length T={T} must be a multiple of {SPLASH_BLOCKS[-1]} (its smallest block)"
+    return None
+
+
+def splash_unsupported_reason(q, k, k_len=None) -> str | None:
+    """Why Pallas splash attention cannot run these inputs here (None: it can)."""
+    platform = jax.devices()[0].platform
+    if platform != "tpu":
+        return f"it needs a TPU, and JAX sees only {platform} devices"
+    return _splash_input_reason(q, k, k_len)
+
+
+def _splash_kernel(T: int, H: int, window: int, block: int, interpret: bool):
+    """The splash MHA kernel for one batch element: q (H, T, D), k/v (K, T, D) with K dividing H -> (H, T, D).
+
+    Keys t-w..t for query t: `LocalMask` with window_size (w, 0), or `CausalMask` when w >= T-1 (the window then
+    covers the whole prefix). Built on every trace, not cached here: the kernel holds its block tables as arrays
+    made while tracing (a cached one would leak tracers into the next trace), and splash already caches the
+    Python work of building those tables from the mask."""
+    kernel_lib, mask_lib = _splash_modules()
+    if window >= T - 1:
+        head_mask = mask_lib.CausalMask((T, T))
+    else:
+        head_mask = mask_lib.LocalMask((T, T), window_size=(window, 0), offset=0)
+    blocks = kernel_lib.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                                   block_kv_dkv=block, block_kv_dkv_compute=block, use_fused_bwd_kernel=True)
+    return kernel_lib.make_splash_mha(mask_lib.MultiHeadMask([head_mask] * H), block_sizes=blocks, head_shards=1,
+                                      q_seq_shards=1, interpret=interpret)
+
+
+def splash_kernel_attention(q, k, v, *, window: int, block: int | None = None, interpret: bool = False):
+    """Splash attention over training-path inputs (positions arange(T)): q (B, T, H, D), k/v (B, T, K, D).
+
+    `block` is the kernel tile (default: the largest of 512, 256, 128 dividing T). `interpret=True` runs the
+    kernel in Pallas's interpreter, which works on CPU: tests use it; the `splash` backend never does."""
+    reason = _splash_input_reason(q, k, None)
+    if reason is not None:
+        raise ConfigError(f"model.attention='splash' cannot run these inputs: {reason}. "
+                          f"Use model.attention=auto or xla.")
+    B, T, H, D = q.shape
+    if block is None:
+        block = next(b for b in SPLASH_BLOCKS if T % b == 0)
+    kernel = _splash_kernel(T, H, window, block, interpret)
+    qh = jnp.swapaxes(q * (1.0 / math.sqrt(D)), 1, 2)  # (B, H, T, D); the kernel applies no softmax scale
+    kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    return jnp.swapaxes(jax.vmap(kernel)(qh, kh, vh), 1, 2)
+
+
+def splash_attention(q, k, v, *, window: int, q_pos, k_pos, k_len=None):
+    """Pallas splash attention on TPU; assumes q_pos == k_pos == arange(T) (the training path, module docstring)."""
+    reason = splash_unsupported_reason(q, k, k_len)
+    if reason is not None:
+        raise ConfigError(f"model.attention='splash' cannot run here: {reason}. "
+                          f"Use model.attention=auto (splash on TPU, cuDNN on NVIDIA GPUs, xla elsewhere) or xla.")
+    return splash_kernel_attention(q, k, v, window=window)
 
 
 def resolve_backend(backend: str, q, k, k_len=None) -> str:
     """The backend that actually runs for these inputs (`auto` resolved); for reports and tests."""
-    if backend == "auto":
-        return "cudnn" if cudnn_unsupported_reason(q, k, k_len) is None else "xla"
-    return backend
+    if backend != "auto":
+        return backend
+    if splash_unsupported_reason(q, k, k_len) is None:
+        return "splash"
+    if cudnn_unsupported_reason(q, k, k_len) is None:
+        return "cudnn"
+    return "xla"
+
+
+def auto_attention(q, k, v, *, window: int, q_pos, k_pos, k_len=None):
+    fn = BACKENDS[resolve_backend("auto", q, k, k_len)]
+    return fn(q, k, v, window=window, q_pos=q_pos, k_pos=k_pos, k_len=k_len)
+
+
+BACKENDS = {"xla": xla_attention, "cudnn": cudnn_attention, "splash": splash_attention, "auto": auto_attention}
 
 
 def attend(q, k, v, *, window: int, q_pos, k_pos, k_len=None, backend: str = "xla"):
