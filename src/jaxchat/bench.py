@@ -28,6 +28,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from jaxchat.config import ATTENTION_BACKENDS
+
 HEADER = ("| date | commit | device | jax / flax | preset | config deltas | batch | seq | dtype | backend | "
           "tok/s | MFU | peak mem | compile s | step ms | notes |")
 # keys that have their own column, left out of "config deltas"
@@ -124,6 +126,7 @@ def run_bench(preset: str, cfg, base=None, *, steps: int = 10, warmup: int = 2, 
 
     from jaxchat.model.accounting import count, device_peak_flops, mfu
     from jaxchat.model.attention import resolve_backend
+    from jaxchat.model.scan import describe as describe_layers
     from jaxchat.train import (ModelFns, batch_sharding, build_optimizer, check_batch_fits, init_state, make_mesh,
                                make_train_step, shaped_batch)
 
@@ -187,7 +190,7 @@ def run_bench(preset: str, cfg, base=None, *, steps: int = 10, warmup: int = 2, 
         "flops_per_token": counts.flops, "params": counts.params, "peak_mem_bytes": peak_device_memory(),
         "xla_mem_estimate_bytes": estimate, "compile_s": compile_s, "init_s": init_s, "warmup_s": warmup_s,
         "warmup_steps": warmup, "timed_steps": sum(windows), "loss": loss, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "profile_dir": profile_dir or "",
+        "profile_dir": profile_dir or "", "layers": describe_layers(m), "remat": m.remat,
     }
 
 
@@ -233,6 +236,7 @@ def format_report(r: dict) -> str:
         f"attention {backend_text(r)} | deltas: {', '.join(r['deltas']) or '-'}",
         f"params: {p['total']:,} ({split_text(p, ['embed', 'value_embeds', 'attention', 'mlp', 'lm_head', 've_gates', 'scalars'])})",
         f"FLOPs/token: {human(f['total'])} ({split_text(f, ['lm_head', 'mlp', 'attention', 'gates'])})",
+        f"layers: {r['layers']} | remat {r['remat']}",
         f"compile: {r['compile_s']:.1f} s | init {r['init_s']:.1f} s | warmup {r['warmup_steps']} steps "
         f"{r['warmup_s']:.1f} s",
         f"step time: {1e3 * r['step_s']:.1f} ms (median of {len(w)} windows, {r['timed_steps']} steps; "
@@ -296,7 +300,7 @@ def add_parsers(subparsers) -> None:
     b.add_argument("--seq", type=int, help="sequence length (default: the preset's; windows follow it)")
     b.add_argument("--steps", type=int, default=10, help="timed steps, split into up to 3 windows (default 10)")
     b.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling (default 2)")
-    b.add_argument("--backend", choices=["xla", "cudnn", "auto"], help="attention backend (default: the preset's)")
+    b.add_argument("--backend", choices=list(ATTENTION_BACKENDS), help="attention backend (default: the preset's)")
     b.add_argument("--dtype", choices=["bfloat16", "float32"],
                    help="compute dtype (default: bfloat16 on GPU/TPU, the preset's on CPU)")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")

@@ -19,6 +19,7 @@ Parameters are fp32; matmuls run in `config.compute_dtype`; logits and softmax a
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,8 @@ from jaxchat.config import ModelConfig
 from jaxchat.model.attention import attend
 from jaxchat.model.head import head_nll
 from jaxchat.model.mlp import F32, Dense, YatNMN, make_mlp
+from jaxchat.model.remat import checkpoint_name, remat
+from jaxchat.model.scan import scan_layout
 
 
 def norm(x, eps):
@@ -58,7 +61,7 @@ class Embed(nnx.Module):
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         C, H, K, D = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.cfg, self.layer, self.window = cfg, layer, cfg.window_sizes()[layer]
+        self.cfg, self.window = cfg, cfg.window_sizes()[layer]
         self.c_q, self.c_k, self.c_v = Dense(C, H * D), Dense(C, K * D), Dense(C, K * D)
         self.c_proj = Dense(H * D, C)
         self.ve_gate = Dense(cfg.ve_gate_channels, K) if cfg.has_value_embed(layer) else None
@@ -67,9 +70,9 @@ class Attention(nnx.Module):
         cfg, dt = self.cfg, h.dtype
         B, T, _ = h.shape
         H, K, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        q = self.c_q(h, dt).reshape(B, T, H, D)
-        k = self.c_k(h, dt).reshape(B, T, K, D)
-        v = self.c_v(h, dt).reshape(B, T, K, D)
+        q = checkpoint_name(self.c_q(h, dt), "q_proj").reshape(B, T, H, D)  # names: model/remat.py
+        k = checkpoint_name(self.c_k(h, dt), "k_proj").reshape(B, T, K, D)
+        v = checkpoint_name(self.c_v(h, dt), "v_proj").reshape(B, T, K, D)
         if ve is not None:
             gate = 3.0 * jax.nn.sigmoid(self.ve_gate(h[..., : cfg.ve_gate_channels], dt))  # (B, T, K)
             v = v + gate[..., None] * ve.reshape(B, T, K, D).astype(dt)
@@ -97,9 +100,9 @@ class Block(nnx.Module):
     def __call__(self, x, ve, pos, cache=None):
         with jax.named_scope("attention"):  # named scopes label the profiler trace (`jaxchat bench --profile`)
             a, cache = self.attn(norm(x, self.eps), ve, pos, cache)
-        x = x + a
+        x = x + checkpoint_name(a, "attn_out_proj")
         with jax.named_scope("mlp"):
-            x = x + self.mlp(norm(x, self.eps), x.dtype)
+            x = x + checkpoint_name(self.mlp(norm(x, self.eps), x.dtype), "mlp_out_proj")
         return x, cache
 
 
@@ -142,15 +145,16 @@ class GPT(nnx.Module):
             x = x + jnp.where((pos > 0)[None, :, None], mix, 0)  # position 0 is never smeared
         x0 = x
 
-        new_layers, x_backout = [], None
-        for i, block in enumerate(self.blocks):
-            if cfg.residual_lambdas:
-                x = self.resid_lambdas[i].astype(dt) * x + self.x0_lambdas[i].astype(dt) * x0
-            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            x, layer_cache = block(x, ve, pos, None if cache is None else cache["layers"][i])
-            new_layers.append(layer_cache)
-            if i == cfg.n_layer // 2:
-                x_backout = x
+        if cache is None:
+            x, x_backout = self.run_blocks(x, x0, idx, pos)
+        else:  # decoding: layer by layer, each with its slice of the KV cache
+            new_layers, x_backout = [], None
+            for i, block in enumerate(self.blocks):
+                x = self.mix_x0(i, x, x0)
+                x, layer_cache = block(x, self.value_embed(i, idx), pos, cache["layers"][i])
+                new_layers.append(layer_cache)
+                if i == cfg.n_layer // 2:
+                    x_backout = x
         if cfg.backout:
             x = x - self.backout_lambda[...].astype(dt) * x_backout
         x = norm(x, cfg.norm_eps)
@@ -166,6 +170,63 @@ class GPT(nnx.Module):
             return logits
         prev_x = norm(self.wte(idx[:, -1]), cfg.norm_eps)
         return logits, {"pos": start + T, "prev_x": prev_x, "layers": new_layers}
+
+    def mix_x0(self, i, x, x0):
+        """Re-inject the block input x0 before layer i (resid_lambdas / x0_lambdas may be traced slices)."""
+        if not self.config.residual_lambdas:
+            return x
+        return self.resid_lambdas[i].astype(x.dtype) * x + self.x0_lambdas[i].astype(x.dtype) * x0
+
+    def value_embed(self, i, idx):
+        return self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+
+    def run_blocks(self, x, x0, idx, pos):
+        """The training/eval path through every block: returns (x, x after block L//2 for the backout).
+
+        Each block runs under `model.remat` (model/remat.py). With `model.scan_layers`, the longest prefix of
+        whole repeating layer groups (scan.py: e.g. SSSL with value embeddings on odd layers repeats every 4) runs
+        as one `lax.scan` over groups, so XLA compiles one group instead of every layer; the rest is unrolled.
+        Parameters stay stored per layer (checkpoints do not depend on this choice): each group position's
+        weights are stacked along a new leading axis at trace time."""
+        cfg = self.config
+        mid = cfg.n_layer // 2
+        period, n_groups = scan_layout(cfg) if cfg.scan_layers else (1, 0)
+        n_scanned = period * n_groups
+        graphdefs = [nnx.split(self.blocks[j])[0] for j in range(period)] if n_groups else []
+
+        def call_block(gd, i, state, x, ve):  # block i as a pure function of its params (for remat and scan)
+            return nnx.merge(gd, state)(x, ve, pos)[0]
+
+        x_backout = jnp.zeros_like(x)
+        if n_groups:
+            stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
+            layers = lambda j: range(j, n_scanned, period)  # the layers at group position j
+            states = [stack([nnx.split(self.blocks[i])[1] for i in layers(j)]) for j in range(period)]
+            ves = [jnp.stack([self.value_embed(i, idx).astype(x.dtype) for i in layers(j)])
+                   if cfg.has_value_embed(j) else None for j in range(period)]
+            blocks = [remat(partial(call_block, graphdefs[j], j), cfg.remat, in_scan=True) for j in range(period)]
+
+            def group(carry, xs):
+                x, x_backout = carry
+                g, states, ves = xs
+                for j in range(period):
+                    x = self.mix_x0(g * period + j, x, x0)
+                    x = blocks[j](states[j], x, ves[j])
+                    if j == mid % period and mid < n_scanned:  # keep x after layer L//2 (group mid // period)
+                        x_backout = jnp.where(g == mid // period, x, x_backout)
+                return (x, x_backout), None
+
+            (x, x_backout), _ = jax.lax.scan(group, (x, x_backout), (jnp.arange(n_groups), states, ves))
+        for i in range(n_scanned, cfg.n_layer):
+            x = self.mix_x0(i, x, x0)
+            if cfg.remat == "none":
+                x = self.blocks[i](x, self.value_embed(i, idx), pos)[0]
+            else:
+                gd, state = nnx.split(self.blocks[i])
+                x = remat(partial(call_block, gd, i), cfg.remat)(state, x, self.value_embed(i, idx))
+            if i == mid:
+                x_backout = x
+        return x, x_backout
 
     def init_cache(self, batch: int, max_len: int, dtype=F32) -> dict:
         cfg = self.config

@@ -1,0 +1,157 @@
+"""Execution options that must not change the math: `model.scan_layers` (lax.scan over layer groups) and
+`model.remat` (activation checkpointing by named policy). Each is compared with the plain unrolled model on the
+same parameters, in fp32, for the loss and every gradient; and each is shown to really change the compiled
+program (a while loop; smaller saved activations), so the comparisons are not trivially between two copies."""
+
+from dataclasses import replace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxchat.config import REMAT_POLICIES, Config, ConfigError, DataConfig, ModelConfig
+from jaxchat.loop import check_resume_config
+from jaxchat.model.gpt import GPT, param_dict
+from jaxchat.model.scan import describe, scan_layout
+from jaxchat.presets import get_preset
+
+# 9 layers of SSSL: two scanned groups of 4 (value embeddings on odd layers) + the forced-long last layer unrolled;
+# the backout layer (9 // 2 = 4) sits inside the second group. 160 tokens > the short window of 128.
+CFG = ModelConfig(vocab_size=320, sequence_len=512, n_layer=9, n_embd=64, n_head=4, n_kv_head=2)
+T = 160
+
+
+def random_params(cfg: ModelConfig, seed=0) -> dict:
+    """Parameters moved off their init (zero-init projections and lambdas included), so every path matters."""
+    params = param_dict(GPT(cfg, nnx.Rngs(seed)))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+    return jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def loss_fn(cfg: ModelConfig):
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: GPT(cfg)))
+
+    def loss(params, idx, targets):
+        return jnp.mean(nnx.merge(graphdef, params)(idx, targets=targets))
+
+    return loss
+
+
+def batch(cfg, B=2, seed=3):
+    idx = jax.random.randint(jax.random.PRNGKey(seed), (B, T + 1), 0, cfg.vocab_size)
+    return idx[:, :-1], idx[:, 1:]
+
+
+def loss_and_grads(cfg, params, idx, tgt):
+    return jax.jit(jax.value_and_grad(loss_fn(cfg)))(params, idx, tgt)
+
+
+def assert_same(a, b, atol):
+    (la, ga), (lb, gb) = a, b
+    assert float(la) > 0.1 and abs(float(la) - float(lb)) <= atol
+    flat_a, flat_b = jax.tree.leaves_with_path(ga), jax.tree.leaves(gb)
+    assert len(flat_a) == len(flat_b)
+    for (path, x), y in zip(flat_a, flat_b):
+        assert float(jnp.max(jnp.abs(x))) > 0, f"gradient {jax.tree_util.keystr(path)} is all zero"
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=atol,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_scan_layout_of_presets():
+    """Which layers scan, for the presets users run and for the awkward cases."""
+    assert scan_layout(get_preset("nanochat-d12").model) == (4, 3)
+    assert scan_layout(get_preset("nanochat-d20").model) == (4, 5)
+    assert scan_layout(get_preset("d12-gelu-chinchilla").model)[1] >= 2
+    assert scan_layout(CFG) == (4, 2)  # layer 8 would be short by the pattern but is forced long
+    assert scan_layout(replace(CFG, n_layer=4)) == (4, 0)  # one group: nothing to scan
+    assert scan_layout(replace(CFG, window_pattern="L", value_embeds=False)) == (1, 9)
+    assert scan_layout(replace(CFG, window_pattern="SSL")) == (6, 0)  # SSL x alternating value embeds: period 6
+    assert describe(replace(CFG, scan_layers=True)) == "scan over 2 groups of 4 layers + 1 unrolled"
+    assert describe(CFG) == "9 layers unrolled"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    params = random_params(CFG)
+    idx, tgt = batch(CFG)
+    return params, idx, tgt, loss_and_grads(CFG, params, idx, tgt)
+
+
+def test_scan_equals_unrolled(reference):
+    params, idx, tgt, ref = reference
+    cfg = replace(CFG, scan_layers=True)
+    assert_same(loss_and_grads(cfg, params, idx, tgt), ref, atol=2e-6)
+    hlo = jax.jit(jax.grad(loss_fn(cfg))).lower(params, idx, tgt).as_text()
+    assert "while" in hlo and "while" not in jax.jit(jax.grad(loss_fn(CFG))).lower(params, idx, tgt).as_text()
+
+
+@pytest.mark.parametrize("policy", [
+    "full", pytest.param("dots", marks=pytest.mark.slow), pytest.param("dots_no_batch", marks=pytest.mark.slow),
+    pytest.param("save_qkv_proj", marks=pytest.mark.slow), "save_out_proj"])
+def test_remat_policies_equal_no_remat(reference, policy):
+    params, idx, tgt, ref = reference
+    assert_same(loss_and_grads(replace(CFG, remat=policy, scan_layers=True), params, idx, tgt), ref, atol=2e-6)
+
+
+def test_remat_policies_save_what_they_say():
+    """The activations each policy keeps for the backward pass (JAX's own account of the residuals, the same on
+    every backend; XLA:CPU's buffer statistics do not show remat, its scheduler recomputes early)."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    cfg = replace(CFG, n_layer=4)
+    params = random_params(cfg)
+    idx, tgt = batch(cfg)
+
+    def saved(policy):
+        res = saved_residuals(loss_fn(replace(cfg, remat=policy)), params, idx, tgt)
+        return sum(a.size * a.dtype.itemsize for a, _ in res), " ".join(d for _, d in res)
+
+    size = {p: saved(p)[0] for p in REMAT_POLICIES}
+    assert size["full"] < 0.15 * size["none"]
+    assert size["full"] < size["save_out_proj"] < size["save_qkv_proj"] < size["dots_no_batch"] < size["dots"]
+    assert size["dots"] < size["none"]
+    assert "named 'q_proj'" in saved("save_qkv_proj")[1] and "named 'q_proj'" not in saved("full")[1]
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(mlp="gelu", tie_embeddings=True, n_kv_head=4),  # the GELU seed card's shape: tied, no GQA
+    pytest.param(dict(mlp="yatnmn_softplus", value_embeds=False, smear=False, backout=False, residual_lambdas=False),
+                 marks=pytest.mark.slow),
+    dict(mlp="swiglu", window_pattern="L", n_layer=6),  # every layer scanned (period 2: value embeddings)
+])
+def test_scan_other_architectures(overrides):
+    cfg = replace(CFG, **overrides)
+    assert scan_layout(cfg)[1] >= 2
+    params = random_params(cfg)
+    idx, tgt = batch(cfg)
+    assert_same(loss_and_grads(replace(cfg, scan_layers=True, remat="dots_no_batch"), params, idx, tgt),
+                loss_and_grads(cfg, params, idx, tgt), atol=2e-6)
+
+
+@pytest.mark.slow
+def test_scan_bf16_matches_unrolled_bf16(reference):
+    params, idx, tgt, _ = reference
+    cfg = replace(CFG, compute_dtype="bfloat16")
+    (la, _), (lb, _) = (loss_and_grads(c, params, idx, tgt) for c in (cfg, replace(cfg, scan_layers=True)))
+    assert float(la) > 0.1 and abs(float(la) - float(lb)) < 1e-2
+
+
+def test_parameters_do_not_depend_on_execution_options():
+    """Checkpoints are interchangeable: same parameter tree for every scan/remat/loss-chunk setting."""
+    shapes = lambda c: jax.tree.map(lambda x: (x.shape, x.dtype), nnx.state(nnx.eval_shape(lambda: GPT(c))))
+    assert shapes(CFG) == shapes(replace(CFG, scan_layers=True, remat="full", loss_chunk=64))
+
+
+def test_resume_may_change_execution_options_only():
+    config = lambda **kw: Config(model=replace(CFG, **kw), data=DataConfig(tokenizer_vocab=CFG.vocab_size))
+    check_resume_config(config(scan_layers=True, remat="dots", loss_chunk=128, attention="auto"), config())
+    with pytest.raises(ConfigError, match="model.n_layer"):
+        check_resume_config(config(n_layer=8), config())
+
+
+def test_bad_remat_name_is_refused():
+    with pytest.raises(ConfigError, match="model.remat='dot'.*dots_no_batch"):
+        replace(CFG, remat="dot")
