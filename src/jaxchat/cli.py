@@ -187,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.cmd in ("train", "eval", "sample", "bench"):
+        from jaxchat.compilation import enable_compilation_cache
+
+        enable_compilation_cache()  # compiled steps are reused across runs (compilation.py)
     try:
         args.fn(args)
     except USER_ERRORS as e:
