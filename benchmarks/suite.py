@@ -74,7 +74,7 @@ def run_one(note: str, args: list[str], env_extra: dict, out: Path, timeout: flo
     cmd = [sys.executable, "-m", "jaxchat.bench", *args, "--json", str(out / "results.jsonl"),
            "--record-to", str(out / "rows.md"), "--note", note]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "PYTHONUNBUFFERED": "1", **env_extra}
+           "PYTHONUNBUFFERED": "1", "JAXCHAT_COMPILE_CACHE": "off", **env_extra}  # cold compiles: honest times
     log(f"\n=== {note}: {' '.join(args)} {env_extra or ''}")
     t0 = time.perf_counter()
     try:
