@@ -61,6 +61,21 @@ PLANS: dict[str, list[tuple[str, list[str], dict]]] = {
         ("d12 b32 cudnn, fused head + one-pass lse", D12 + ["--batch", "32", "--backend", "cudnn", "--steps", "15"], {}),
         ("gelu b64 cudnn, fused head + one-pass lse", GELU + ["--batch", "64", "--backend", "cudnn", "--steps", "15"], {}),
     ],
+    # session 2 (built on CPU, no GPU then): scan over layer groups, remat policies, chunked loss, splash absent
+    "h100-scan-remat": [
+        ("d12 b32 cudnn (reference for this plan)", D12 + ["--batch", "32", "--backend", "cudnn", "--steps", "15"], {}),
+        ("d12 b32 cudnn, scan", D12 + ["--batch", "32", "--backend", "cudnn", "--steps", "15",
+                                        "--set", "model.scan_layers=true"], {}),
+        ("gelu b64 cudnn (reference for this plan)", GELU + ["--batch", "64", "--backend", "cudnn", "--steps", "15"], {}),
+        ("gelu b64 cudnn, scan", GELU + ["--batch", "64", "--backend", "cudnn", "--steps", "15",
+                                         "--set", "model.scan_layers=true"], {}),
+        ("d12 b64 cudnn, remat dots_no_batch", D12 + ["--batch", "64", "--backend", "cudnn", "--steps", "9",
+                                                      "--set", "model.remat=dots_no_batch"], {}),
+        ("d12 b32 cudnn, loss_chunk 8192", D12 + ["--batch", "32", "--backend", "cudnn", "--steps", "15",
+                                                  "--set", "model.loss_chunk=8192"], {}),
+        ("gelu b128 cudnn, remat save_qkv_proj", GELU + ["--batch", "128", "--backend", "cudnn", "--steps", "9",
+                                                         "--set", "model.remat=save_qkv_proj"], {}),
+    ],
     # the same after `patch -p1 < benchmarks/patches/qkv_fused.patch` (one GEMM for q, k, v)
     "h100-qkv": [
         ("d12 b32 cudnn, fused head, qkv fused", D12 + ["--batch", "32", "--backend", "cudnn", "--steps", "15"], {}),
