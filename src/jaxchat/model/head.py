@@ -8,10 +8,21 @@ vocab 32768) it moved six fp32 (B, T, V) tensors through memory and ran both bac
 cotangent of an fp32 matmul output), 38% of the step. Here the forward keeps only z (compute dtype) and the
 per-token logsumexp; the backward forms dz = g * (softmax(s) - onehot) * (1 - tanh^2) in one pass, in the
 compute dtype, and runs both GEMMs in it. With fp32 compute (CPU) this is the same math as autodiff.
+
+Chunked (`chunk > 0`, `model.loss_chunk`): even fused, the head holds (N, V) logits for all N tokens of the
+micro-batch: z saved for the backward, then dz and the fp32 temporaries that form it. When that is the memory
+limit, the tokens are flattened to (N, C) and run `chunk` at a time under `lax.scan`, so only one (chunk, V)
+block of logits exists at once. The forward saves x, W, the targets and the per-token logsumexp, not z; the
+backward recomputes each chunk's z = x_c @ W and forms dz_c, dx_c = dz_c @ W^T and dW += x_c^T dz_c (summed
+in fp32 across chunks). The price is one extra forward GEMM of the head in the backward (2NCV more FLOPs: the
+head's three GEMMs become four) and smaller, sequential GEMMs; the saving is O((N - chunk) V) of activation
+memory. N is padded up to a multiple of the chunk with ignored targets (-1), which contribute nothing; a chunk
+larger than N is cut to N.
 """
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import jax
@@ -34,34 +45,103 @@ def _logsumexp(s, cap: float):
     return jax.nn.logsumexp(s, axis=-1)
 
 
+def _nll(z, targets, cap: float):
+    """Logits z (..., V) in the compute dtype -> (fp32 NLL (...), fp32 logsumexp (...)); target -1 gives NLL 0."""
+    lse = _logsumexp(_capped(z, cap), cap)
+    z_t = jnp.take_along_axis(z, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
+    return jnp.where(targets >= 0, lse - _capped(z_t, cap), 0.0), lse
+
+
+def _dz(z, lse, targets, g, cap: float):
+    """Cotangent of the logits, in z's dtype: g * (softmax(s) - onehot) * (1 - tanh^2); zero where target is -1."""
+    s = _capped(z, cap)
+    g = jnp.where(targets >= 0, g, 0.0)[..., None]
+    onehot = jnp.arange(z.shape[-1]) == targets[..., None]
+    ds = (jnp.exp(s - lse[..., None]) - onehot) * g
+    return (ds * (1.0 - jnp.square(s / cap)) if cap > 0 else ds).astype(z.dtype)  # tanh' = 1 - tanh^2
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def head_nll(x, w, targets, cap: float, chunk: int = 0):
-    """x (..., C) and w (C, V) in the compute dtype, int targets (...) (-1 = ignored) -> fp32 NLL (...)."""
+    """x (..., C) and w (C, V) in the compute dtype, int targets (...) (-1 = ignored) -> fp32 NLL (...).
+
+    cap (0: no soft-cap) and chunk (tokens per chunk, 0: all at once; see the module docstring) are Python
+    numbers fixed at trace time."""
     return _fwd(x, w, targets, cap, chunk)[0]
 
 
 def _fwd(x, w, targets, cap, chunk):
+    if chunk:
+        return _fwd_chunked(x, w, targets, cap, chunk)
     with jax.named_scope("lm_head"):
         z = jnp.matmul(x, w)  # the logits in the compute dtype, as nanochat (autocast) makes them
     with jax.named_scope("loss"):
-        lse = _logsumexp(_capped(z, cap), cap)
-        z_t = jnp.take_along_axis(z, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
-        nll = jnp.where(targets >= 0, lse - _capped(z_t, cap), 0.0)
+        nll, lse = _nll(z, targets, cap)
     return nll, (x, w, z, lse, targets)
 
 
 def _bwd(cap, chunk, res, g):
+    if chunk:
+        return _bwd_chunked(cap, chunk, res, g)
     x, w, z, lse, targets = res
     with jax.named_scope("loss"):
-        s = _capped(z, cap)
-        g = jnp.where(targets >= 0, g, 0.0)[..., None]
-        onehot = jnp.arange(z.shape[-1]) == targets[..., None]
-        ds = (jnp.exp(s - lse[..., None]) - onehot) * g
-        dz = (ds * (1.0 - jnp.square(s / cap)) if cap > 0 else ds).astype(z.dtype)  # tanh' = 1 - tanh^2
+        dz = _dz(z, lse, targets, g, cap)
     with jax.named_scope("lm_head"):
         dx = jnp.matmul(dz, w.T).astype(x.dtype)
         dw = jnp.einsum("...c,...v->cv", x, dz).astype(w.dtype)
     return dx, dw, None
+
+
+def _chunked(a, chunk: int, fill):
+    """(N, ...) -> (ceil(N / chunk), chunk, ...), the last chunk padded with `fill`."""
+    n = a.shape[0]
+    k = -(-n // chunk)
+    a = jnp.pad(a, [(0, k * chunk - n)] + [(0, 0)] * (a.ndim - 1), constant_values=fill)
+    return a.reshape(k, chunk, *a.shape[1:])
+
+
+def _chunk_size(targets, chunk: int) -> tuple[int, int]:
+    """(N tokens, tokens per chunk): a chunk larger than the batch is cut to N rather than padded."""
+    n = math.prod(targets.shape)
+    return n, min(chunk, n)
+
+
+def _fwd_chunked(x, w, targets, cap, chunk):
+    n, chunk = _chunk_size(targets, chunk)
+    xs = _chunked(x.reshape(n, x.shape[-1]), chunk, 0)
+    ts = _chunked(targets.reshape(n), chunk, -1)
+
+    def one(xt):
+        x_c, t_c = xt
+        with jax.named_scope("lm_head"):
+            z = jnp.matmul(x_c, w)
+        with jax.named_scope("loss"):
+            return _nll(z, t_c, cap)
+
+    nll, lse = jax.lax.map(one, (xs, ts))
+    return nll.reshape(-1)[:n].reshape(targets.shape), (x, w, lse, targets)
+
+
+def _bwd_chunked(cap, chunk, res, g):
+    x, w, lse, targets = res
+    n, chunk = _chunk_size(targets, chunk)
+    xs = _chunked(x.reshape(n, x.shape[-1]), chunk, 0)
+    ts = _chunked(targets.reshape(n), chunk, -1)
+    gs = _chunked(g.reshape(n), chunk, 0)
+
+    def one(dw, chunk_res):
+        x_c, t_c, lse_c, g_c = chunk_res
+        with jax.named_scope("lm_head"):
+            z = jnp.matmul(x_c, w)  # recomputed: the price of not saving the logits
+        with jax.named_scope("loss"):
+            dz = _dz(z, lse_c, t_c, g_c, cap)
+        with jax.named_scope("lm_head"):
+            dx_c = jnp.matmul(dz, w.T).astype(x.dtype)
+            dw = dw + jnp.matmul(x_c.T, dz, preferred_element_type=F32)
+        return dw, dx_c
+
+    dw, dx = jax.lax.scan(one, jnp.zeros(w.shape, F32), (xs, ts, lse, gs))
+    return dx.reshape(-1, x.shape[-1])[:n].reshape(x.shape), dw.astype(w.dtype), None
 
 
 head_nll.defvjp(_fwd, _bwd)
