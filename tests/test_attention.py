@@ -4,6 +4,7 @@ vs the xla reference; forward and gradients, with windows on and off and GQA on 
 
 import dataclasses
 import sys
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -167,6 +168,18 @@ def test_splash_kernel_interpreted_matches_xla_forward_and_gradients(H, K, D, wi
 
 # ---------------------------------------------------------------------------------------------------- TPU only
 
+def output_and_grads(backend, dtype, *, q, k, v, ct, window):
+    """((sum(y * ct), y), (dq, dk, dv)) of attention on the training path, inputs cast to `dtype`."""
+    pos = jnp.arange(q.shape[1])
+
+    def f(q, k, v):
+        y = attend(q.astype(dtype), k.astype(dtype), v.astype(dtype), window=window, q_pos=pos, k_pos=pos,
+                   backend=backend)
+        return jnp.sum(y.astype(jnp.float32) * ct), y
+
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+
 @pytest.mark.skipif(not HAS_TPU, reason="needs a TPU")
 @pytest.mark.parametrize("H,K,window", [(4, 4, 1024), (8, 2, 100), (6, 1, 511)])
 def test_splash_on_tpu_matches_xla_forward_and_gradients(H, K, window):
@@ -175,16 +188,9 @@ def test_splash_on_tpu_matches_xla_forward_and_gradients(H, K, window):
     B, T, D = 2, 1024, 128
     q, k, v = qkv(jax.random.key(H * 1000 + window), B, T, H, K, D)
     ct = jax.random.normal(jax.random.key(7), (B, T, H, D))
-    pos = jnp.arange(T)
     assert resolve_backend("auto", q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)) == "splash"
 
-    def loss(backend, dtype):
-        def f(q, k, v):
-            y = attend(q.astype(dtype), k.astype(dtype), v.astype(dtype), window=window, q_pos=pos, k_pos=pos,
-                       backend=backend)
-            return jnp.sum(y.astype(jnp.float32) * ct), y
-        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-
+    loss = partial(output_and_grads, q=q, k=k, v=v, ct=ct, window=window)
     with jax.default_matmul_precision("highest"):
         (_, y32), g32 = loss("xla", jnp.float32)
     (_, y_xla), g_xla = loss("xla", jnp.bfloat16)
@@ -212,15 +218,8 @@ def test_cudnn_matches_xla_forward_and_gradients(H, K, D, window):
     B, T = 2, 256
     q, k, v = qkv(jax.random.key(H * 1000 + window), B, T, H, K, D)
     ct = jax.random.normal(jax.random.key(7), (B, T, H, D))
-    pos = jnp.arange(T)
 
-    def loss(backend, dtype):
-        def f(q, k, v):
-            y = attend(q.astype(dtype), k.astype(dtype), v.astype(dtype), window=window, q_pos=pos, k_pos=pos,
-                       backend=backend)
-            return jnp.sum(y.astype(jnp.float32) * ct), y
-        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-
+    loss = partial(output_and_grads, q=q, k=k, v=v, ct=ct, window=window)
     (_, y32), g32 = loss("xla", jnp.float32)
     (_, y_xla), g_xla = loss("xla", jnp.bfloat16)
     (_, y_cud), g_cud = loss("cudnn", jnp.bfloat16)
