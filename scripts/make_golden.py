@@ -43,8 +43,11 @@ def environment(run_dir: Path) -> dict:
     import jax
     import jaxlib
 
+    from jaxchat.bench import cpu_vector_isa
+
     data = json.loads((run_dir / "data.json").read_text())
     return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "backend": jax.default_backend(),
+            "cpu_isa": cpu_vector_isa(),  # XLA:CPU code (and so float rounding) depends on the vector ISA
             "machine": platform.machine(), "python": sys.version.split()[0],
             "corpus_fingerprint": data["corpus_fingerprint"], "tokenizer_fingerprint": data["tokenizer_fingerprint"]}
 

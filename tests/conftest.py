@@ -1,4 +1,4 @@
-"""Shared fixtures: the reference fixtures folder, a private dataset cache, tiny configs."""
+"""Shared fixtures: the reference fixtures folder, a private dataset cache, a session-wide XLA compilation cache."""
 
 import os
 from pathlib import Path
@@ -7,6 +7,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures"
+CACHE_MIN_COMPILE_S = 0.1  # tests compile many small programs more than once (the CLI's own threshold is 1 s)
 
 
 def fixture_path(name: str) -> Path:
@@ -22,3 +23,45 @@ def private_cache(tmp_path_factory):
     if "JAXCHAT_CACHE" not in os.environ:
         os.environ["JAXCHAT_CACHE"] = str(tmp_path_factory.mktemp("jaxchat-cache"))
     yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache(private_cache):
+    """jaxchat's persistent XLA compilation cache (jaxchat/compilation.py: train/eval/sample/bench turn it on) for
+    the whole session and the child processes tests start (they inherit the environment): many tests build the
+    same small model again, a new jit object each time (init_state, each run's train step, eval step and
+    sampler), and only the first compile of a program is paid. It lives under the session's private
+    JAXCHAT_CACHE, so it starts empty and can only dedupe, never serve another session's program. Its threshold
+    is CACHE_MIN_COMPILE_S, not the CLI's 1 s: the tests' small programs compile in less. JAX decides once per
+    process whether the cache is in use (at the first compile, which may come before any test), hence the reset.
+    Restored afterwards."""
+    import jax
+    from jax._src import compilation_cache as cc
+
+    from jaxchat.compilation import enable_compilation_cache
+
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    old = {k: getattr(jax.config, k) for k in keys}
+    old_env = os.environ.get("JAXCHAT_COMPILE_CACHE_MIN_SECONDS")
+    os.environ["JAXCHAT_COMPILE_CACHE_MIN_SECONDS"] = str(CACHE_MIN_COMPILE_S)
+    path = enable_compilation_cache()
+    cc.reset_cache()
+    yield path
+    if old_env is None:
+        os.environ.pop("JAXCHAT_COMPILE_CACHE_MIN_SECONDS", None)
+    else:
+        os.environ["JAXCHAT_COMPILE_CACHE_MIN_SECONDS"] = old_env
+    for k, v in old.items():
+        jax.config.update(k, v)
+    cc.reset_cache()
+
+
+def child_env(**extra) -> dict:
+    """Environment for a child `python -m jaxchat.cli ...`: CPU, this checkout's sources, the session's XLA cache."""
+    import jax
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT / "src"))
+    if jax.config.jax_compilation_cache_dir:
+        env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
+    env.update({k: str(v) for k, v in extra.items()})
+    return env

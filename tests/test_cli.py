@@ -1,4 +1,8 @@
-"""The command line end to end on a micro config: train, eval, sample, resume; and its error messages."""
+"""The command line end to end on a micro config: train, eval, sample, resume; and its error messages.
+
+The micro config is the golden runs' model on their 300,000-character prefix of the corpus, with their sample length
+(tests/golden/tiny-micro-20.json): its dataset is prepared once for this module, test_errors, test_resume and
+test_multidevice, and its sampler is compiled once (the session's XLA cache)."""
 
 import json
 
@@ -8,9 +12,9 @@ from jaxchat.cli import main
 
 MICRO = ["--set", "model.n_layer=2", "--set", "model.n_embd=64", "--set", "model.n_head=1", "--set",
          "model.n_kv_head=1", "--set", "model.sequence_len=64", "--set", "model.vocab_size=512", "--set",
-         "data.tokenizer_vocab=512", "--set", "train.batch_size=4", "--set", "train.num_steps=4", "--set",
-         "train.eval_every=2", "--set", "train.eval_tokens=512", "--set", "train.sample_tokens=8",
-         "--set", "train.log_every=1"]
+         "data.tokenizer_vocab=512", "--set", "data.max_train_chars=300000", "--set", "train.batch_size=4",
+         "--set", "train.num_steps=4", "--set", "train.eval_every=2", "--set", "train.eval_tokens=512", "--set",
+         "train.sample_tokens=4", "--set", "train.log_every=1"]
 
 
 @pytest.fixture(scope="module")

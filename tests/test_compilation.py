@@ -67,3 +67,15 @@ def test_commands_that_compile_turn_it_on(monkeypatch, tmp_path):
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_bad_threshold_is_named(monkeypatch, tmp_path):
+    import pytest
+
+    from jaxchat.compilation import enable_compilation_cache
+    from jaxchat.config import ConfigError
+
+    monkeypatch.setenv("JAXCHAT_COMPILE_CACHE", str(tmp_path))
+    monkeypatch.setenv("JAXCHAT_COMPILE_CACHE_MIN_SECONDS", "soon")
+    with pytest.raises(ConfigError, match="JAXCHAT_COMPILE_CACHE_MIN_SECONDS='soon'"):
+        enable_compilation_cache()

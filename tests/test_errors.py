@@ -2,7 +2,7 @@
 directory. Also the non-finite guard through the loop, and `train --dry-run`.
 
 Most cases use a run directory made without training (config.json + checkpoints of a zero state), so they cost
-no compile; the few that train share compiled programs through a persistent XLA cache.
+no compile; the few that train share compiled programs through the session's persistent XLA cache (conftest.py).
 """
 
 import hashlib
@@ -45,23 +45,6 @@ def snapshot(path: Path) -> dict:
     """Every file under `path` and a hash of its bytes."""
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(Path(path).rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(private_cache):
-    """The persistent XLA cache shared with tests/test_resume.py (same programs); restored afterwards."""
-    from jax._src import compilation_cache as cc
-
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    old = {k: getattr(jax.config, k) for k in keys}
-    for k, v in zip(keys, (str(Path(os.environ["JAXCHAT_CACHE"]) / "xla"), 0, 0)):
-        jax.config.update(k, v)
-    cc.reset_cache()
-    yield
-    for k, v in old.items():
-        jax.config.update(k, v)
-    cc.reset_cache()
 
 
 @pytest.fixture(scope="module")

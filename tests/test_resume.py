@@ -2,11 +2,11 @@
 
 The reference run is the golden config tests/golden/tiny-micro-20.json (the `tiny` preset at micro shapes, 20 steps,
 grad_accum 2, a save every 4 steps, an eval every 8, keep_last 2 + keep_every 8). Other runs are compared with it.
-Compiled programs are shared between the runs (and the child processes) through a persistent XLA cache.
+Compiled programs are shared between the runs (and the child processes) through the session's persistent XLA cache
+(tests/conftest.py).
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import child_env
 from jaxchat.checkpoint import SAVE_DELAY_ENV, SAVE_MARKER_ENV, TMP_MARK, Checkpointer, find_debris
 from jaxchat.cli import main
 from jaxchat.data import loader
@@ -43,33 +44,6 @@ def train_args(run_dir, *sets, preset=True, base=REF["set"]):
 
 # ------------------------------------------------------------------------------------------------------------
 # shared fixtures
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(private_cache):
-    """A persistent XLA compilation cache for this module and its child processes: the runs below compile the
-    same programs, so only the first pays for it. Restored afterwards."""
-    from jax._src import compilation_cache as cc
-
-    path = Path(os.environ["JAXCHAT_CACHE"]) / "xla"
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    old = {k: getattr(jax.config, k) for k in keys}
-    for k, v in zip(keys, (str(path), 0, 0)):
-        jax.config.update(k, v)
-    cc.reset_cache()
-    yield path
-    for k, v in old.items():
-        jax.config.update(k, v)
-    cc.reset_cache()
-
-
-def child_env(**extra) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-               PYTHONPATH=str(ROOT / "src"))
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
 
 def records(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -138,12 +112,24 @@ def test_golden_losses(reference):
     assert data["tokenizer_fingerprint"] == env["tokenizer_fingerprint"]
     got = [loss for _, loss, _ in curve(run)]
     assert len(got) == N and len(set(got)) > N // 2  # a real, moving curve
-    import jaxlib
-    if (jax.__version__, jaxlib.__version__, jax.default_backend()) == (env["jax"], env["jaxlib"], env["backend"]):
+    if same_build(env):
         assert got == REF["losses"]
         assert [g for _, _, g in curve(run)] == REF["grad_norms"]
-    else:  # another XLA build may order float reductions differently
+    else:  # another XLA build or CPU may round float reductions differently
         np.testing.assert_allclose(got, REF["losses"], rtol=1e-4)
+
+
+def same_build(env: dict) -> bool:
+    """Whether this process compiles the golden's programs exactly as its run did: same jax and jaxlib, same
+    backend and, on CPU, the same vector ISA (XLA:CPU emits AVX-512 or AVX2 code, which rounds differently)."""
+    import jaxlib
+
+    from jaxchat.bench import cpu_vector_isa
+
+    here = (jax.__version__, jaxlib.__version__, jax.default_backend())
+    if here != (env["jax"], env["jaxlib"], env["backend"]):
+        return False
+    return env["backend"] != "cpu" or env.get("cpu_isa") == cpu_vector_isa()
 
 
 def test_seeds_are_independent(reference):
@@ -383,9 +369,7 @@ def test_golden_tiny_20(tmp_path):
     if data["corpus_fingerprint"] != g["env"]["corpus_fingerprint"]:
         pytest.skip("this Python's stdlib corpus differs from the golden's: regenerate with scripts/make_golden.py")
     got = [loss for _, loss, _ in curve(run)]
-    import jaxlib
-    if (jax.__version__, jaxlib.__version__, jax.default_backend()) == (g["env"]["jax"], g["env"]["jaxlib"],
-                                                                        g["env"]["backend"]):
+    if same_build(g["env"]):
         assert got == g["losses"]
     else:
         np.testing.assert_allclose(got, g["losses"], rtol=1e-4)

@@ -36,7 +36,28 @@ def setup():
     return cfg, fns, opt, make_train_step(fns, opt)
 
 
-def test_grad_accumulation_equals_large_batch(setup):
+@pytest.fixture(scope="module")
+def params0(setup):
+    """init_state's params for seed 0, made once (each init_state call compiles the init again)."""
+    return setup[1].init_params(0)
+
+
+def fresh_state(params0, opt):
+    """init_state(fns, opt, 0) from the shared params, committed to the device as the loop's state is (a restored
+    checkpoint is committed too, so both run the same compiled step)."""
+    params = jax.tree.map(jnp.copy, params0)
+    state = {"params": params, "opt_state": opt.init(params), "step": jnp.int32(0), "skipped": jnp.int32(0)}
+    return jax.device_put(state, jax.devices()[0])
+
+
+def test_fresh_state_is_init_state(setup, params0):
+    _, fns, opt, _ = setup
+    a, b = init_state(fns, opt, 0), fresh_state(params0, opt)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    assert all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b)))
+
+
+def test_grad_accumulation_equals_large_batch(setup, params0):
     """Plain SGD makes the update linear in the gradient, so equal params mean equal gradients (AdamW's first
     step is ~lr * sign(g) and would hide or exaggerate differences in near-zero gradients)."""
     import optax
@@ -45,9 +66,9 @@ def test_grad_accumulation_equals_large_batch(setup):
     sgd = optax.sgd(0.5)
     step = make_train_step(fns, sgd)
     x, y = data()
-    init = leaves(init_state(fns, sgd, 0)["params"])
-    s1, m1 = step(init_state(fns, sgd, 0), shaped_batch(x, y, 1))
-    s4, m4 = step(init_state(fns, sgd, 0), shaped_batch(x, y, 4))  # 4 micro-batches of 2
+    init = leaves(params0)
+    s1, m1 = step(fresh_state(params0, sgd), shaped_batch(x, y, 1))
+    s4, m4 = step(fresh_state(params0, sgd), shaped_batch(x, y, 4))  # 4 micro-batches of 2
     moved = [np.abs(a - b).max() for a, b in zip(leaves(s1["params"]), init)]
     assert sum(m > 0 for m in moved) >= 5 and max(moved) > 1e-3  # (zero-init c_proj blocks the rest at step 0)
     np.testing.assert_allclose(float(m1["loss"]), float(m4["loss"]), rtol=1e-6)
@@ -56,13 +77,13 @@ def test_grad_accumulation_equals_large_batch(setup):
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_checkpoint_round_trip_continues_identically(setup, tmp_path, optimizer):
+def test_checkpoint_round_trip_continues_identically(setup, params0, tmp_path, optimizer):
     cfg, fns, opt, step = setup
     if optimizer == "muon":  # nanochat's recipe: Muon momenta and second moments, per-group AdamW states
         cfg = Config(model=cfg.model, optim=OptimConfig(optimizer="muon"), data=cfg.data, train=cfg.train)
         opt = build_optimizer(cfg)
         step = make_train_step(fns, opt)
-    state = init_state(fns, opt, 0)
+    state = fresh_state(params0, opt)
     for i in range(3):
         state, _ = step(state, shaped_batch(*data(i), 1))
     ck = Checkpointer(tmp_path, keep=2)
@@ -81,9 +102,9 @@ def test_checkpoint_round_trip_continues_identically(setup, tmp_path, optimizer)
     assert all(np.array_equal(a, b) for a, b in zip(leaves(s_a), leaves(s_b)))
 
 
-def test_nonfinite_update_is_discarded(setup):
+def test_nonfinite_update_is_discarded(setup, params0):
     cfg, fns, opt, step = setup
-    state = init_state(fns, opt, 0)
+    state = fresh_state(params0, opt)
     state["params"]["x0_lambdas"] = state["params"]["x0_lambdas"].at[0].set(jnp.nan)  # poisons the forward
     before = leaves(state)
     new, m = step(jax.tree.map(jnp.copy, state), shaped_batch(*data(), 1))

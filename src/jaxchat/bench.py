@@ -91,13 +91,29 @@ def bench_config(preset: str, sets: list[str], batch: int | None = None, seq: in
     return base, apply_overrides(cfg, [e for e in extra if e])
 
 
+def cpu_vector_isa() -> str:
+    """The widest vector extensions of this x86 CPU (XLA:CPU generates code for them, so float results and
+    speed depend on it): 'avx512' (+ '-bf16' / '-fp16'), 'avx2', 'avx', or '' where /proc/cpuinfo says nothing."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+    except OSError:
+        return ""
+    for isa in ("avx512f", "avx2", "avx"):
+        if isa in flags:
+            extra = [x for x in ("avx512_bf16", "avx512_fp16", "amx_tile") if x in flags] if isa == "avx512f" else []
+            return "-".join([isa.removesuffix("f")] + [x.split("_")[-1] for x in extra])
+    return ""
+
+
 def device_label() -> str:
     import jax
 
     devs = jax.devices()
     kind = devs[0].device_kind
     if devs[0].platform == "cpu":
-        kind = f"cpu ({os.cpu_count()} cores)"
+        isa = cpu_vector_isa()
+        kind = f"cpu ({os.cpu_count()} cores{', ' + isa if isa else ''})"
     return kind + (f" x{len(devs)}" if len(devs) > 1 else "")
 
 

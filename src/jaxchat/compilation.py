@@ -7,13 +7,16 @@ dir: `$JAXCHAT_CACHE/xla` (default `~/.cache/jaxchat/xla`, see loop.cache_dir).
 
 Control it with `JAXCHAT_COMPILE_CACHE`: unset = that default, `off` = no cache, any other value = the cache
 directory. A `JAX_COMPILATION_CACHE_DIR` the user set for JAX itself is respected as is. Programs that compile in
-under a second are not stored (JAX's threshold): the cache is for the train step, not for every small function.
+under `JAXCHAT_COMPILE_CACHE_MIN_SECONDS` (default 1, JAX's own default) are not stored: the cache is for the
+train step, not for every small function (the test suite lowers it to share its many small compiles).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from jaxchat.config import ConfigError
 
 OFF = ("0", "off", "false", "no", "none")
 
@@ -40,7 +43,13 @@ def enable_compilation_cache() -> Path | None:
     path = compilation_cache_dir()
     if path is None:
         return None
+    raw = os.environ.get("JAXCHAT_COMPILE_CACHE_MIN_SECONDS", "1")
+    try:
+        min_seconds = float(raw)
+    except ValueError:
+        raise ConfigError(f"JAXCHAT_COMPILE_CACHE_MIN_SECONDS={raw!r} is not a number of seconds: unset it (default "
+                          f"1) or give e.g. 0.5") from None
     path.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)
     return path

@@ -150,8 +150,7 @@ def dry_run(cfg: Config, memory_limit: int | None = None, max_probes: int = 8, s
     fns = ModelFns(cfg)
     optimizer = build_optimizer(cfg, None)
     rep = NamedSharding(mesh, P())
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
-                            abstract_state(fns, optimizer))
+    abstract = abstract_state(fns, optimizer, rep)
     param_bytes, opt_bytes = tree_bytes(abstract["params"]), tree_bytes(abstract["opt_state"])
     step = make_train_step(fns, optimizer)
 

@@ -41,7 +41,7 @@ from jaxchat.plan import resolve
 from jaxchat.sample import Sampler
 from jaxchat.train import (ModelFns, NonFiniteError, Progress, abstract_state, batch_sharding, build_optimizer,
                            check_batch_fits, fmt_time, format_mfu, init_state, make_mesh, make_train_step,
-                           shaped_batch)
+                           one_device, shaped_batch)
 
 DEFAULT_PROMPT = "def "
 PARTS = ("setup", "data", "compile", "train", "eval", "checkpoint", "sample", "restarts", "other")
@@ -194,8 +194,7 @@ def run_training(cfg: Config, run_dir: str | Path, resume: bool = False, force: 
     fns = ModelFns(cfg)
     optimizer = build_optimizer(cfg, None)
     replicated = NamedSharding(mesh, P())  # params and moments replicated over the mesh
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                            abstract_state(fns, optimizer))
+    abstract = abstract_state(fns, optimizer, replicated)
     # an existing run is locked from here on: no second process resumes or deletes it meanwhile
     lock, ckpt = (lock_run_dir(run_dir) if run_dir.is_dir() else None), None
     try:
@@ -388,9 +387,12 @@ def load_run(run_dir: str | Path, step: int | None = None):
     cfg = load_run_config(run_dir)
     fns = ModelFns(cfg)
     optimizer = build_optimizer(cfg, None)
+    # onto one local device, whatever mesh the run was trained on: without a target sharding Orbax refuses a
+    # checkpoint saved on another topology (e.g. trained on 8 devices, evaluated on 1)
+    abstract = abstract_state(fns, optimizer, one_device())
     ckpt = Checkpointer(run_dir, async_save=False, read_only=True)
     try:
-        state, _ = ckpt.restore(abstract_state(fns, optimizer), step)
+        state, _ = ckpt.restore(abstract, step)
     finally:
         ckpt.close()
     tok_path = run_dir / "tokenizer.json"

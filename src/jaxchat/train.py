@@ -120,8 +120,18 @@ def init_state(fns: ModelFns, optimizer, seed: int) -> dict:
     return {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0), "skipped": jnp.int32(0)}
 
 
-def abstract_state(fns: ModelFns, optimizer) -> dict:
-    return jax.eval_shape(lambda: init_state(fns, optimizer, 0))
+def abstract_state(fns: ModelFns, optimizer, sharding=None) -> dict:
+    """The train state as ShapeDtypeStructs (nothing allocated), each placed with `sharding` when given: the
+    target Orbax restores into (a checkpoint saved on another device count restores onto this one)."""
+    shapes = jax.eval_shape(lambda: init_state(fns, optimizer, 0))
+    if sharding is None:
+        return shapes
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+
+def one_device():
+    """The sharding of a state held whole on the first local device (eval, sample, export)."""
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
 def shaped_batch(inputs: np.ndarray, targets: np.ndarray, grad_accum: int):

@@ -48,12 +48,12 @@ def flat_params(params) -> dict[str, np.ndarray]:
 def read_params(run_dir: str | Path, step: int | None = None) -> tuple[object, dict, int]:
     """(Config, params, step) of a run's checkpoint (the tokenizer is not needed)."""
     from jaxchat.optim import build_optimizer
-    from jaxchat.train import ModelFns, abstract_state
+    from jaxchat.train import ModelFns, abstract_state, one_device
 
     cfg = load_run_config(run_dir)
-    ckpt = Checkpointer(run_dir, async_save=False)
-    try:
-        state, _ = ckpt.restore(abstract_state(ModelFns(cfg), build_optimizer(cfg, None)), step)
+    ckpt = Checkpointer(run_dir, async_save=False, read_only=True)
+    try:  # onto one device, whatever device count the run was trained on (as loop.load_run)
+        state, _ = ckpt.restore(abstract_state(ModelFns(cfg), build_optimizer(cfg, None), one_device()), step)
     finally:
         ckpt.close()
     return cfg, state["params"], int(state["step"])
