@@ -216,7 +216,7 @@ def test_resume_on_eight_devices_is_exact(runs):
 
 
 def test_eight_device_run_evaluates_and_samples_on_one_device(runs, capsys):
-    """`jaxchat eval` and `sample` read a run trained on 8 devices in this 1-device process (loop.load_run restores
+    """`jaxchat eval`, `sample` and `export` read a run trained on 8 devices in this 1-device process (loop.load_run restores
     onto one device; Orbax refuses a checkpoint saved on another topology without a target sharding), and the
     restored params give the run's own final evaluation (same rows, rtol 1e-5 as above)."""
     from jaxchat.cli import main
@@ -233,3 +233,9 @@ def test_eight_device_run_evaluates_and_samples_on_one_device(runs, capsys):
     capsys.readouterr()
     assert main(["sample", "--run", str(tmp / "a"), "--prompt", "def ", "--max-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith("def ")
+    # `jaxchat export` restores the same way (interop/export.py): the exported tensors are the run's params
+    from safetensors.numpy import load_file
+
+    assert main(["export", str(tmp / "a"), "--format", "safetensors", "--out", str(tmp / "export")]) == 0
+    tensors = load_file(next((tmp / "export").glob("*.safetensors")))
+    np.testing.assert_array_equal(tensors["wte.embedding"], np.asarray(params["wte"]["embedding"]))
