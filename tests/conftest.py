@@ -1,5 +1,6 @@
 """Shared fixtures: the reference fixtures folder, a private dataset cache, a session-wide XLA compilation cache."""
 
+import json
 import os
 from pathlib import Path
 
@@ -65,3 +66,18 @@ def child_env(**extra) -> dict:
         env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+def records(run_dir):
+    """The JSON records of a run's metrics.jsonl, in file order."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def curve(run_dir):
+    """(step, loss, grad_norm) of every step record, in file order."""
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in records(run_dir) if "loss" in r]
+
+
+def evals(run_dir):
+    """(step, val_loss, val_bpb) of every evaluation record."""
+    return [(r["step"], r["val_loss"], r["val_bpb"]) for r in records(run_dir) if "val_loss" in r]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import child_env
+from conftest import child_env, curve, evals
 
 ROOT = Path(__file__).resolve().parents[1]
 REF = json.loads((ROOT / "tests" / "golden" / "tiny-micro-20.json").read_text())
@@ -114,18 +114,6 @@ if len(runs) > 1:
     result["steps_b"] = list(calls)
 json.dump(result, open(out_path, "w"))
 """
-
-
-def records(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def curve(run_dir):
-    return [(r["step"], r["loss"], r["grad_norm"]) for r in records(run_dir) if "loss" in r]
-
-
-def evals(run_dir):
-    return [(r["step"], r["val_loss"], r["val_bpb"]) for r in records(run_dir) if "val_loss" in r]
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from conftest import fixture_path
 from jaxchat.config import Config, DataConfig

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import child_env
+from conftest import child_env, curve, evals, records
 from jaxchat.checkpoint import SAVE_DELAY_ENV, SAVE_MARKER_ENV, TMP_MARK, Checkpointer, find_debris
 from jaxchat.cli import main
 from jaxchat.data import loader
@@ -44,19 +44,6 @@ def train_args(run_dir, *sets, preset=True, base=REF["set"]):
 
 # ------------------------------------------------------------------------------------------------------------
 # shared fixtures
-
-def records(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def curve(run_dir):
-    """(step, loss, grad_norm) of every step record, in file order."""
-    return [(r["step"], r["loss"], r["grad_norm"]) for r in records(run_dir) if "loss" in r]
-
-
-def evals(run_dir):
-    return [(r["step"], r["val_loss"], r["val_bpb"]) for r in records(run_dir) if "val_loss" in r]
-
 
 def state_leaves(run_dir, step):
     from jaxchat.checkpoint import load_run_config
