@@ -194,7 +194,7 @@ class GPT(nnx.Module):
         n_scanned = period * n_groups
         graphdefs = [nnx.split(self.blocks[j])[0] for j in range(period)] if n_groups else []
 
-        def call_block(gd, i, state, x, ve):  # block i as a pure function of its params (for remat and scan)
+        def call_block(gd, state, x, ve):  # a block as a pure function of its params (for remat and scan)
             return nnx.merge(gd, state)(x, ve, pos)[0]
 
         x_backout = jnp.zeros_like(x)
@@ -204,7 +204,7 @@ class GPT(nnx.Module):
             states = [stack([nnx.split(self.blocks[i])[1] for i in layers(j)]) for j in range(period)]
             ves = [jnp.stack([self.value_embed(i, idx).astype(x.dtype) for i in layers(j)])
                    if cfg.has_value_embed(j) else None for j in range(period)]
-            blocks = [remat(partial(call_block, graphdefs[j], j), cfg.remat, in_scan=True) for j in range(period)]
+            blocks = [remat(partial(call_block, graphdefs[j]), cfg.remat, in_scan=True) for j in range(period)]
 
             def group(carry, xs):
                 x, x_backout = carry
@@ -223,7 +223,7 @@ class GPT(nnx.Module):
                 x = self.blocks[i](x, self.value_embed(i, idx), pos)[0]
             else:
                 gd, state = nnx.split(self.blocks[i])
-                x = remat(partial(call_block, gd, i), cfg.remat)(state, x, self.value_embed(i, idx))
+                x = remat(partial(call_block, gd), cfg.remat)(state, x, self.value_embed(i, idx))
             if i == mid:
                 x_backout = x
         return x, x_backout
