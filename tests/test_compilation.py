@@ -78,3 +78,13 @@ def test_bad_threshold_is_named(monkeypatch, tmp_path):
     monkeypatch.setenv("JAXCHAT_COMPILE_CACHE_MIN_SECONDS", "soon")
     with pytest.raises(ConfigError, match="JAXCHAT_COMPILE_CACHE_MIN_SECONDS='soon'"):
         enable_compilation_cache()
+
+
+def test_unwritable_cache_dir_warns_and_compiles_on(monkeypatch, tmp_path, capsys):
+    from jaxchat.compilation import enable_compilation_cache
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("JAXCHAT_COMPILE_CACHE", str(blocker / "xla"))
+    assert enable_compilation_cache() is None
+    assert f"cannot create {blocker / 'xla'}" in capsys.readouterr().err

@@ -14,6 +14,7 @@ train step, not for every small function (the test suite lowers it to share its 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from jaxchat.config import ConfigError
@@ -36,8 +37,8 @@ def compilation_cache_dir() -> Path | None:
 
 
 def enable_compilation_cache() -> Path | None:
-    """Point JAX's persistent compilation cache at `compilation_cache_dir()` (idempotent). Returns the directory.
-    An unwritable directory is not fatal: JAX then warns and compiles as usual."""
+    """Point JAX's persistent compilation cache at `compilation_cache_dir()` (idempotent). Returns the directory,
+    or None when the cache is off. A directory that cannot be created is not fatal: a warning, then no cache."""
     import jax
 
     path = compilation_cache_dir()
@@ -49,7 +50,12 @@ def enable_compilation_cache() -> Path | None:
     except ValueError:
         raise ConfigError(f"JAXCHAT_COMPILE_CACHE_MIN_SECONDS={raw!r} is not a number of seconds: unset it (default "
                           f"1) or give e.g. 0.5") from None
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"jaxchat: compilation cache off: cannot create {path} ({e.strerror}); set JAXCHAT_COMPILE_CACHE to a "
+              f"writable directory or to off", file=sys.stderr)
+        return None
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)
     return path
