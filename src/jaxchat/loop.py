@@ -37,6 +37,7 @@ from jaxchat.config import EXECUTION_FIELDS, Config, ConfigError
 from jaxchat.data import Prefetcher, check_manifest, get_batch, load_for_training
 from jaxchat.evaluate import compressor_bpb, eval_rows, evaluate, make_eval_step, target_bytes
 from jaxchat.model.accounting import count, device_peak_flops, mfu
+from jaxchat.model.scan import describe as describe_layers
 from jaxchat.plan import resolve
 from jaxchat.sample import Sampler
 from jaxchat.train import (ModelFns, NonFiniteError, Progress, abstract_state, batch_sharding, build_optimizer,
@@ -243,6 +244,9 @@ def _train(cfg, run_dir, ds, fns, optimizer, state, ckpt, mesh, micro, clock, pr
     steps, B, T, A = cfg.train.num_steps, cfg.train.batch_size, cfg.model.sequence_len, cfg.train.grad_accum
     log(f"model: {counts.params['total']:,} params | {counts.flops['total'] / 1e6:,.1f} MFLOP/token | "
         f"{jax.devices()[0].device_kind} x{mesh.size} | batch {B} x {T} (micro {micro} x {A})")
+    m = cfg.model
+    log(f"step: {m.compute_dtype} | attention {m.attention} | {describe_layers(m)} | remat {m.remat} | "
+        f"loss chunk {m.loss_chunk or 'off'}")
 
     def host_batch(step):  # on the prefetch thread; a pure function of (data seed, step)
         if step >= steps:
