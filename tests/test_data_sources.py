@@ -109,6 +109,23 @@ def test_parquet_source(tmp_path, files):
         next(open_source(str(tmp_path / "t.parquet"), text_field="body").documents())
 
 
+@pytest.mark.parametrize("statistics", [True, False])
+def test_parquet_null_rows_are_no_documents(tmp_path, files, statistics):
+    """A null text is no document, also for `skip` (prepare skips the validation documents and, on resume, the
+    finished shards): documents(skip=k) is documents()[k:] for every k, with and without the null counts in the
+    file's metadata that let whole row groups be skipped unread."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    _, texts = files
+    rows = [None if i % 5 == 1 else t for i, t in enumerate(texts[:40])]
+    pq.write_table(pa.table({"text": rows}), tmp_path / "n.parquet", row_group_size=8, write_statistics=statistics)
+    src = open_source(str(tmp_path / "n.parquet"))
+    docs = [t for t in rows if t is not None]
+    assert list(src.documents()) == docs and len(docs) == 32
+    for k in range(len(docs) + 1):
+        assert list(src.documents(skip=k)) == docs[k:], k
+
+
 # ----------------------------------------------------------------------------------------------------------
 # prepare: round trip, packing, manifest
 
@@ -295,6 +312,11 @@ def test_hf_streaming_source_matches_local_files(tmp_path, files, tok):
     hf = open_source("hf:json", text_field="content", data_files=[str(d / "a.jsonl")])
     assert hf.kind == "hf"
     assert list(hf.documents()) == texts[:150] and list(hf.documents(skip=140)) == texts[140:150]
+    with open(d / "nulls.jsonl", "w") as fh:  # a null text is no document, also for skip
+        fh.writelines(json.dumps({"content": None if i % 3 == 0 else t}) + "\n" for i, t in enumerate(texts[:12]))
+    nulls = open_source("hf:json", text_field="content", data_files=[str(d / "nulls.jsonl")])
+    docs = [t for i, t in enumerate(texts[:12]) if i % 3]
+    assert list(nulls.documents()) == docs and list(nulls.documents(skip=5)) == docs[5:]
     kw = dict(val_docs=10, shard_tokens=20_000, **QUIET)
     a = prepare_source(hf, tok, tmp_path / "hf", **kw)
     b = prepare_source(open_source(str(d / "a.jsonl"), text_field="content"), tok, tmp_path / "local", **kw)

@@ -70,6 +70,15 @@ def _open_binary(path: Path):
     return open(path, "rb")
 
 
+
+def _known_documents(row_group, column: int) -> int | None:
+    """Documents (non-null texts) in a Parquet row group from its metadata alone, or None when the file does not
+    record the column's null count (the group must then be read to count them)."""
+    stats = row_group.column(column).statistics
+    if stats is None or not stats.has_null_count:
+        return None
+    return row_group.num_rows - stats.null_count
+
 class Source:
     """Base class. `tokenized` sources yield token arrays from `token_documents`, the others text."""
     tokenized = False
@@ -169,16 +178,15 @@ class FileSource(Source):
             raise DataError(f"{path} has no column {self.text_field!r} (columns: {pf.schema_arrow.names}); choose "
                             f"the text column with --text-field")
         meta = pf.metadata
+        column = pf.schema_arrow.names.index(self.text_field)
         for g in range(meta.num_row_groups):
-            n = meta.row_group(g).num_rows
-            if skip >= n:  # whole row groups are skipped without reading them
-                skip -= n
+            docs = _known_documents(meta.row_group(g), column)
+            if docs is not None and skip >= docs:  # whole row groups are skipped without reading them
+                skip -= docs
                 continue
-            col = pf.read_row_group(g, columns=[self.text_field]).column(0).to_pylist()
-            for text in col[skip:]:
-                if text is not None:
-                    yield text
-            skip = 0
+            texts = [t for t in pf.read_row_group(g, columns=[self.text_field]).column(0).to_pylist() if t is not None]
+            yield from texts[skip:]
+            skip = max(skip - len(texts), 0)  # skip and documents count texts, not rows: null rows are no document
         return skip
 
     def estimate_docs(self) -> int | None:
@@ -247,17 +255,19 @@ class HFSource(Source):
                             f"{self.split!r}): {type(e).__name__}: {str(e)[:300]}") from None
 
     def documents(self, skip: int = 0) -> Iterator[str]:
-        ds = self._stream()
-        if skip:
-            ds = ds.skip(skip)
-        for i, row in enumerate(ds, skip):
+        # skip counts documents, and a row with a null text is none, so rows are counted here, not by ds.skip
+        for i, row in enumerate(self._stream()):
             try:
                 text = row[self.text_field]
             except KeyError:
                 raise DataError(f"{self.spec}: row {i} has no field {self.text_field!r} (fields: {list(row)}); "
                                 f"choose it with --text-field") from None
-            if text is not None:
-                yield text
+            if text is None:
+                continue
+            if skip:
+                skip -= 1
+                continue
+            yield text
 
     def estimate_docs(self) -> int | None:
         try:
