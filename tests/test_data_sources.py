@@ -4,6 +4,7 @@ manifests of runs, HF datasets streaming (on local files) and the `data` / `toke
 import argparse
 import gzip
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -336,15 +337,26 @@ def run_cli(*argv):
 
 
 def test_commands(tmp_path, files, capsys):
-    d, _ = files
-    run_cli("tokenizer", "train", d / "a.jsonl", "--text-field", "content", "--vocab", 300, "--out",
-            tmp_path / "t.json")
-    t = Tokenizer.load(tmp_path / "t.json")
+    d, texts = files
+    for vocab in (300, 400):
+        run_cli("tokenizer", "train", d / "a.jsonl", "--text-field", "content", "--vocab", vocab, "--out",
+                tmp_path / f"t{vocab}.json")
+    t = Tokenizer.load(tmp_path / "t300.json")
     assert t.vocab_size == 300 and t.bos_id == 291
-    run_cli("tokenizer", "eval", d / "a.jsonl", "--text-field", "content", "--tokenizer", tmp_path / "t.json",
-            "--tokenizer", tmp_path / "t.json", "--max-docs", 20)
+    capsys.readouterr()
+    run_cli("tokenizer", "eval", d / "a.jsonl", "--text-field", "content", "--tokenizer", tmp_path / "t300.json",
+            "--tokenizer", tmp_path / "t400.json", "--max-docs", 20)
     out = capsys.readouterr().out
-    assert "bytes/token" in out and out.count("1.000x") == 2
+    assert "bytes/token" in out
+    nbytes = sum(len(x.encode("utf-8")) for x in texts[:20])  # bytes per token, counted independently
+    bpt = [nbytes / sum(len(tok.encode(x)) for x in texts[:20])
+           for tok in (t, Tokenizer.load(tmp_path / "t400.json"))]
+    assert bpt[1] > bpt[0] > 1  # the larger vocab compresses more
+    for name, b in zip(("t300.json", "t400.json"), bpt):
+        row = next(line.split() for line in out.splitlines() if line.split()[0].endswith(name))
+        assert float(row[-2]) == pytest.approx(b, abs=1e-3)
+        assert float(row[-1].rstrip("x")) == pytest.approx(b / bpt[0], abs=1e-3)
+    os.replace(tmp_path / "t300.json", tmp_path / "t.json")  # the name the rest of this test uses
     run_cli("data", "prepare", d / "a.jsonl", d / "b.jsonl.gz", "--text-field", "content", "--tokenizer",
             tmp_path / "t.json", "--out", tmp_path / "ds", "--val-docs", 5, "--seq", 63, "--no-progress")
     out = capsys.readouterr().out

@@ -86,7 +86,7 @@ def test_checkpoint_round_trip_continues_identically(setup, params0, tmp_path, o
     state = fresh_state(params0, opt)
     for i in range(3):
         state, _ = step(state, shaped_batch(*data(i), 1))
-    ck = Checkpointer(tmp_path, keep=2)
+    ck = Checkpointer(tmp_path, keep_last=2)
     ck.save(3, state, {"config": cfg.to_dict()})
     ck.close()
     ck = Checkpointer(tmp_path)

@@ -124,9 +124,11 @@ def peak_device_memory() -> int | None:
 
 
 def compiled_memory_estimate(compiled) -> int | None:
+    """XLA's peak-memory figure for the compiled step, the same as `--dry-run` reports (dryrun.peak_bytes)."""
+    from jaxchat.dryrun import peak_bytes
+
     try:
-        m = compiled.memory_analysis()
-        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+        return peak_bytes(compiled.memory_analysis())
     except Exception:  # not every backend or version implements it
         return None
 

@@ -29,7 +29,6 @@ import shutil
 import time
 from pathlib import Path
 
-import jax
 import orbax.checkpoint as ocp
 
 from jaxchat.config import Config, ConfigError
@@ -172,9 +171,7 @@ class Checkpointer:
     """Orbax CheckpointManager for the {state, meta} of a run, with jaxchat's retention and error messages."""
 
     def __init__(self, run_dir: str | Path, keep_last: int = 2, keep_every: int = 0, async_save: bool = True,
-                 keep: int | None = None, read_only: bool = False):
-        if keep is not None:  # older name of keep_last
-            keep_last = keep
+                 read_only: bool = False):
         self.dir = Path(run_dir).absolute() / "checkpoints"
         if read_only and not self.dir.is_dir():
             raise CheckpointError(f"no checkpoint in {Path(run_dir)}: {self.dir} does not exist. Train the run "
@@ -303,8 +300,3 @@ def reconcile_metrics(run_dir: Path, step: int, meta: dict) -> dict:
         write_jsonl_atomic(path, keep)
     return {"dropped": len(dropped), "lost_steps": lost_steps, "lost_s": lost_s, "unreadable_lines": bad,
             "duplicates": dupes}
-
-
-def abstract_like(tree):
-    """ShapeDtypeStructs (with shardings) of a pytree of arrays, for restoring into the same layout."""
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

@@ -61,11 +61,8 @@ def read_params(run_dir: str | Path, step: int | None = None) -> tuple[object, d
 
 def export_safetensors(run_dir: str | Path, out: str | Path, step: int | None = None, force: bool = False,
                        log=print) -> Path:
-    try:
-        from safetensors.numpy import save_file
-    except ImportError:
-        raise InteropError("export --format safetensors needs the safetensors package: pip install safetensors") \
-            from None
+    from safetensors.numpy import save_file  # a base dependency (pyproject.toml)
+
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise CheckpointError(f"--out {out} exists and is not empty: choose another directory or pass --force")
