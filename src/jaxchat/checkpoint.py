@@ -45,17 +45,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint or run directory is missing, corrupt or does not fit; the message says what to do."""
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to a temporary file, flush it to disk, then rename it over `path`."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def read_jsonl(path: Path) -> tuple[list[dict], int]:
     """The records of a JSON-lines file and how many unreadable lines were skipped (a process killed while
     writing leaves at most a partial last line)."""

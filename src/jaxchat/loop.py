@@ -31,11 +31,11 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxchat.checkpoint import (Checkpointer, CheckpointError, append_jsonl, check_run_dir, load_run_config,
-                                lock_run_dir, prepare_run_dir, read_jsonl, reconcile_metrics, remove_debris,
-                                write_json_atomic)
+                                lock_run_dir, prepare_run_dir, read_jsonl, reconcile_metrics, remove_debris)
 from jaxchat.config import EXECUTION_FIELDS, Config, ConfigError
 from jaxchat.data import Prefetcher, check_manifest, get_batch, load_for_training
 from jaxchat.evaluate import compressor_bpb, eval_rows, evaluate, make_eval_step, target_bytes
+from jaxchat.fileio import write_json_atomic
 from jaxchat.model.accounting import count, device_peak_flops, mfu
 from jaxchat.model.scan import describe as describe_layers
 from jaxchat.plan import resolve
@@ -221,8 +221,7 @@ def run_training(cfg: Config, run_dir: str | Path, resume: bool = False, force: 
                 os.close(lock)
             lock = lock_run_dir(run_dir)
             ckpt = Checkpointer(run_dir, keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every)
-            ds.tokenizer.save(run_dir / "tokenizer.json.tmp")
-            os.replace(run_dir / "tokenizer.json.tmp", run_dir / "tokenizer.json")
+            ds.tokenizer.save(run_dir / "tokenizer.json")  # (atomic)
             write_json_atomic(run_dir / "data.json", {k: v for k, v in ds.info.items() if k != "timings_s"})
             state = jax.device_put(init_state(fns, optimizer, cfg.train.init_seed), replicated)
             prior, history = {}, {"restarts": 0, "lost_steps": 0}

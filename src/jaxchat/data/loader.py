@@ -81,6 +81,18 @@ def get_batch(rows: np.ndarray, step: int, batch_size: int, seed: int, process_i
     return split_row(batch)
 
 
+
+def put_unless_stopped(q: queue.Queue, item, stop: threading.Event, poll: float = 0.05) -> bool:
+    """Put `item` on a bounded queue from a producer thread, giving up once `stop` is set (the consumer went
+    away, so a full queue would block the thread for good). Returns whether the item was put."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=poll)
+            return True
+        except queue.Full:
+            pass
+    return False
+
 class Prefetcher:
     """Computes `fn(step)` for the steps after the one last asked for, `depth` ahead, on a background thread.
 
@@ -111,12 +123,7 @@ class Prefetcher:
                     item = (s, self.fn(s), None)
                 except BaseException as e:  # handed to get()
                     item = (s, None, e)
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.05)
-                        break
-                    except queue.Full:
-                        pass
+                put_unless_stopped(q, item, stop)
                 if item[2] is not None:
                     return
                 s += 1

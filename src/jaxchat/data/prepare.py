@@ -31,6 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxchat.fileio import write_json_atomic
+
+from .loader import put_unless_stopped
 from .packing import iter_pack_bestfit, iter_split_long_docs
 from .shards import DataError, ShardWriter, dtype_for_vocab, iter_shard_documents
 from .sources import Source, StdlibSource
@@ -43,12 +46,6 @@ DEFAULT_SHARD_TOKENS = 100_000_000  # modded-nanogpt's shard size: 200 MB of uin
 BATCH_DOCS = 512  # documents per encode_batch call
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def _read_ahead(it, depth: int = 2):
     """Iterate `it` on a background thread, `depth` items ahead (reading and JSON parsing overlap with the
     tokenizer, which releases the GIL). Exceptions are re-raised in the consumer."""
@@ -59,17 +56,11 @@ def _read_ahead(it, depth: int = 2):
     def work():
         try:
             for item in it:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
-                if stop.is_set():
+                if not put_unless_stopped(q, item, stop):
                     return
-            q.put(done)
+            put_unless_stopped(q, done, stop)
         except BaseException as e:  # handed to the consumer
-            q.put(e)
+            put_unless_stopped(q, e, stop)
 
     t = threading.Thread(target=work, daemon=True, name="jaxchat-read-ahead")
     t.start()

@@ -23,8 +23,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxchat.checkpoint import Checkpointer, CheckpointError, load_run_config, write_json_atomic
-from jaxchat.interop.common import InteropError, path_str
+from jaxchat.checkpoint import Checkpointer, CheckpointError, load_run_config
+from jaxchat.fileio import write_json_atomic
+from jaxchat.interop.common import path_str
 
 FORMAT = "jaxchat-safetensors"
 FORMAT_VERSION = 1
