@@ -172,6 +172,27 @@ def test_existing_out_is_never_overwritten(flaxchat, tmp_path):
     assert (tmp_path / "keep.txt").read_text() == "x"
 
 
+def test_import_force_never_deletes_a_run_in_use(flaxchat, tmp_path):
+    """A run another process holds (as `jaxchat train` does) survives `import --force` onto it."""
+    import fcntl
+    import os
+
+    from jaxchat.checkpoint import lock_run_dir
+
+    run = tmp_path / "busy"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    fd = os.open(run, os.O_RDONLY)  # another open file description: flock conflicts even within one process
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(CheckpointError, match="another process is using"):
+            run_cmd("import", "flaxchat", flaxchat["step_dir"], "--mlp", "gelu", "--out", run, "--force")
+        assert (run / "config.json").read_text() == "{}"
+    finally:
+        os.close(fd)
+    os.close(lock_run_dir(run))  # released: the lock was the only obstacle
+
+
 def test_nanochat_npz_import(tmp_path, capsys):
     npz = fixture_path("nanochat_tiny.npz")
     d = np.load(npz)

@@ -4,6 +4,7 @@ hub downloads, and writing the result as a normal jaxchat run directory."""
 from __future__ import annotations
 
 import re
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -200,7 +201,7 @@ def write_run(out: str | Path, model_cfg: ModelConfig, params: dict, opt_moments
     `opt_moments` is (moments, adam_count) to fill the AdamW state, or None for a fresh optimizer state.
     data.tokenizer_path points at the run's own tokenizer.json, so eval and `train --resume` re-tokenize the
     corpus with the checkpoint's tokenizer; without --tokenizer that file is absent and they say so."""
-    from jaxchat.checkpoint import Checkpointer, CheckpointError
+    from jaxchat.checkpoint import Checkpointer, CheckpointError, lock_run_dir
     from jaxchat.fileio import write_json_atomic
     from jaxchat.config import apply_overrides
     from jaxchat.optim import build_optimizer
@@ -212,7 +213,11 @@ def write_run(out: str | Path, model_cfg: ModelConfig, params: dict, opt_moments
                                   f"pass --force to replace a jaxchat run there")
         if not (out / "config.json").is_file():
             raise CheckpointError(f"--force: {out} is not a jaxchat run (no config.json); refusing to delete it")
-        shutil.rmtree(out)
+        lock = lock_run_dir(out)  # a run another process is training is never deleted (it holds this lock)
+        try:
+            shutil.rmtree(out)
+        finally:
+            os.close(lock)
     tok_file = out / "tokenizer.json"
     data = DataConfig(tokenizer_path=str(tok_file),
                       tokenizer_vocab=tokenizer.vocab_size if tokenizer else model_cfg.vocab_size)
