@@ -14,7 +14,8 @@ rows[:, :-1], targets (B, T) = rows[:, 1:], both int32.
 
 Multi-host: with process_count P, process p reads only its contiguous slice [p*B/P, (p+1)*B/P) of the global
 batch (the layout `jax.make_array_from_process_local_data` expects), so the P slices of a step are disjoint
-and together are the global batch. `Prefetcher` computes the next batches on a background thread.
+and together are the global batch. (The training loop is single-process so far and reads the whole batch.)
+`Prefetcher` computes the next batches on a background thread.
 """
 
 from __future__ import annotations
