@@ -91,7 +91,7 @@ def token_batches(source: Source, tok: Tokenizer, skip: int, limit: int | None, 
     texts = itertools.islice(source.documents(skip), limit)
     batches = iter(lambda: list(itertools.islice(texts, batch_docs)), [])
     for batch in _read_ahead(batches):
-        ids = [e.ids for e in tok.hf.encode_batch_fast(batch, add_special_tokens=False)]
+        ids = tok.encode_batch(batch)
         ends = np.cumsum([len(x) + 1 for x in ids])
         flat = np.fromiter(itertools.chain.from_iterable(itertools.chain((bos,), x) for x in ids),
                            dtype=dtype, count=int(ends[-1]))
@@ -135,11 +135,8 @@ def prepare_source(source: Source, tok: Tokenizer, out: str | os.PathLike, val_d
     params = _params(source, val_source, val_docs, max_docs, shard_tokens, tok, dtype)
     manifest_path = out / "manifest.json"
     if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        changed = _diff(manifest["params"], params)
-        if changed:
-            raise DataError(f"{out} already holds a dataset prepared with other settings ({', '.join(changed)} "
-                            f"differ): choose another --out, or delete {out} to prepare it again")
+        manifest = _read_same_params(manifest_path, params, "already holds a dataset prepared",
+                                     f"choose another --out, or delete {out} to prepare it again")
         log(f"data: {out} is already prepared ({manifest['train']['tokens']:,} train tokens)")
     else:
         manifest = _tokenize(source, val_source, tok, out, params, progress, log)
@@ -148,15 +145,21 @@ def prepare_source(source: Source, tok: Tokenizer, out: str | os.PathLike, val_d
     return manifest
 
 
+def _read_same_params(path: Path, params: dict, what: str, fix: str) -> dict:
+    """The JSON at `path` (manifest or progress), refused when its "params" differ from `params`."""
+    obj = json.loads(path.read_text())
+    changed = _diff(obj["params"], params)
+    if changed:
+        raise DataError(f"{path.parent} {what} with other settings ({', '.join(changed)} differ): {fix}")
+    return obj
+
+
 def _tokenize(source, val_source, tok, out, params, progress, log) -> dict:
     progress_path = out / "progress.json"
     tokens_dir = out / "tokens"
     if progress_path.is_file():
-        state = json.loads(progress_path.read_text())
-        changed = _diff(state["params"], params)
-        if changed:
-            raise DataError(f"{out} holds an interrupted prepare with other settings ({', '.join(changed)} differ): "
-                            f"rerun it with its own settings to finish it, or delete {out} to start over")
+        state = _read_same_params(progress_path, params, "holds an interrupted prepare",
+                                  f"rerun it with its own settings to finish it, or delete {out} to start over")
         log(f"data: resuming {out}: {len(state['shards'])} shard(s) already done")
     else:
         if out.exists() and any(out.iterdir()):
@@ -270,16 +273,23 @@ def pack_signature(manifest: dict, seq: int, split_long: bool, pack_buffer: int)
             "split_long": split_long, "pack_buffer": pack_buffer}
 
 
+def read_pack_info(rows_dir: Path, sig: dict) -> dict | None:
+    """rows_dir's pack.json when it holds rows packed with signature `sig` (pack_signature), else None."""
+    path = rows_dir / "pack.json"
+    if not path.is_file():
+        return None
+    info = json.loads(path.read_text())
+    return info if {k: info.get(k) for k in sig} == sig else None
+
+
 def pack(dataset_dir: Path, manifest: dict, seq: int, rows_dir: Path, split_long: bool = True,
          pack_buffer: int = 1000, log=print) -> dict:
     """Pack both splits' token shards into rows of seq+1 tokens under rows_dir (skipped if already there).
     Returns pack.json: the signature plus, per split, best-fit stats and the rows file's sha256."""
     sig = pack_signature(manifest, seq, split_long, pack_buffer)
-    info_path = rows_dir / "pack.json"
-    if info_path.is_file():
-        info = json.loads(info_path.read_text())
-        if {k: info.get(k) for k in sig} == sig:
-            return info
+    info = read_pack_info(rows_dir, sig)
+    if info is not None:
+        return info
     rows_dir.mkdir(parents=True, exist_ok=True)
     row_len, bos = seq + 1, manifest["params"]["bos_id"]
     dtype = np.dtype(manifest["params"]["dtype"])
@@ -303,5 +313,5 @@ def pack(dataset_dir: Path, manifest: dict, seq: int, rows_dir: Path, split_long
         log(f"data: packed {split}: {stats['rows']:,} rows x {row_len}; best-fit cropped {stats['tokens_cropped']:,} "
             f"tokens ({lost:.2%}), dropped {stats['tokens_dropped']:,} (the partial last row) "
             f"[{time.time() - t0:.1f}s]")
-    write_json_atomic(info_path, info)
+    write_json_atomic(rows_dir / "pack.json", info)
     return info

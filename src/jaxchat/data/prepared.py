@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .dataset import Dataset, prepare_dataset
-from .prepare import pack, pack_signature, rows_dir_name
+from .prepare import pack, pack_signature, read_pack_info, rows_dir_name
 from .shards import DataError, file_sha256, iter_shard_documents, read_header, read_rows
 from .tokenizer import Tokenizer
 
@@ -88,11 +88,9 @@ def load_prepared(path: str | os.PathLike, sequence_len: int, cache_dir: str | o
         candidates.append(Path(cache_dir) / "packed" / f"{manifest['dataset_id'][:16]}-{name}")
     info = None
     for rows_dir in candidates:
-        if (rows_dir / "pack.json").is_file():
-            got = json.loads((rows_dir / "pack.json").read_text())
-            if {k: got.get(k) for k in sig} == sig:
-                info = got
-                break
+        info = read_pack_info(rows_dir, sig)
+        if info is not None:
+            break
     if info is None:
         log(f"data: packing {path} into rows of {sequence_len + 1} tokens (once; `jaxchat data prepare --seq "
             f"{sequence_len}` does it ahead of time)")
