@@ -43,15 +43,20 @@ def nanochat_name(path: tuple) -> tuple[str, bool]:
 def model_from_state_dict(state: dict, config: dict | str | ModelConfig) -> GPT:
     """Build a jaxchat GPT from a nanochat state dict (name -> array, PyTorch layout) and its GPTConfig."""
     cfg = config if isinstance(config, ModelConfig) else config_from_nanochat(config)
+    return map_state_dict(state, cfg, "nanochat state dict")[0]
+
+
+def map_state_dict(state: dict, cfg: ModelConfig, what: str) -> tuple[GPT, dict, dict]:
+    """(model, the fp32 state without torch.compile's `_orig_mod.` prefix, {nanochat name: jaxchat path}) of a
+    nanochat state dict; `what` names it in errors (missing or unused tensors)."""
     state = {k.removeprefix("_orig_mod."): np.asarray(v, np.float32) for k, v in state.items()}
-    used = set()
+    used = {}
 
     def lookup(path):
         name, transpose = nanochat_name(path)
         if name not in state:
             return None
-        used.add(name)
-        arr = state[name]
-        return arr.T if transpose else arr
+        used[name] = ".".join(map(str, path)) + (" [transposed]" if transpose else "")
+        return state[name].T if transpose else state[name]
 
-    return model_from_lookup(cfg, lookup, "nanochat state dict", lambda: sorted(set(state) - used))
+    return model_from_lookup(cfg, lookup, what, lambda: sorted(set(state) - set(used))), state, used

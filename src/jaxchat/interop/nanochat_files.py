@@ -16,6 +16,7 @@ the matching HF tokenizer.json with --tokenizer.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -23,19 +24,15 @@ from pathlib import Path
 import numpy as np
 
 from jaxchat.config import ConfigError
-from jaxchat.interop.common import ImportReport, InteropError, load_user_tokenizer, model_from_lookup, write_run
-from jaxchat.interop.nanochat import config_from_nanochat, nanochat_name
+from jaxchat.interop.common import ImportReport, InteropError, load_user_tokenizer, write_run
+from jaxchat.interop.nanochat import config_from_nanochat, map_state_dict
 from jaxchat.model.gpt import param_dict
 
 _MODEL_FILE = re.compile(r"model_(\d+)\.(pt|npz)$")
 
 
 def _have_torch() -> bool:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("torch") is not None  # without importing it (seconds)
 
 
 def find_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path, int | None]:
@@ -98,7 +95,6 @@ def import_nanochat(path: str | Path, out: str | Path, step: int | None = None, 
     file, step = find_checkpoint(path, step)
     report = ImportReport(source=f"nanochat {file}")
     state, embedded = read_state(file)
-    state = {k.removeprefix("_orig_mod."): np.asarray(v, np.float32) for k, v in state.items()}
     meta = read_meta(file, step)
     if config is None:
         config = meta.get("model_config") or embedded
@@ -112,16 +108,7 @@ def import_nanochat(path: str | Path, out: str | Path, step: int | None = None, 
     except (ConfigError, TypeError, ValueError) as e:
         raise InteropError(f"nanochat config {config!r:.200}: {e}") from None
     tok = load_user_tokenizer(tokenizer, cfg.vocab_size, report)
-    used = {}
-
-    def lookup(p):
-        name, transpose = nanochat_name(p)
-        if name not in state:
-            return None
-        used[name] = ".".join(map(str, p)) + (" [transposed]" if transpose else "")
-        return state[name].T if transpose else state[name]
-
-    model = model_from_lookup(cfg, lookup, f"nanochat checkpoint {file.name}", lambda: sorted(set(state) - set(used)))
+    model, state, used = map_state_dict(state, cfg, f"nanochat checkpoint {file.name}")
     report.mapped = [(n, used[n], state[n].shape) for n in sorted(used)]
     optim = sorted(file.parent.glob(f"optim_{step:06d}_rank*.pt")) if step is not None else []
     if optim:
