@@ -116,7 +116,7 @@ def cmd_verify(args) -> None:
 
 
 def cmd_tokenizer_train(args) -> None:
-    from .tokenizer import Tokenizer
+    from .tokenizer import SPECIAL_TOKENS, Tokenizer
 
     source = _open(args)
     try:
@@ -124,7 +124,7 @@ def cmd_tokenizer_train(args) -> None:
     except ValueError as e:
         raise DataError(str(e)) from None
     tok.save(args.out)
-    print(f"{args.out}: byte-level BPE, vocab {tok.vocab_size} ({tok.vocab_size - 9} ranks + 9 specials), "
+    print(f"{args.out}: byte-level BPE, vocab {tok.vocab_size} ({tok.vocab_size - len(SPECIAL_TOKENS)} ranks + {len(SPECIAL_TOKENS)} specials), "
           f"bos id {tok.bos_id}, sha256 {tok.fingerprint()[:16]}")
 
 
@@ -165,7 +165,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--val", nargs="+", default=None, metavar="SOURCE", help="a separate validation source")
     p.add_argument("--seq", type=int, default=None, help="also pack rows of SEQ+1 tokens (training sequence length)")
     p.add_argument("--max-docs", type=int, default=0, help="stop after N train documents (0 = all)")
-    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default 100M)")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default 100M, prepare.DEFAULT_SHARD_TOKENS)")
     p.add_argument("--no-split-long", action="store_true",
                    help="let best-fit crop documents longer than a row instead of cutting them into row-sized pieces")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -31,11 +31,10 @@ from typing import Callable
 import numpy as np
 
 from .corpus import corpus_fingerprint, corpus_stats, hash_order, split_train_val, stdlib_documents, take_chars
-from .packing import pack_bestfit, split_long_docs
+from .packing import PACK_BUFFER, pack_bestfit, split_long_docs
 from .tokenizer import Tokenizer
 
 FORMAT_VERSION = 1  # bump when anything below changes what lands in the cache
-PACK_BUFFER = 1000
 
 
 @dataclass

@@ -23,6 +23,8 @@ from typing import Iterable
 
 import numpy as np
 
+PACK_BUFFER = 1000  # documents the best-fit packer looks ahead over (nanochat's buffer)
+
 
 def _with_bos(doc, bos_id: int) -> np.ndarray:
     doc = np.asarray(doc, dtype=np.int32).reshape(-1)
@@ -32,7 +34,7 @@ def _with_bos(doc, bos_id: int) -> np.ndarray:
 
 
 def pack_bestfit(docs: Iterable[list[int] | np.ndarray], row_len: int, bos_id: int,
-                 buffer_size: int = 1000) -> tuple[np.ndarray, dict]:
+                 buffer_size: int = PACK_BUFFER) -> tuple[np.ndarray, dict]:
     """Pack token documents into an int32 array (num_rows, row_len) by BOS best-fit.
 
     Returns (rows, stats) with stats: docs, rows, tokens_in (BOS included), tokens_in_rows, tokens_cropped
@@ -46,7 +48,7 @@ def pack_bestfit(docs: Iterable[list[int] | np.ndarray], row_len: int, bos_id: i
 
 
 def iter_pack_bestfit(docs: Iterable[list[int] | np.ndarray], row_len: int, bos_id: int,
-                      buffer_size: int = 1000, stats: dict | None = None, block_rows: int = 4096):
+                      buffer_size: int = PACK_BUFFER, stats: dict | None = None, block_rows: int = 4096):
     """The streaming form of `pack_bestfit`: yields int32 blocks of up to `block_rows` full rows, in order, so
     a corpus larger than memory packs straight to disk. When the generator is exhausted, `stats` (if given) is
     filled in with the same counts `pack_bestfit` returns."""

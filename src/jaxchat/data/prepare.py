@@ -34,7 +34,7 @@ import numpy as np
 from jaxchat.fileio import write_json_atomic
 
 from .loader import put_unless_stopped
-from .packing import iter_pack_bestfit, iter_split_long_docs
+from .packing import PACK_BUFFER, iter_pack_bestfit, iter_split_long_docs
 from .shards import DataError, ShardWriter, dtype_for_vocab, iter_shard_documents
 from .sources import Source, StdlibSource
 from .tokenizer import Tokenizer
@@ -118,7 +118,7 @@ def _diff(a: dict, b: dict) -> list[str]:
 def prepare_source(source: Source, tok: Tokenizer, out: str | os.PathLike, val_docs: int | None = None,
                    val_source: Source | None = None, seq: int | None = None,
                    shard_tokens: int = DEFAULT_SHARD_TOKENS, max_docs: int = 0, split_long: bool = True,
-                   pack_buffer: int = 1000, progress: bool = True, log=print) -> dict:
+                   pack_buffer: int = PACK_BUFFER, progress: bool = True, log=print) -> dict:
     """Tokenize `source` into shards under `out` (resuming an interrupted run), write the manifest, and pack
     rows of seq+1 tokens if `seq` is given. Returns the manifest."""
     out = Path(out)
@@ -262,9 +262,9 @@ def _tokenize(source, val_source, tok, out, params, progress, log) -> dict:
     return manifest
 
 
-def rows_dir_name(seq: int, split_long: bool = True, pack_buffer: int = 1000) -> str:
+def rows_dir_name(seq: int, split_long: bool = True, pack_buffer: int = PACK_BUFFER) -> str:
     """rows-t1024 for the default packing; other packings get their own directory (rows-t1024-b64-crop)."""
-    return (f"rows-t{seq}" + ("" if pack_buffer == 1000 else f"-b{pack_buffer}")
+    return (f"rows-t{seq}" + ("" if pack_buffer == PACK_BUFFER else f"-b{pack_buffer}")
             + ("" if split_long else "-crop"))
 
 
@@ -283,7 +283,7 @@ def read_pack_info(rows_dir: Path, sig: dict) -> dict | None:
 
 
 def pack(dataset_dir: Path, manifest: dict, seq: int, rows_dir: Path, split_long: bool = True,
-         pack_buffer: int = 1000, log=print) -> dict:
+         pack_buffer: int = PACK_BUFFER, log=print) -> dict:
     """Pack both splits' token shards into rows of seq+1 tokens under rows_dir (skipped if already there).
     Returns pack.json: the signature plus, per split, best-fit stats and the rows file's sha256."""
     sig = pack_signature(manifest, seq, split_long, pack_buffer)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .dataset import Dataset, prepare_dataset
+from .packing import PACK_BUFFER
 from .prepare import pack, pack_signature, read_pack_info, rows_dir_name
 from .shards import DataError, file_sha256, iter_shard_documents, read_header, read_rows
 from .tokenizer import Tokenizer
@@ -69,7 +70,7 @@ def _rows_id(sig: dict) -> str:
 
 
 def load_prepared(path: str | os.PathLike, sequence_len: int, cache_dir: str | os.PathLike | None = None,
-                  tokenizer_path: str = "", split_long: bool = True, pack_buffer: int = 1000,
+                  tokenizer_path: str = "", split_long: bool = True, pack_buffer: int = PACK_BUFFER,
                   log=print) -> PreparedDataset:
     """Memory-map the rows of seq+1 tokens of a prepared directory, packing them first if needed."""
     path = Path(path)
@@ -101,7 +102,9 @@ def load_prepared(path: str | os.PathLike, sequence_len: int, cache_dir: str | o
             except OSError as e:  # read-only directory or file system
                 log(f"data: cannot write {rows_dir} ({e}); trying the cache")
         else:
-            raise DataError(f"cannot write packed rows into {path} (read-only) and no cache_dir was given")
+            where = " or the cache" if cache_dir is not None else " and no cache_dir was given"
+            raise DataError(f"cannot write packed rows into {path} (read-only){where}: pack it once where it is "
+                            f"writable with `jaxchat data prepare --seq {sequence_len}`, or pass a writable cache")
     row_len = sequence_len + 1
     train_rows = read_rows(rows_dir / "train.bin", row_len)
     val_rows = np.asarray(read_rows(rows_dir / "val.bin", row_len), dtype=np.int32)  # small; eval wants int32

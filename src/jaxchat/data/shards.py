@@ -131,9 +131,10 @@ class ShardWriter:
         if tokens.size == 0:
             return
         if tokens.dtype != self.dtype:
-            top = int(tokens.max())
-            if top > np.iinfo(self.dtype).max or int(tokens.min()) < 0:
-                raise ValueError(f"token id {top} does not fit {self.dtype.name} in {self.path}")
+            top, low = int(tokens.max()), int(tokens.min())
+            if top > np.iinfo(self.dtype).max or low < 0:
+                bad = low if low < 0 else top
+                raise ValueError(f"token id {bad} does not fit {self.dtype.name} in {self.path}")
             tokens = tokens.astype(self.dtype)
         self._f.write(tokens.tobytes())
         self.count += tokens.size
@@ -167,12 +168,9 @@ class ShardWriter:
             self.abort()
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
+def file_sha256(path: str | os.PathLike) -> str:
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def iter_shard_documents(paths: Iterable[str | os.PathLike], bos_id: int) -> Iterator[np.ndarray]:

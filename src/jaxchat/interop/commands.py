@@ -9,8 +9,8 @@ from pathlib import Path
 
 from jaxchat.interop import common
 from jaxchat.interop.common import InteropError
+from jaxchat.interop.flaxchat import MLP_CHOICES
 
-FLAXCHAT_MLPS = ("gelu", "relu2", "yatnmn", "yatnmn_softplus")
 
 
 def from_hub(repo: str, revision: str | None, args, use_config: bool, log=print) -> Path:
@@ -84,7 +84,7 @@ def add_parsers(sub) -> None:
 
     f = src.add_parser("flaxchat", help="a flaxchat Orbax checkpoint step directory (model/, optimizer/, ...)")
     f.add_argument("step_dir", nargs="?", metavar="STEP_DIR", help="e.g. hf_model/19920")
-    f.add_argument("--mlp", required=True, choices=FLAXCHAT_MLPS, help="the MLP the checkpoint was trained with")
+    f.add_argument("--mlp", required=True, choices=MLP_CHOICES, help="the MLP the checkpoint was trained with")
     f.add_argument("--config", help="flaxchat GPTConfig JSON (file path or inline); without it the shapes and "
                    "checkpoint metadata decide, and sequence_len / window_pattern take flaxchat's defaults")
     f.add_argument("--weights-only", action="store_true", help="skip the optimizer state (start it fresh)")

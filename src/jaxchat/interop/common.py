@@ -3,8 +3,8 @@ hub downloads, and writing the result as a normal jaxchat run directory."""
 
 from __future__ import annotations
 
-import re
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field

@@ -76,7 +76,7 @@ def export_safetensors(run_dir: str | Path, out: str | Path, step: int | None = 
         "derived": {"head_dim": m.head_dim, "padded_vocab_size": m.padded_vocab_size,
                     "window_sizes": list(m.window_sizes()),
                     "value_embed_layers": [i for i in range(m.n_layer) if m.has_value_embed(i)],
-                    "backout_layer": m.n_layer // 2,
+                    "backout_layer": m.n_layer // 2 if m.backout else None,
                     "num_parameters": int(sum(v.size for v in tensors.values()))},
         "layout": LAYOUT,
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in sorted(tensors.items())},
