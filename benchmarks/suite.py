@@ -76,6 +76,21 @@ PLANS: dict[str, list[tuple[str, list[str], dict]]] = {
         ("gelu b128 cudnn, remat save_qkv_proj", GELU + ["--batch", "128", "--backend", "cudnn", "--steps", "9",
                                                          "--set", "model.remat=save_qkv_proj"], {}),
     ],
+    # session 3: RoPE + QK-norm as one Pallas kernel (model/rotary.py), the head's backward no longer sharing the
+    # forward's fp32 tanh (model/head.py), and the presets' own one-GPU steps (8 accumulated micro-batches of 32)
+    "h100-rope": [
+        ("d12 b32 cudnn, rope kernel", D12 + ["--batch", "32", "--backend", "cudnn", "--steps", "15"], {}),
+        ("d12 b32 cudnn, rope xla", D12 + ["--batch", "32", "--backend", "cudnn", "--steps", "15",
+                                           "--set", "model.rope_norm=xla"], {}),
+        ("gelu b64 cudnn, rope kernel", GELU + ["--batch", "64", "--backend", "cudnn", "--steps", "15"], {}),
+        ("d12 32 x8 accum cudnn, rope kernel", D12 + ["--batch", "32", "--accum", "8", "--backend", "cudnn",
+                                                      "--steps", "6"], {}),
+        ("gelu 32 x8 accum cudnn, rope kernel", GELU + ["--batch", "32", "--accum", "8", "--backend", "cudnn",
+                                                        "--steps", "6"], {}),
+        ("d12 b64 cudnn, rope kernel", D12 + ["--batch", "64", "--backend", "cudnn", "--steps", "9"], {}),
+        ("d12 b32 cudnn, rope kernel, cmdbuf off, profiled", D12 + ["--batch", "32", "--backend", "cudnn", "--steps",
+                                                                    "6", "--profile", "/tmp/jaxchat-prof"], NO_CMDBUF),
+    ],
     # the same after `patch -p1 < benchmarks/patches/qkv_fused.patch` (one GEMM for q, k, v)
     "h100-qkv": [
         ("d12 b32 cudnn, fused head, qkv fused", D12 + ["--batch", "32", "--backend", "cudnn", "--steps", "15"], {}),

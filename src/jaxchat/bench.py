@@ -3,7 +3,9 @@
 It builds a preset's model and optimizer exactly as training does (`ModelFns`, `build_optimizer`,
 `make_train_step`, `init_state`), compiles the step (timed on its own), runs warm-up steps, then times the
 step in up to three windows (the device is synchronised at the end of each window, never inside one) and
-reports the median window. Tokens are uniform random ids, so no data pipeline is measured: this is the
+reports the median window. A step is one micro-batch by default; `--accum N` makes it N micro-batches with
+their gradients accumulated and one optimizer update, as `jaxchat train` runs a preset whose batch is larger
+than one device's (nanochat-d12 on one GPU: 8 x 32 sequences). Tokens are uniform random ids, so no data pipeline is measured: this is the
 ceiling a real run approaches. MFU follows SPEC §1 (`model.accounting`): FLOPs/token x tokens/s over the
 device's bf16 dense peak.
 
@@ -27,7 +29,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from jaxchat.config import ATTENTION_BACKENDS
+from jaxchat.config import ATTENTION_BACKENDS, ConfigError
 
 HEADER = ("| date | commit | device | jax / flax | preset | config deltas | batch | seq | dtype | backend | "
           "tok/s | MFU | peak mem | compile s | step ms | notes |")
@@ -62,11 +64,11 @@ def config_deltas(base, cfg) -> list[str]:
 
 
 def bench_config(preset: str, sets: list[str], batch: int | None = None, seq: int | None = None,
-                 backend: str | None = None, dtype: str | None = None):
+                 backend: str | None = None, dtype: str | None = None, accum: int = 1):
     """(preset config, bench config): the preset with --set overrides and its horizon/batch rules resolved
-    (`plan.resolve`), then one micro-batch of `batch` sequences per step (no accumulation; default: the preset's
-    micro-batch) and the seq/backend/dtype choices. dtype defaults to bfloat16 on accelerators and to the
-    preset's compute dtype on CPU."""
+    (`plan.resolve`), then `accum` micro-batches of `batch` sequences per step (default one micro-batch, no
+    accumulation; batch defaults to the preset's micro-batch) and the seq/backend/dtype choices. dtype defaults
+    to bfloat16 on accelerators and to the preset's compute dtype on CPU."""
     import jax
 
     from jaxchat.config import apply_overrides
@@ -83,8 +85,10 @@ def bench_config(preset: str, sets: list[str], batch: int | None = None, seq: in
     if dtype is None and jax.default_backend() != "cpu":
         dtype = "bfloat16"
     micro = batch or cfg.train.batch_size // cfg.train.grad_accum
+    if not (isinstance(accum, int) and accum >= 1):
+        raise ConfigError(f"--accum {accum!r}: micro-batches per step must be an integer >= 1")
     extra = ["train.device_batch_size=0" if getattr(cfg.train, "device_batch_size", 0) else None,
-             "train.grad_accum=1", f"train.batch_size={micro}",
+             f"train.grad_accum={accum}", f"train.batch_size={micro * accum}",
              f"model.sequence_len={seq}" if seq else None, f"model.attention={backend}" if backend else None,
              f"model.compute_dtype={dtype}" if dtype else None]
     return base, apply_overrides(cfg, [e for e in extra if e])
@@ -143,6 +147,7 @@ def run_bench(preset: str, cfg, base=None, *, steps: int = 10, warmup: int = 2, 
 
     from jaxchat.model.accounting import count, device_peak_flops, mfu
     from jaxchat.model.attention import resolve_backend
+    from jaxchat.model.rotary import resolve_impl as resolve_rope_norm
     from jaxchat.model.scan import describe as describe_layers
     from jaxchat.train import (ModelFns, batch_sharding, build_optimizer, check_batch_fits, init_state, make_mesh,
                                make_train_step, shaped_batch)
@@ -155,6 +160,7 @@ def run_bench(preset: str, cfg, base=None, *, steps: int = 10, warmup: int = 2, 
     q_like = jax.ShapeDtypeStruct((1, T, m.n_head, m.head_dim), jnp.dtype(m.compute_dtype))
     k_like = jax.ShapeDtypeStruct((1, T, m.n_kv_head, m.head_dim), jnp.dtype(m.compute_dtype))
     resolved = resolve_backend(m.attention, q_like, k_like)
+    rope_norm = resolve_rope_norm(m.rope_norm, q_like.shape, q_like.dtype)
 
     fns = ModelFns(cfg)
     optimizer = build_optimizer(cfg)
@@ -211,6 +217,7 @@ def run_bench(preset: str, cfg, base=None, *, steps: int = 10, warmup: int = 2, 
         "xla_mem_estimate_bytes": estimate, "compile_s": compile_s, "compile_cached": compile_cached, "init_s": init_s, "warmup_s": warmup_s,
         "warmup_steps": warmup, "timed_steps": sum(windows), "loss": loss, "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "profile_dir": profile_dir or "", "layers": describe_layers(m), "remat": m.remat,
+        "rope_norm": rope_norm,
     }
 
 
@@ -252,11 +259,11 @@ def format_report(r: dict) -> str:
     peak = "unknown peak" if r["peak_flops"] is None else f"peak {r['peak_flops'] / 1e12:.1f} TFLOP/s"
     lines = [
         f"bench {r['preset']} | {r['device']} | jax {r['jax']} flax {r['flax']} | commit {r['commit']}",
-        f"config: batch {r['batch']} x seq {r['seq']} = {r['tokens_per_step']:,} tokens/step | {r['dtype']} | "
+        f"config: batch {batch_text(r)} x seq {r['seq']} = {r['tokens_per_step']:,} tokens/step | {r['dtype']} | "
         f"attention {backend_text(r)} | deltas: {', '.join(r['deltas']) or '-'}",
         f"params: {p['total']:,} ({split_text(p, ['embed', 'value_embeds', 'attention', 'mlp', 'lm_head', 've_gates', 'scalars'])})",
         f"FLOPs/token: {human(f['total'])} ({split_text(f, ['lm_head', 'mlp', 'attention', 'gates'])})",
-        f"layers: {r['layers']} | remat {r['remat']}",
+        f"layers: {r['layers']} | remat {r['remat']} | rope+qk-norm {r.get('rope_norm', '?')}",
         f"compile: {r['compile_s']:.1f} s{' (loaded from the persistent compilation cache)' * r['compile_cached']}"
         f" | init {r['init_s']:.1f} s | warmup {r['warmup_steps']} steps "
         f"{r['warmup_s']:.1f} s",
@@ -273,10 +280,16 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def batch_text(r: dict) -> str:
+    """Sequences per step: "32", or "32 x8" for 8 accumulated micro-batches of 32."""
+    accum = r.get("grad_accum", 1)
+    return str(r["batch"]) if accum == 1 else f"{r['batch'] // accum} x{accum}"
+
+
 def markdown_row(r: dict, note: str = "") -> str:
     notes = "; ".join(x for x in (note, f"XLA_FLAGS={r['xla_flags']}" if r["xla_flags"] else "") if x)
     cells = [r["date"], r["commit"], r["device"], f"{r['jax']} / {r['flax']}", r["preset"],
-             ", ".join(r["deltas"]) or "-", str(r["batch"]), str(r["seq"]), r["dtype"], backend_text(r),
+             ", ".join(r["deltas"]) or "-", batch_text(r), str(r["seq"]), r["dtype"], backend_text(r),
              f"{r['tokens_per_s']:,.0f}", mfu_text(r), mem_text(r),
              f"{r['compile_s']:.1f}" + (" (cached)" if r.get("compile_cached") else ""),
              f"{1e3 * r['step_s']:.1f}", notes or "-"]
@@ -302,7 +315,7 @@ def append_row(path: str | Path, r: dict, note: str = "") -> None:
 
 
 def cmd_bench(args) -> None:
-    base, cfg = bench_config(args.preset, args.set, args.batch, args.seq, args.backend, args.dtype)
+    base, cfg = bench_config(args.preset, args.set, args.batch, args.seq, args.backend, args.dtype, args.accum)
     r = run_bench(args.preset, cfg, base, steps=args.steps, warmup=args.warmup, profile_dir=args.profile)
     print(format_report(r), flush=True)
     if args.json:
@@ -319,6 +332,9 @@ def add_parsers(subparsers) -> None:
                               description=__doc__.split("\n\n")[0])
     b.add_argument("--preset", required=True, help="preset name (jaxchat presets)")
     b.add_argument("--batch", type=int, help="sequences per step (default: the preset's micro-batch)")
+    b.add_argument("--accum", type=int, default=1,
+                   help="micro-batches of --batch sequences per step, gradients accumulated before one optimizer "
+                        "update (default 1; nanochat-d12's own step on one GPU is 8 x 32)")
     b.add_argument("--seq", type=int, help="sequence length (default: the preset's; windows follow it)")
     b.add_argument("--steps", type=int, default=10, help="timed steps, split into up to 3 windows (default 10)")
     b.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling (default 2)")

@@ -5,8 +5,8 @@
   own first 24 channels, scaled by a learned `smear_lambda` (position 0 unchanged);
 - `x0` = that input, re-injected before every block: `x = resid_lambdas[i] * x + x0_lambdas[i] * x0`;
 - pre-norm blocks: `x += attn(norm(x)); x += mlp(norm(x))`; no biases anywhere;
-- attention: RoPE (split halves, base 100000) on q and k, then QK-norm scaled by 1.2, GQA, a per-layer sliding
-  window from the pattern string (last layer always long), softmax scale 1/sqrt(D);
+- attention: RoPE (split halves, base 100000) on q and k, then QK-norm scaled by 1.2 (one op: model/rotary.py),
+  GQA, a per-layer sliding window from the pattern string (last layer always long), softmax scale 1/sqrt(D);
 - value embeddings on alternating layers (the last included): `v += 3 * sigmoid(h[:12] Wg) * ve_i[idx]`;
 - backout: the residual after the middle block (i == L//2) is subtracted, scaled by `backout_lambda`;
 - final norm, lm_head (or the tied `wte`), logits sliced to the true vocab, cast to fp32, soft-capped
@@ -30,6 +30,7 @@ from jaxchat.model.attention import attend
 from jaxchat.model.head import head_nll
 from jaxchat.model.mlp import F32, Dense, YatNMN, make_mlp
 from jaxchat.model.remat import checkpoint_name, remat
+from jaxchat.model.rotary import rope_norm, rope_tables
 from jaxchat.model.scan import scan_layout
 
 
@@ -37,17 +38,6 @@ def norm(x, eps):
     """Parameter-free RMSNorm over the last axis, computed in fp32, returned in x's dtype."""
     xf = x.astype(F32)
     return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
-
-
-def rope(x, pos, base):
-    """Rotary embedding on (B, T, N, D), split-halves layout: y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos."""
-    D = x.shape[-1]
-    inv_freq = base ** (-jnp.arange(0, D, 2, dtype=F32) / D)
-    angles = pos.astype(F32)[:, None] * inv_freq[None, :]  # (T, D/2)
-    cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
-    x1, x2 = jnp.split(x.astype(F32), 2, axis=-1)
-    y = jnp.concatenate([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], axis=-1)
-    return y.astype(x.dtype)
 
 
 class Embed(nnx.Module):
@@ -76,8 +66,9 @@ class Attention(nnx.Module):
         if ve is not None:
             gate = 3.0 * jax.nn.sigmoid(self.ve_gate(h[..., : cfg.ve_gate_channels], dt))  # (B, T, K)
             v = v + gate[..., None] * ve.reshape(B, T, K, D).astype(dt)
-        q, k = rope(q, pos, cfg.rope_base), rope(k, pos, cfg.rope_base)
-        q, k = norm(q, cfg.norm_eps) * cfg.qk_scale, norm(k, cfg.norm_eps) * cfg.qk_scale
+        cos, sin = rope_tables(pos, D, cfg.rope_base)
+        impl = cfg.rope_norm if cache is None else "xla"  # model/rotary.py; its kernel serves training only
+        q, k = (rope_norm(a, cos, sin, eps=cfg.norm_eps, scale=cfg.qk_scale, impl=impl) for a in (q, k))
         if cache is None:
             y = attend(q, k, v, window=self.window, q_pos=pos, k_pos=pos, backend=cfg.attention)
             new_cache = None

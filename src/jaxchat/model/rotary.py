@@ -1,0 +1,170 @@
+"""RoPE and QK-norm of queries and keys, as one op: `rope_norm(x, cos, sin, eps=, scale=, impl=)`.
+
+nanochat applies rotary embeddings to q and k, then a parameter-free RMSNorm, then (here) the QK scale 1.2.
+A rotation keeps each (x1_i, x2_i) pair's length, so the RMS of rope(x) is the RMS of x, and the whole op is
+
+    y = rope(x) * scale * rsqrt(mean(x^2) + eps)        (computed in fp32, returned in x's dtype)
+
+Implementations (`model.rope_norm`):
+- `xla`: that line in jnp; its gradient by autodiff. Any device, training and decoding.
+- `pallas`: one Pallas (Triton) GPU kernel per direction. Forward: each program normalizes and rotates a tile of
+  rows (consecutive positions of one head), reading x once and writing y once; the backward is one more kernel
+  with the gradient written out by hand (below), reading x and dy once. XLA's fusions of the same math take
+  several passes over q and k (a reduction, the rotation, casts) in each direction. Training path only
+  (positions 0..T-1 of every sequence); decoding always uses `xla`. Needs a CUDA GPU; tests run the same
+  kernels in Pallas's interpreter on CPU.
+- `auto`: `pallas` on a CUDA GPU where the shapes allow it (head dim a power of two >= 16, T a multiple of 16),
+  else `xla`.
+
+Gradient. With s = scale * (mean(x^2) + eps)^(-1/2), y = s R x (R the rotation) and u = R^T dy:
+    dx = s u - (s^3 / (scale^2 D)) (x . u) x
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxchat.config import ROPE_NORM_IMPLS, ConfigError
+
+F32 = jnp.float32
+
+
+def rope_tables(pos: jax.Array, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of the rotary angles: (T, D/2) fp32, split-halves layout, inverse frequencies base^(-2i/D)."""
+    inv_freq = base ** (-jnp.arange(0, head_dim, 2, dtype=F32) / head_dim)
+    angles = pos.astype(F32)[:, None] * inv_freq[None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def rope_norm_xla(x, cos, sin, *, eps: float, scale: float):
+    """The reference: x (B, T, N, D), cos/sin (T, D/2) -> rope(x) * scale * rsqrt(mean(x^2) + eps), x's dtype."""
+    xf = x.astype(F32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    rot = jnp.concatenate([x1 * c + x2 * s, -x1 * s + x2 * c], axis=-1)
+    r = scale * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (rot * r).astype(x.dtype)
+
+
+def pallas_unsupported(x_shape, dtype) -> str | None:
+    """Why the Pallas kernel cannot take (B, T, N, D) inputs of this dtype, or None when it can."""
+    _, T, _, D = x_shape
+    if D < 16 or D & (D - 1):
+        return f"head_dim {D} is not a power of two >= 16"
+    if T % 16:
+        return f"sequence length {T} is not a multiple of 16"
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(F32)):
+        return f"dtype {jnp.dtype(dtype).name} is not bfloat16, float16 or float32"
+    return None
+
+
+def on_cuda_gpu() -> bool:
+    from jaxchat.model.attention import cuda_compute_capability
+    return cuda_compute_capability() is not None
+
+
+def resolve_impl(impl: str, x_shape, dtype) -> str:
+    """The implementation `impl` ("auto", "xla", "pallas") means for these inputs on this machine."""
+    if impl not in ROPE_NORM_IMPLS:
+        raise ConfigError(f"model.rope_norm={impl!r} is not one of {', '.join(ROPE_NORM_IMPLS)}")
+    if impl == "xla":
+        return "xla"
+    why = pallas_unsupported(x_shape, dtype) or (None if on_cuda_gpu() else "no CUDA GPU is visible to JAX")
+    if impl == "auto":
+        return "xla" if why else "pallas"
+    if why:
+        raise ConfigError(f"model.rope_norm=pallas cannot run here: {why}; use model.rope_norm=auto or xla")
+    return "pallas"
+
+
+def rope_norm(x, cos, sin, *, eps: float, scale: float, impl: str = "auto"):
+    """RoPE + QK-norm of x (B, T, N, D) at positions 0..T-1 (training), cos/sin from `rope_tables`."""
+    if resolve_impl(impl, x.shape, x.dtype) == "pallas":
+        return rope_norm_pallas(x, cos, sin, eps=eps, scale=scale)
+    return rope_norm_xla(x, cos, sin, eps=eps, scale=scale)
+
+
+# ---------------------------------------------------------------------------------------------------- Pallas
+
+
+def _load_halves(ref):
+    D = ref.shape[-1]
+    return ref[:, : D // 2].astype(F32), ref[:, D // 2:].astype(F32)
+
+
+def _scale_over_rms(x1, x2, eps, scale):
+    """scale * rsqrt(mean(x^2) + eps) per row, from the row's two halves."""
+    D = 2 * x1.shape[-1]
+    ss = jnp.sum(x1 * x1, axis=-1, keepdims=True) + jnp.sum(x2 * x2, axis=-1, keepdims=True)
+    return scale * jax.lax.rsqrt(ss / D + eps)
+
+
+def _fwd_kernel(x_ref, cos_ref, sin_ref, y_ref, *, eps, scale):
+    x1, x2 = _load_halves(x_ref)
+    c, s = cos_ref[...], sin_ref[...]
+    r = _scale_over_rms(x1, x2, eps, scale)
+    half = x1.shape[-1]
+    y_ref[:, :half] = ((x1 * c + x2 * s) * r).astype(y_ref.dtype)
+    y_ref[:, half:] = ((x2 * c - x1 * s) * r).astype(y_ref.dtype)
+
+
+def _bwd_kernel(x_ref, g_ref, cos_ref, sin_ref, dx_ref, *, eps, scale):
+    x1, x2 = _load_halves(x_ref)
+    g1, g2 = _load_halves(g_ref)
+    c, s = cos_ref[...], sin_ref[...]
+    r = _scale_over_rms(x1, x2, eps, scale)
+    half = x1.shape[-1]
+    u1, u2 = g1 * c - g2 * s, g1 * s + g2 * c  # R^T dy
+    xu = jnp.sum(x1 * u1, axis=-1, keepdims=True) + jnp.sum(x2 * u2, axis=-1, keepdims=True)
+    k = r * r * r / (scale * scale * 2 * half) * xu
+    dx_ref[:, :half] = (r * u1 - k * x1).astype(dx_ref.dtype)
+    dx_ref[:, half:] = (r * u2 - k * x2).astype(dx_ref.dtype)
+
+
+def _call(kernel, rows: list, cos, sin, *, interpret: bool):
+    """Run `kernel` over same-shaped (B, T, N, D) arrays `rows` and the (T, D/2) tables; the output has rows[0]'s
+    shape and dtype. The rows are viewed as (B*T, N, D): program (i, n) takes bt consecutive positions of head n
+    and the matching bt rows of the tables."""
+    from jax.experimental import pallas as pl
+
+    B, T, N, D = rows[0].shape
+    bt = next(b for b in (64, 32, 16) if T % b == 0)
+    row_spec = pl.BlockSpec((bt, pl.squeezed, D), lambda i, n: (i, n, 0))
+    tab_spec = pl.BlockSpec((bt, D // 2), lambda i, n: (i % (T // bt), 0))
+    out = pl.pallas_call(
+        kernel, grid=(B * T // bt, N), in_specs=[row_spec] * len(rows) + [tab_spec, tab_spec], out_specs=row_spec,
+        out_shape=jax.ShapeDtypeStruct((B * T, N, D), rows[0].dtype), interpret=interpret,
+        name=kernel.func.__name__.strip("_"),
+    )(*(a.reshape(B * T, N, D) for a in rows), cos, sin)
+    return out.reshape(B, T, N, D)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _rope_norm_kernel(x, cos, sin, eps, scale, interpret):
+    return _call(functools.partial(_fwd_kernel, eps=eps, scale=scale), [x], cos, sin, interpret=interpret)
+
+
+def _rope_norm_kernel_fwd(x, cos, sin, eps, scale, interpret):
+    return _rope_norm_kernel(x, cos, sin, eps, scale, interpret), (x, cos, sin)
+
+
+def _rope_norm_kernel_bwd(eps, scale, interpret, res, g):
+    x, cos, sin = res
+    dx = _call(functools.partial(_bwd_kernel, eps=eps, scale=scale), [x, g.astype(x.dtype)], cos, sin,
+               interpret=interpret)
+    return dx, jnp.zeros_like(cos), jnp.zeros_like(sin)  # the tables are constants of the positions
+
+
+_rope_norm_kernel.defvjp(_rope_norm_kernel_fwd, _rope_norm_kernel_bwd)
+
+
+def rope_norm_pallas(x, cos, sin, *, eps: float, scale: float, interpret: bool = False):
+    """The fused kernels (see the module docstring). `interpret=True` runs them in Pallas's interpreter (CPU
+    tests); the model never does."""
+    why = pallas_unsupported(x.shape, x.dtype)
+    if why:
+        raise ConfigError(f"model.rope_norm=pallas cannot take these inputs: {why}; use model.rope_norm=xla")
+    return _rope_norm_kernel(x, cos.astype(F32), sin.astype(F32), float(eps), float(scale), bool(interpret))
