@@ -109,11 +109,17 @@ def on_cuda():
 @pytest.mark.skipif(not on_cuda(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_pallas_on_gpu_matches_xla(dtype):
+    """The compiled kernels against the jnp op: outputs to one rounding of the dtype, gradients to 1e-5 (fp32) or
+    1e-2 (bf16) relative norm. (Compare outputs, not a sum of them: a sum of 786K bf16 terms of both signs differs
+    by ~1 between any two roundings.)"""
     x, cos, sin = inputs(4, 256, 6, 128, dtype=dtype)
     ref = jax.jit(lambda x: loss_and_grad(lambda x: rope_norm_xla(x, cos, sin, eps=EPS, scale=SCALE), x))
     ker = jax.jit(lambda x: loss_and_grad(lambda x: rope_norm(x, cos, sin, eps=EPS, scale=SCALE, impl="pallas"), x))
-    (l_ref, g_ref), (l_ker, g_ker) = ref(x), ker(x)
+    y_ref = np.asarray(jax.jit(lambda x: rope_norm_xla(x, cos, sin, eps=EPS, scale=SCALE))(x), np.float32)
+    y_ker = np.asarray(jax.jit(lambda x: rope_norm(x, cos, sin, eps=EPS, scale=SCALE, impl="pallas"))(x), np.float32)
+    ulp = 2.0**-23 if dtype == jnp.float32 else 2.0**-7
+    assert np.abs(y_ker - y_ref).max() <= 4 * ulp * np.abs(y_ref).max()
+    (_, g_ref), (_, g_ker) = ref(x), ker(x)
     rel = float(jnp.linalg.norm((g_ker - g_ref).astype(jnp.float32)) / jnp.linalg.norm(g_ref.astype(jnp.float32)))
-    tol = 1e-5 if dtype == jnp.float32 else 1e-2
-    assert abs(float(l_ker) - float(l_ref)) <= tol * abs(float(l_ref)) + tol
-    assert rel < tol
+    assert float(jnp.abs(g_ref.astype(jnp.float32)).max()) > 0.01
+    assert rel < (1e-5 if dtype == jnp.float32 else 1e-2)
