@@ -1,7 +1,7 @@
 """Run a named plan of `jaxchat bench` measurements, one fresh process each (so every peak-memory reading is
 that run's own), inside a time budget; collect JSON lines, BENCHMARKS.md rows and logs in one folder.
 
-    python benchmarks/suite.py PLAN --out DIR [--budget SECONDS] [--only SUBSTRING]
+    python benchmarks/suite.py PLAN --out DIR [--budget SECONDS] [--only SUBSTRING] [--set KEY=VALUE ...]
 
 Plans are below (`PLANS`); each entry is (note, bench arguments, extra environment). A run that fails (out of
 memory, unsupported shape) is recorded as a failure with the tail of its output, and the suite goes on. Rows land
@@ -91,6 +91,23 @@ PLANS: dict[str, list[tuple[str, list[str], dict]]] = {
         ("d12 b32 cudnn, rope kernel, cmdbuf off, profiled", D12 + ["--batch", "32", "--backend", "cudnn", "--steps",
                                                                     "6", "--profile", "/tmp/jaxchat-prof"], NO_CMDBUF),
     ],
+    # session 3, last call: + the Pallas loss kernels (model/head.py), and the GELU card's one-GPU steps
+    "h100-loss": [
+        ("d12 b32 cudnn, kernels", D12 + ["--batch", "32", "--backend", "cudnn", "--steps", "15"], {}),
+        ("d12 b32 cudnn, kernels, loss xla", D12 + ["--batch", "32", "--backend", "cudnn", "--steps", "15",
+                                                    "--set", "model.loss_impl=xla"], {}),
+        ("d12 32 x8 accum cudnn, kernels", D12 + ["--batch", "32", "--accum", "8", "--backend", "cudnn",
+                                                  "--steps", "6"], {}),
+        ("gelu b64 cudnn, kernels", GELU + ["--batch", "64", "--backend", "cudnn", "--steps", "15"], {}),
+        ("gelu 64 x4 accum cudnn, kernels", GELU + ["--batch", "64", "--accum", "4", "--backend", "cudnn",
+                                                    "--steps", "6"], {}),
+        ("gelu 32 x8 accum cudnn, kernels", GELU + ["--batch", "32", "--accum", "8", "--backend", "cudnn",
+                                                    "--steps", "6"], {}),
+        ("d12 64 x4 accum cudnn, kernels", D12 + ["--batch", "64", "--accum", "4", "--backend", "cudnn",
+                                                  "--steps", "6"], {}),
+        ("d12 b32 cudnn, kernels, cmdbuf off, profiled", D12 + ["--batch", "32", "--backend", "cudnn", "--steps",
+                                                                "6", "--profile", "/tmp/jaxchat-prof"], NO_CMDBUF),
+    ],
     # the same after `patch -p1 < benchmarks/patches/qkv_fused.patch` (one GEMM for q, k, v)
     "h100-qkv": [
         ("d12 b32 cudnn, fused head, qkv fused", D12 + ["--batch", "32", "--backend", "cudnn", "--steps", "15"], {}),
@@ -151,6 +168,8 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=540, help="seconds; no run starts after this")
     p.add_argument("--timeout", type=float, default=150, help="seconds per run")
     p.add_argument("--only", default="", help="run only entries whose note contains this")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override added to every run (repeatable), noted in each row")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -169,7 +188,8 @@ def main() -> None:
         if left < 30:
             log(f"=== skipped (budget): {note}")
             continue
-        run_one(note, args, env, out, min(a.timeout, left), log)
+        extra = [x for kv in a.set for x in ("--set", kv)]
+        run_one(note + "".join(f", {kv}" for kv in a.set), args + extra, env, out, min(a.timeout, left), log)
     log("\n" + table(out))
 
 

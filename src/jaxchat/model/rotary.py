@@ -13,8 +13,9 @@ Implementations (`model.rope_norm`):
   several passes over q and k (a reduction, the rotation, casts) in each direction. Training path only
   (positions 0..T-1 of every sequence); decoding always uses `xla`. Needs a CUDA GPU; tests run the same
   kernels in Pallas's interpreter on CPU.
-- `auto`: `pallas` on a CUDA GPU where the shapes allow it (head dim a power of two >= 16, T a multiple of 16),
-  else `xla`.
+- `auto`: `pallas` on a single CUDA GPU where the shapes allow it (head dim a power of two >= 16, T a multiple
+  of 16), else `xla`. (Under a multi-device mesh a pallas_call, having no partitioning rule, would gather its
+  inputs onto every device; a shard_map wrapper is not built yet.)
 
 Gradient. With s = scale * (mean(x^2) + eps)^(-1/2), y = s R x (R the rotation) and u = R^T dy:
     dx = s u - (s^3 / (scale^2 D)) (x . u) x
@@ -26,6 +27,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from jaxchat.config import ROPE_NORM_IMPLS, ConfigError
 
@@ -61,9 +63,18 @@ def pallas_unsupported(x_shape, dtype) -> str | None:
     return None
 
 
-def on_cuda_gpu() -> bool:
+def pallas_gpu_unavailable() -> str | None:
+    """Why jaxchat's Pallas GPU kernels (here and in model/head.py) cannot run in this process, or None. They run
+    on one CUDA GPU: a pallas_call has no partitioning rule, so under a multi-device mesh XLA would gather its
+    sharded inputs onto every device; multi-device runs use the xla implementations."""
     from jaxchat.model.attention import cuda_compute_capability
-    return cuda_compute_capability() is not None
+
+    if cuda_compute_capability() is None:
+        return "no CUDA GPU is visible to JAX"
+    if jax.device_count() > 1:
+        return (f"{jax.device_count()} devices: the kernels are not partitioned across devices (no shard_map "
+                f"wrapper yet)")
+    return None
 
 
 def resolve_impl(impl: str, x_shape, dtype) -> str:
@@ -72,7 +83,7 @@ def resolve_impl(impl: str, x_shape, dtype) -> str:
         raise ConfigError(f"model.rope_norm={impl!r} is not one of {', '.join(ROPE_NORM_IMPLS)}")
     if impl == "xla":
         return "xla"
-    why = pallas_unsupported(x_shape, dtype) or (None if on_cuda_gpu() else "no CUDA GPU is visible to JAX")
+    why = pallas_unsupported(x_shape, dtype) or pallas_gpu_unavailable()
     if impl == "auto":
         return "xla" if why else "pallas"
     if why:
@@ -128,8 +139,6 @@ def _call(kernel, rows: list, cos, sin, *, interpret: bool):
     """Run `kernel` over same-shaped (B, T, N, D) arrays `rows` and the (T, D/2) tables; the output has rows[0]'s
     shape and dtype. The rows are viewed as (B*T, N, D): program (i, n) takes bt consecutive positions of head n
     and the matching bt rows of the tables."""
-    from jax.experimental import pallas as pl
-
     B, T, N, D = rows[0].shape
     bt = next(b for b in (64, 32, 16) if T % b == 0)
     row_spec = pl.BlockSpec((bt, pl.squeezed, D), lambda i, n: (i, n, 0))
