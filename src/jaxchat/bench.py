@@ -147,7 +147,6 @@ def run_bench(preset: str, cfg, base=None, *, steps: int = 10, warmup: int = 2, 
 
     from jaxchat.model.accounting import count, device_peak_flops, mfu
     from jaxchat.model.attention import resolve_backend
-    from jaxchat.model.head import resolve_loss_impl
     from jaxchat.model.rotary import resolve_impl as resolve_rope_norm
     from jaxchat.model.scan import describe as describe_layers
     from jaxchat.train import (ModelFns, batch_sharding, build_optimizer, check_batch_fits, init_state, make_mesh,
@@ -162,8 +161,6 @@ def run_bench(preset: str, cfg, base=None, *, steps: int = 10, warmup: int = 2, 
     k_like = jax.ShapeDtypeStruct((1, T, m.n_kv_head, m.head_dim), jnp.dtype(m.compute_dtype))
     resolved = resolve_backend(m.attention, q_like, k_like)
     rope_norm = resolve_rope_norm(m.rope_norm, q_like.shape, q_like.dtype)
-    loss_impl = resolve_loss_impl(m.loss_impl, B // cfg.train.grad_accum * T, m.vocab_size, m.logit_softcap,
-                                  m.loss_chunk)
 
     fns = ModelFns(cfg)
     optimizer = build_optimizer(cfg)
@@ -220,7 +217,7 @@ def run_bench(preset: str, cfg, base=None, *, steps: int = 10, warmup: int = 2, 
         "xla_mem_estimate_bytes": estimate, "compile_s": compile_s, "compile_cached": compile_cached, "init_s": init_s, "warmup_s": warmup_s,
         "warmup_steps": warmup, "timed_steps": sum(windows), "loss": loss, "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "profile_dir": profile_dir or "", "layers": describe_layers(m), "remat": m.remat,
-        "rope_norm": rope_norm, "loss_impl": loss_impl,
+        "rope_norm": rope_norm,
     }
 
 
@@ -266,8 +263,7 @@ def format_report(r: dict) -> str:
         f"attention {backend_text(r)} | deltas: {', '.join(r['deltas']) or '-'}",
         f"params: {p['total']:,} ({split_text(p, ['embed', 'value_embeds', 'attention', 'mlp', 'lm_head', 've_gates', 'scalars'])})",
         f"FLOPs/token: {human(f['total'])} ({split_text(f, ['lm_head', 'mlp', 'attention', 'gates'])})",
-        f"layers: {r['layers']} | remat {r['remat']} | rope+qk-norm {r.get('rope_norm', '?')} | "
-        f"loss {r.get('loss_impl', '?')}",
+        f"layers: {r['layers']} | remat {r['remat']} | rope+qk-norm {r.get('rope_norm', '?')}",
         f"compile: {r['compile_s']:.1f} s{' (loaded from the persistent compilation cache)' * r['compile_cached']}"
         f" | init {r['init_s']:.1f} s | warmup {r['warmup_steps']} steps "
         f"{r['warmup_s']:.1f} s",

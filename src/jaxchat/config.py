@@ -27,11 +27,10 @@ def _check(cond: bool, msg: str) -> None:
 MLP_KINDS = ("relu2", "gelu", "swiglu", "yatnmn", "yatnmn_softplus")
 ATTENTION_BACKENDS = ("xla", "cudnn", "splash", "auto")  # see model/attention.py; checked at first use
 ROPE_NORM_IMPLS = ("auto", "xla", "pallas")  # RoPE + QK-norm, see model/rotary.py
-LOSS_IMPLS = ("auto", "xla", "pallas")  # soft-capped cross-entropy kernels, see model/head.py
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj", "save_out_proj")  # see model/remat.py
 # Fields that choose how the step is computed, not what it computes: the parameters and their layout do not depend
 # on them, so a run may resume with other values (results then differ only by rounding).
-EXECUTION_FIELDS = ("attention", "rope_norm", "loss_impl", "scan_layers", "remat", "loss_chunk")
+EXECUTION_FIELDS = ("attention", "rope_norm", "scan_layers", "remat", "loss_chunk")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -62,7 +61,6 @@ class ModelConfig:
     yatnmn_eps: float = 1e-3
     attention: str = "xla"  # attention backend, see model/attention.py
     rope_norm: str = "auto"  # RoPE + QK-norm implementation, one of ROPE_NORM_IMPLS (model/rotary.py)
-    loss_impl: str = "auto"  # the training loss's kernels, one of LOSS_IMPLS (model/head.py)
     compute_dtype: str = "float32"  # params stay fp32; matmuls run in this dtype
     scan_layers: bool = False  # run repeating groups of blocks (e.g. SSSL) under lax.scan: one group compiled
     remat: str = "none"  # activation checkpointing policy per block, one of REMAT_POLICIES (model/remat.py)
@@ -83,8 +81,6 @@ class ModelConfig:
                f"model.attention={self.attention!r} is unknown: choose one of {', '.join(ATTENTION_BACKENDS)}")
         _check(self.rope_norm in ROPE_NORM_IMPLS,
                f"model.rope_norm={self.rope_norm!r} is unknown: choose one of {', '.join(ROPE_NORM_IMPLS)}")
-        _check(self.loss_impl in LOSS_IMPLS,
-               f"model.loss_impl={self.loss_impl!r} is unknown: choose one of {', '.join(LOSS_IMPLS)}")
         _check(self.remat in REMAT_POLICIES,
                f"model.remat={self.remat!r} is unknown: choose one of {', '.join(REMAT_POLICIES)}")
         _check(isinstance(self.loss_chunk, int) and self.loss_chunk >= 0,

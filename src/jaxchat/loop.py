@@ -38,7 +38,6 @@ from jaxchat.evaluate import compressor_bpb, eval_rows, evaluate, make_eval_step
 from jaxchat.fileio import write_json_atomic
 from jaxchat.model.accounting import count, device_peak_flops, mfu
 from jaxchat.model.scan import describe as describe_layers
-from jaxchat.model.head import resolve_loss_impl
 from jaxchat.model.rotary import resolve_impl as resolve_rope_norm
 from jaxchat.plan import resolve
 from jaxchat.sample import Sampler
@@ -247,9 +246,8 @@ def _train(cfg, run_dir, ds, fns, optimizer, state, ckpt, mesh, micro, clock, pr
         f"{jax.devices()[0].device_kind} x{mesh.size} | batch {B} x {T} (micro {micro} x {A})")
     m = cfg.model
     rope_norm = resolve_rope_norm(m.rope_norm, (1, T, m.n_head, m.head_dim), m.compute_dtype)
-    loss_impl = resolve_loss_impl(m.loss_impl, micro * T, m.vocab_size, m.logit_softcap, m.loss_chunk)
-    log(f"step: {m.compute_dtype} | attention {m.attention} | rope+qk-norm {rope_norm} | loss {loss_impl} | "
-        f"{describe_layers(m)} | remat {m.remat} | loss chunk {m.loss_chunk or 'off'}")
+    log(f"step: {m.compute_dtype} | attention {m.attention} | rope+qk-norm {rope_norm} | {describe_layers(m)} | "
+        f"remat {m.remat} | loss chunk {m.loss_chunk or 'off'}")
 
     def host_batch(step):  # on the prefetch thread; a pure function of (data seed, step)
         if step >= steps:

@@ -27,7 +27,7 @@ from flax import nnx
 
 from jaxchat.config import ModelConfig
 from jaxchat.model.attention import attend
-from jaxchat.model.head import head_nll, resolve_loss_impl
+from jaxchat.model.head import head_nll
 from jaxchat.model.mlp import F32, Dense, YatNMN, make_mlp
 from jaxchat.model.remat import checkpoint_name, remat
 from jaxchat.model.rotary import rope_norm, rope_tables
@@ -152,8 +152,7 @@ class GPT(nnx.Module):
 
         w_out = self.wte.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
         if targets is not None:
-            impl = resolve_loss_impl(cfg.loss_impl, B * T, cfg.vocab_size, cfg.logit_softcap, cfg.loss_chunk)
-            return head_nll(x, w_out[:, : cfg.vocab_size].astype(dt), targets, cfg.logit_softcap, cfg.loss_chunk, impl)
+            return head_nll(x, w_out[:, : cfg.vocab_size].astype(dt), targets, cfg.logit_softcap, cfg.loss_chunk)
         with jax.named_scope("lm_head"):
             logits = jnp.matmul(x, w_out.astype(dt), preferred_element_type=F32)[..., : cfg.vocab_size]
             if cfg.logit_softcap > 0:

@@ -64,7 +64,7 @@ def pallas_unsupported(x_shape, dtype) -> str | None:
 
 
 def pallas_gpu_unavailable() -> str | None:
-    """Why jaxchat's Pallas GPU kernels (here and in model/head.py) cannot run in this process, or None. They run
+    """Why the Pallas GPU kernels cannot run in this process, or None. They run
     on one CUDA GPU: a pallas_call has no partitioning rule, so under a multi-device mesh XLA would gather its
     sharded inputs onto every device; multi-device runs use the xla implementations."""
     from jaxchat.model.attention import cuda_compute_capability
