@@ -157,14 +157,18 @@ def test_model_loss_chunk_matches_whole_batch():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6, err_msg=name)
 
 
-def test_backward_recomputes_the_softcap_instead_of_storing_it():
-    """XLA must not share the forward's fp32 tanh(z / cap) with the backward's recomputation (common-subexpression
-    elimination across the custom VJP would write it out as an fp32 (N, V) tensor, twice z's bytes): the compiled
-    step holds two tanh, one per direction."""
+@pytest.mark.parametrize("share", [False, True])
+def test_backward_shares_or_recomputes_the_softcap_as_told(monkeypatch, share):
+    """On accelerators XLA must not share the forward's fp32 tanh(z / cap) with the backward's recomputation
+    (common-subexpression elimination across the custom VJP would store it as an fp32 (N, V) tensor, twice z's
+    bytes): the compiled grad then holds two tanh, one per direction. On CPU sharing is allowed: one tanh."""
     import re
 
+    from jaxchat.model import head
+
+    monkeypatch.setattr(head, "share_softcap_with_forward", lambda: share)
     x = jnp.ones((4, 64, 32), jnp.bfloat16)
     w = jnp.ones((32, 512), jnp.bfloat16)
     t = jnp.zeros((4, 64), jnp.int32)
     grad = jax.jit(jax.grad(lambda x, w: head_nll(x, w, t, 15.0, 0).mean(), argnums=(0, 1)))
-    assert len(re.findall(r" tanh\(", grad.lower(x, w).compile().as_text())) == 2
+    assert len(re.findall(r" tanh\(", grad.lower(x, w).compile().as_text())) == (1 if share else 2)

@@ -1,9 +1,11 @@
 """RoPE and QK-norm of queries and keys, as one op: `rope_norm(x, cos, sin, eps=, scale=, impl=)`.
 
-nanochat applies rotary embeddings to q and k, then a parameter-free RMSNorm, then (here) the QK scale 1.2.
-A rotation keeps each (x1_i, x2_i) pair's length, so the RMS of rope(x) is the RMS of x, and the whole op is
+nanochat applies rotary embeddings to q and k, then a parameter-free RMSNorm, then (here) the QK scale 1.2:
 
-    y = rope(x) * scale * rsqrt(mean(x^2) + eps)        (computed in fp32, returned in x's dtype)
+    r = rope(x);  y = r * rsqrt(mean(r^2) + eps) * scale        (computed in fp32, returned in x's dtype)
+
+one fp32 expression with a single cast at the end (in bf16 the steps no longer round between them; in fp32 it
+is the same arithmetic, op for op, as rotating, then normalizing, then scaling).
 
 Implementations (`model.rope_norm`):
 - `xla`: that line in jnp; its gradient by autodiff. Any device, training and decoding.
@@ -17,7 +19,8 @@ Implementations (`model.rope_norm`):
   of 16), else `xla`. (Under a multi-device mesh a pallas_call, having no partitioning rule, would gather its
   inputs onto every device; a shard_map wrapper is not built yet.)
 
-Gradient. With s = scale * (mean(x^2) + eps)^(-1/2), y = s R x (R the rotation) and u = R^T dy:
+Kernel math. A rotation keeps each (x1_i, x2_i) pair's length, so mean(r^2) = mean(x^2): the kernels take the
+RMS from x. With s = scale * (mean(x^2) + eps)^(-1/2), y = s R x (R the rotation) and u = R^T dy:
     dx = s u - (s^3 / (scale^2 D)) (x . u) x
 """
 
@@ -42,13 +45,11 @@ def rope_tables(pos: jax.Array, head_dim: int, base: float) -> tuple[jax.Array, 
 
 
 def rope_norm_xla(x, cos, sin, *, eps: float, scale: float):
-    """The reference: x (B, T, N, D), cos/sin (T, D/2) -> rope(x) * scale * rsqrt(mean(x^2) + eps), x's dtype."""
-    xf = x.astype(F32)
-    x1, x2 = jnp.split(xf, 2, axis=-1)
+    """The reference: x (B, T, N, D), cos/sin (T, D/2) -> RMSNorm(rope(x)) * scale in fp32, returned in x's dtype."""
+    x1, x2 = jnp.split(x.astype(F32), 2, axis=-1)
     c, s = cos[None, :, None, :], sin[None, :, None, :]
-    rot = jnp.concatenate([x1 * c + x2 * s, -x1 * s + x2 * c], axis=-1)
-    r = scale * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return (rot * r).astype(x.dtype)
+    r = jnp.concatenate([x1 * c + x2 * s, -x1 * s + x2 * c], axis=-1)
+    return (r * jax.lax.rsqrt(jnp.mean(r * r, axis=-1, keepdims=True) + eps) * scale).astype(x.dtype)
 
 
 def pallas_unsupported(x_shape, dtype) -> str | None:
