@@ -83,6 +83,18 @@ def test_config_deltas_leave_out_own_columns():
     assert bench.config_deltas(base, cfg) == ["model.n_layer=2"]
 
 
+def test_accum_makes_a_step_of_several_micro_batches():
+    from jaxchat.config import ConfigError
+
+    base, cfg = bench.bench_config("tiny", [], batch=4, seq=64, dtype="float32", accum=3)
+    assert cfg.train.batch_size == 12 and cfg.train.grad_accum == 3
+    assert bench.config_deltas(base, cfg) == []
+    assert bench.batch_text({"batch": 12, "grad_accum": 3}) == "4 x3"
+    assert bench.batch_text({"batch": 12, "grad_accum": 1}) == "12"
+    with pytest.raises(ConfigError, match="--accum 0"):
+        bench.bench_config("tiny", [], batch=4, accum=0)
+
+
 def test_commit_label_can_be_given(monkeypatch):
     monkeypatch.setenv("JAXCHAT_COMMIT", "abc1234-dirty")
     assert bench.git_commit() == "abc1234-dirty"

@@ -37,8 +37,8 @@ from jaxchat.data import Prefetcher, check_manifest, get_batch, load_for_trainin
 from jaxchat.evaluate import compressor_bpb, eval_rows, evaluate, make_eval_step, target_bytes
 from jaxchat.fileio import write_json_atomic
 from jaxchat.model.accounting import count, device_peak_flops, mfu
-from jaxchat.model.scan import describe as describe_layers
 from jaxchat.model.rotary import resolve_impl as resolve_rope_norm
+from jaxchat.model.scan import describe as describe_layers
 from jaxchat.plan import resolve
 from jaxchat.sample import Sampler
 from jaxchat.train import (ModelFns, NonFiniteError, Progress, abstract_state, batch_sharding, build_optimizer,

@@ -12,9 +12,9 @@ Implementations (`model.rope_norm`):
 - `pallas`: one Pallas (Triton) GPU kernel per direction. Forward: each program normalizes and rotates a tile of
   rows (consecutive positions of one head), reading x once and writing y once; the backward is one more kernel
   with the gradient written out by hand (below), reading x and dy once. XLA's fusions of the same math take
-  several passes over q and k (a reduction, the rotation, casts) in each direction. Training path only
-  (positions 0..T-1 of every sequence); decoding always uses `xla`. Needs a CUDA GPU; tests run the same
-  kernels in Pallas's interpreter on CPU.
+  several passes over q and k (a reduction, the rotation, casts) in each direction. The model uses it for
+  training and evaluation; KV-cache decoding always uses `xla`. Needs a CUDA GPU; tests run the same kernels
+  in Pallas's interpreter on CPU.
 - `auto`: `pallas` on a single CUDA GPU where the shapes allow it (head dim a power of two >= 16, T a multiple
   of 16), else `xla`. (Under a multi-device mesh a pallas_call, having no partitioning rule, would gather its
   inputs onto every device; a shard_map wrapper is not built yet.)
@@ -65,9 +65,9 @@ def pallas_unsupported(x_shape, dtype) -> str | None:
 
 
 def pallas_gpu_unavailable() -> str | None:
-    """Why the Pallas GPU kernels cannot run in this process, or None. They run
-    on one CUDA GPU: a pallas_call has no partitioning rule, so under a multi-device mesh XLA would gather its
-    sharded inputs onto every device; multi-device runs use the xla implementations."""
+    """Why the Pallas GPU kernel cannot run in this process, or None. It runs on one CUDA GPU: a pallas_call has
+    no partitioning rule, so under a multi-device mesh XLA would gather its sharded inputs onto every device;
+    multi-device runs use `xla`."""
     from jaxchat.model.attention import cuda_compute_capability
 
     if cuda_compute_capability() is None:
@@ -93,7 +93,7 @@ def resolve_impl(impl: str, x_shape, dtype) -> str:
 
 
 def rope_norm(x, cos, sin, *, eps: float, scale: float, impl: str = "auto"):
-    """RoPE + QK-norm of x (B, T, N, D) at positions 0..T-1 (training), cos/sin from `rope_tables`."""
+    """RoPE + QK-norm of x (B, T, N, D); cos/sin (T, D/2) are `rope_tables` of the T positions."""
     if resolve_impl(impl, x.shape, x.dtype) == "pallas":
         return rope_norm_pallas(x, cos, sin, eps=eps, scale=scale)
     return rope_norm_xla(x, cos, sin, eps=eps, scale=scale)
