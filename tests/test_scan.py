@@ -152,6 +152,22 @@ def test_resume_may_change_execution_options_only():
         check_resume_config(config(n_layer=8), config())
 
 
+def test_compute_dtype_auto_is_resolved_per_device_and_checked_on_resume():
+    """`auto` is float32 on this CPU (bfloat16 on a GPU/TPU); plan.resolve makes it concrete, so a run directory
+    records the dtype, and a resume that would change it is refused while `auto` meaning the saved one is not."""
+    from jaxchat.config import resolve_compute_dtype
+    from jaxchat.plan import resolve
+
+    config = lambda **kw: Config(model=replace(CFG, **kw), data=DataConfig(tokenizer_vocab=CFG.vocab_size))
+    here = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    other = "bfloat16" if here == "float32" else "float32"
+    assert resolve_compute_dtype("auto") == here and resolve_compute_dtype(other) == other
+    assert resolve(config(compute_dtype="auto")).model.compute_dtype == here
+    check_resume_config(config(compute_dtype="auto"), config(compute_dtype=here))
+    with pytest.raises(ConfigError, match=f"model.compute_dtype: checkpoint has '{other}', now 'auto'"):
+        check_resume_config(config(compute_dtype="auto"), config(compute_dtype=other))
+
+
 def test_bad_remat_name_is_refused():
     with pytest.raises(ConfigError, match="model.remat='dot'.*dots_no_batch"):
         replace(CFG, remat="dot")

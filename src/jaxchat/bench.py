@@ -67,8 +67,8 @@ def bench_config(preset: str, sets: list[str], batch: int | None = None, seq: in
                  backend: str | None = None, dtype: str | None = None, accum: int = 1):
     """(preset config, bench config): the preset with --set overrides and its horizon/batch rules resolved
     (`plan.resolve`), then `accum` micro-batches of `batch` sequences per step (default one micro-batch, no
-    accumulation; batch defaults to the preset's micro-batch) and the seq/backend/dtype choices. dtype defaults
-    to bfloat16 on accelerators and to the preset's compute dtype on CPU."""
+    accumulation; batch defaults to the preset's micro-batch) and the seq/backend/dtype choices (defaults: the
+    preset's, i.e. `auto`: cuDNN/splash attention and bf16 compute on accelerators, xla and fp32 on CPU)."""
     import jax
 
     from jaxchat.config import apply_overrides
@@ -82,8 +82,6 @@ def bench_config(preset: str, sets: list[str], batch: int | None = None, seq: in
         resolve = None
     if resolve is not None:
         cfg = resolve(cfg, jax.device_count())
-    if dtype is None and jax.default_backend() != "cpu":
-        dtype = "bfloat16"
     micro = batch or cfg.train.batch_size // cfg.train.grad_accum
     if not (isinstance(accum, int) and accum >= 1):
         raise ConfigError(f"--accum {accum!r}: micro-batches per step must be an integer >= 1")

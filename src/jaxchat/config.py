@@ -24,6 +24,18 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def resolve_compute_dtype(name: str) -> str:
+    """`model.compute_dtype` as a concrete dtype name: "auto" is bfloat16 on an accelerator (GPU, TPU) and float32
+    on CPU, as nanochat autocasts to bf16 on CUDA only. Resolved when a run's config is planned (plan.resolve),
+    so a run directory records the concrete dtype and a resume on another kind of device is refused rather than
+    silently changing the numerics. Asks JAX for its backend, so call it only once JAX may initialise."""
+    if name != "auto":
+        return name
+    import jax
+
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
 MLP_KINDS = ("relu2", "gelu", "swiglu", "yatnmn", "yatnmn_softplus")
 ATTENTION_BACKENDS = ("xla", "cudnn", "splash", "auto")  # see model/attention.py; checked at first use
 ROPE_NORM_IMPLS = ("auto", "xla", "pallas")  # RoPE + QK-norm, see model/rotary.py
@@ -31,7 +43,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj", "sav
 # Fields that choose how the step is computed, not what it computes: the parameters and their layout do not depend
 # on them, so a run may resume with other values (results then differ only by rounding).
 EXECUTION_FIELDS = ("attention", "rope_norm", "scan_layers", "remat", "loss_chunk")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16")  # auto: bfloat16 on a GPU/TPU, float32 on CPU (resolve_compute_dtype)
 
 
 @dataclass(frozen=True)
@@ -59,9 +71,9 @@ class ModelConfig:
     residual_lambdas: bool = True  # resid_lambdas and x0_lambdas
     pad_vocab_to: int = 64  # embedding tables are padded up to a multiple of this
     yatnmn_eps: float = 1e-3
-    attention: str = "xla"  # attention backend, see model/attention.py
+    attention: str = "auto"  # attention backend, see model/attention.py (auto: the fastest that runs here)
     rope_norm: str = "auto"  # RoPE + QK-norm implementation, one of ROPE_NORM_IMPLS (model/rotary.py)
-    compute_dtype: str = "float32"  # params stay fp32; matmuls run in this dtype
+    compute_dtype: str = "auto"  # params stay fp32; matmuls run in this dtype (resolve_compute_dtype)
     scan_layers: bool = False  # run repeating groups of blocks (e.g. SSSL) under lax.scan: one group compiled
     remat: str = "none"  # activation checkpointing policy per block, one of REMAT_POLICIES (model/remat.py)
     loss_chunk: int = 0  # > 0: the fused lm_head + loss runs over chunks of this many tokens (0: all at once)

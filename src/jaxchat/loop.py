@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxchat.checkpoint import (Checkpointer, CheckpointError, append_jsonl, check_run_dir, load_run_config,
                                 lock_run_dir, prepare_run_dir, read_jsonl, reconcile_metrics, remove_debris)
-from jaxchat.config import EXECUTION_FIELDS, Config, ConfigError
+from jaxchat.config import EXECUTION_FIELDS, Config, ConfigError, resolve_compute_dtype
 from jaxchat.data import Prefetcher, check_manifest, get_batch, load_for_training
 from jaxchat.evaluate import compressor_bpb, eval_rows, evaluate, make_eval_step, target_bytes
 from jaxchat.fileio import write_json_atomic
@@ -121,9 +121,11 @@ def check_resume_config(cfg: Config, saved: Config, batch: bool = True) -> None:
     """The model, optimizer and data of a resumed run must be the checkpoint's; so must the global batch (a
     batch is a function of (seed, step, batch size): another size would repeat or skip data), unless `batch` is
     False (a checkpoint imported from elsewhere, whose data order was never jaxchat's)."""
+    same = lambda sec, k, a, b: (a == b or (sec == "model" and k in EXECUTION_FIELDS)
+                                  or (k == "compute_dtype" and resolve_compute_dtype(a) == resolve_compute_dtype(b)))
     diffs = [f"{sec}.{k}: checkpoint has {v!r}, now {getattr(getattr(cfg, sec), k)!r}"
              for sec in ("model", "optim", "data") for k, v in getattr(saved, sec).__dict__.items()
-             if getattr(getattr(cfg, sec), k) != v and not (sec == "model" and k in EXECUTION_FIELDS)]
+             if not same(sec, k, getattr(getattr(cfg, sec), k), v)]
     if batch and cfg.train.batch_size != saved.train.batch_size:
         diffs.append(f"train.batch_size: checkpoint has {saved.train.batch_size}, now {cfg.train.batch_size}")
     if diffs:

@@ -3,14 +3,15 @@
 `resolve(cfg, devices)` returns a Config whose train.num_steps, batch_size and grad_accum are concrete:
 - batch_size -1: nanochat's rule B = 2^round(log2(2^19 (D/D_d12)^0.383)) tokens (optim/scaling.py), in sequences;
 - num_steps -1: target_flops / (flops_per_token * B) if set, else ratio * N / B (N = block matrices + lm_head);
-- device_batch_size > 0: grad_accum = batch_size / (device_batch_size * devices).
+- device_batch_size > 0: grad_accum = batch_size / (device_batch_size * devices);
+and whose model.compute_dtype is concrete ("auto": bfloat16 on a GPU/TPU, float32 on CPU).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from jaxchat.config import Config, ConfigError
+from jaxchat.config import Config, ConfigError, resolve_compute_dtype
 from jaxchat.model.accounting import count
 from jaxchat.optim import build_optimizer, muon_overrides
 from jaxchat.optim import scaling
@@ -45,7 +46,8 @@ def resolve(cfg: Config, devices: int = 1) -> Config:
                               f"= {t.device_batch_size} x {devices}: pick a device_batch_size dividing "
                               f"{batch // devices if batch % devices == 0 else batch}")
         accum = batch // per_step
-    return replace(cfg, train=replace(t, num_steps=steps, batch_size=batch, grad_accum=accum))
+    model = replace(m, compute_dtype=resolve_compute_dtype(m.compute_dtype))
+    return replace(cfg, model=model, train=replace(t, num_steps=steps, batch_size=batch, grad_accum=accum))
 
 
 def make_plan(cfg: Config, devices: int = 1) -> dict:

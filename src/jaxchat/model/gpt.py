@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxchat.config import ModelConfig
+from jaxchat.config import ModelConfig, resolve_compute_dtype
 from jaxchat.model.attention import attend
 from jaxchat.model.head import head_nll
 from jaxchat.model.mlp import F32, Dense, YatNMN, make_mlp
@@ -121,7 +121,7 @@ class GPT(nnx.Module):
         cached sequence and the call returns (logits, new_cache). With `targets` (B, T) (training), it returns
         the per-token fp32 NLL instead, through the fused head (model/head.py): the logits are never stored."""
         cfg = self.config
-        dt = jnp.dtype(cfg.compute_dtype)
+        dt = jnp.dtype(resolve_compute_dtype(cfg.compute_dtype))
         B, T = idx.shape
         start = 0 if cache is None else cache["pos"]
         pos = start + jnp.arange(T)
