@@ -123,3 +123,60 @@ def test_pallas_on_gpu_matches_xla(dtype):
     rel = float(jnp.linalg.norm((g_ker - g_ref).astype(jnp.float32)) / jnp.linalg.norm(g_ref.astype(jnp.float32)))
     assert float(jnp.abs(g_ref.astype(jnp.float32)).max()) > 0.01
     assert rel < (1e-5 if dtype == jnp.float32 else 1e-2)
+
+
+MESH_CHILD = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jaxchat.compilation import enable_compilation_cache
+from jaxchat.model.rotary import rope_norm_pallas, rope_norm_xla, rope_tables
+
+enable_compilation_cache()
+events = []
+jax.monitoring.register_event_listener(lambda name, **_: events.append(name))
+
+mesh = Mesh(np.array(jax.devices()), ("data",))
+B, T, N, D = 16, 32, 2, 32
+x = jax.device_put(3.0 * jax.random.normal(jax.random.key(0), (B, T, N, D)), NamedSharding(mesh, P("data")))
+w = jax.device_put(jax.random.normal(jax.random.key(1), (B, T, N, D)), NamedSharding(mesh, P("data")))
+cos, sin = rope_tables(jnp.arange(T), D, 100000.0)
+def loss(fn):
+    return jax.jit(jax.value_and_grad(lambda x: jnp.sum(fn(x) * w)))
+ker = loss(lambda x: rope_norm_pallas(x, cos, sin, eps=1e-6, scale=1.2, interpret=True))
+ref = loss(lambda x: rope_norm_xla(x, cos, sin, eps=1e-6, scale=1.2))
+(lk, gk), (lr, gr) = ker(x), ref(x)
+hlo = ker.lower(x).compile().as_text()
+json.dump({"devices": jax.device_count(), "loss": [float(lk), float(lr)],
+           "cache_hits": events.count("/jax/compilation_cache/cache_hits"),
+           "grad_err": float(jnp.abs(gk - gr).max()), "grad_max": float(jnp.abs(gr).max()),
+           "grad_spec": [str(a) for a in gk.sharding.spec], "all_gather": "all-gather" in hlo},
+          open(sys.argv[1], "w"))
+"""
+
+
+def test_pallas_kernels_run_per_batch_shard_on_a_mesh(tmp_path):
+    """On 8 devices with the batch split over `data`, each device runs the kernels on its own rows: the values
+    equal the jnp op's, the gradient stays batch-sharded, and the compiled step gathers nothing. A second
+    process finds the custom-partitioned programs in the persistent compilation cache (older JAX versions
+    keyed them by a per-process pointer: jax-ml/jax#21159)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    out = tmp_path / "r.json"
+    env = child_env(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAXCHAT_COMPILE_CACHE=tmp_path / "xla",
+                    JAXCHAT_COMPILE_CACHE_MIN_SECONDS=0)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    runs = []
+    for _ in range(2):
+        subprocess.run([sys.executable, "-c", MESH_CHILD, str(out)], env=env, check=True, timeout=300)
+        runs.append(json.loads(out.read_text()))
+    assert runs[0]["cache_hits"] == 0 and runs[1]["cache_hits"] >= 2  # both jitted programs, loaded
+    r = runs[1]
+    assert r["devices"] == 8
+    np.testing.assert_allclose(r["loss"][0], r["loss"][1], rtol=1e-5)
+    assert r["grad_max"] > 0.05 and r["grad_err"] < 2e-6
+    assert r["grad_spec"][0] == "data" and not r["all_gather"]

@@ -15,9 +15,9 @@ Implementations (`model.rope_norm`):
   several passes over q and k (a reduction, the rotation, casts) in each direction. The model uses it for
   training and evaluation; KV-cache decoding always uses `xla`. Needs a CUDA GPU; tests run the same kernels
   in Pallas's interpreter on CPU.
-- `auto`: `pallas` on a single CUDA GPU where the shapes allow it (head dim a power of two >= 16, T a multiple
-  of 16), else `xla`. (Under a multi-device mesh a pallas_call, having no partitioning rule, would gather its
-  inputs onto every device; a shard_map wrapper is not built yet.)
+- `auto`: `pallas` on CUDA GPUs where the shapes allow it (head dim a power of two >= 16, T a multiple of 16),
+  else `xla`. Under a multi-device mesh the kernels are custom-partitioned over the batch, so each device runs
+  them on its own rows (a bare pallas_call has no partitioning rule: XLA would gather its inputs).
 
 Kernel math. A rotation keeps each (x1_i, x2_i) pair's length, so mean(r^2) = mean(x^2): the kernels take the
 RMS from x. With s = scale * (mean(x^2) + eps)^(-1/2), y = s R x (R the rotation) and u = R^T dy:
@@ -65,17 +65,10 @@ def pallas_unsupported(x_shape, dtype) -> str | None:
 
 
 def pallas_gpu_unavailable() -> str | None:
-    """Why the Pallas GPU kernel cannot run in this process, or None. It runs on one CUDA GPU: a pallas_call has
-    no partitioning rule, so under a multi-device mesh XLA would gather its sharded inputs onto every device;
-    multi-device runs use `xla`."""
+    """Why the Pallas GPU kernel cannot run in this process (no CUDA GPU), or None."""
     from jaxchat.model.attention import cuda_compute_capability
 
-    if cuda_compute_capability() is None:
-        return "no CUDA GPU is visible to JAX"
-    if jax.device_count() > 1:
-        return (f"{jax.device_count()} devices: the kernels are not partitioned across devices (no shard_map "
-                f"wrapper yet)")
-    return None
+    return "no CUDA GPU is visible to JAX" if cuda_compute_capability() is None else None
 
 
 def resolve_impl(impl: str, x_shape, dtype) -> str:
@@ -152,9 +145,53 @@ def _call(kernel, rows: list, cos, sin, *, interpret: bool):
     return out.reshape(B, T, N, D)
 
 
+def _single_device_op(kernel: str, eps: float, scale: float, interpret: bool):
+    """The forward ("fwd": x, cos, sin) or backward ("bwd": x, dy, cos, sin) kernel as a function of arrays."""
+    body = functools.partial(_fwd_kernel if kernel == "fwd" else _bwd_kernel, eps=eps, scale=scale)
+    n_rows = 1 if kernel == "fwd" else 2
+    return lambda *args: _call(body, list(args[:n_rows]), *args[n_rows:], interpret=interpret)
+
+
+@functools.lru_cache(maxsize=None)
+def _per_batch_shard(kernel: str, eps: float, scale: float, interpret: bool):
+    """The kernel as an op XLA partitions over the batch: under a data-parallel mesh each device runs it on its
+    own rows (the tables replicated), where a bare pallas_call, which has no partitioning rule, would have its
+    inputs gathered onto every device. Any sharding of the other axes is undone first (jaxchat shards only the
+    batch)."""
+    from jax.experimental.custom_partitioning import custom_partitioning
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    run = _single_device_op(kernel, eps, scale, interpret)
+    n_rows = 1 if kernel == "fwd" else 2
+
+    def batch_sharded(mesh, arg):
+        spec = getattr(arg.sharding, "spec", ())
+        return NamedSharding(mesh, P(spec[0] if len(spec) else None))
+
+    def infer(mesh, arg_shapes, result_shape):
+        return batch_sharded(mesh, arg_shapes[0])
+
+    def partition(mesh, arg_shapes, result_shape):
+        rows, tables = batch_sharded(mesh, arg_shapes[0]), NamedSharding(mesh, P())
+        return mesh, run, rows, (rows,) * n_rows + (tables, tables)
+
+    op = custom_partitioning(run)
+    op.def_partition(infer_sharding_from_operands=infer, partition=partition,
+                     sharding_rule=", ".join(["b t n d"] * n_rows + ["t h", "t h"]) + " -> b t n d")
+    return op
+
+
+def _kernel_op(kernel: str, eps: float, scale: float, interpret: bool):
+    """The kernel as called: a bare pallas_call on one device (nothing to partition; the path BENCHMARKS.md
+    measured), batch-partitioned under a multi-device mesh."""
+    if jax.device_count() > 1:
+        return _per_batch_shard(kernel, eps, scale, interpret)
+    return _single_device_op(kernel, eps, scale, interpret)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _rope_norm_kernel(x, cos, sin, eps, scale, interpret):
-    return _call(functools.partial(_fwd_kernel, eps=eps, scale=scale), [x], cos, sin, interpret=interpret)
+    return _kernel_op("fwd", eps, scale, interpret)(x, cos, sin)
 
 
 def _rope_norm_kernel_fwd(x, cos, sin, eps, scale, interpret):
@@ -163,8 +200,7 @@ def _rope_norm_kernel_fwd(x, cos, sin, eps, scale, interpret):
 
 def _rope_norm_kernel_bwd(eps, scale, interpret, res, g):
     x, cos, sin = res
-    dx = _call(functools.partial(_bwd_kernel, eps=eps, scale=scale), [x, g.astype(x.dtype)], cos, sin,
-               interpret=interpret)
+    dx = _kernel_op("bwd", eps, scale, interpret)(x, g.astype(x.dtype), cos, sin)
     return dx, jnp.zeros_like(cos), jnp.zeros_like(sin)  # the tables are constants of the positions
 
 
