@@ -1,7 +1,10 @@
 """Validation loss and bits per byte (SPEC §4), next to what general-purpose compressors achieve.
 
 bpb = sum(NLL over targets whose token has bytes > 0) / (ln 2 * sum(bytes of those targets)),
-where a token's bytes is the length of its UTF-8 decoding and special tokens count 0.
+where a token's bytes is the length of its UTF-8 decoding and special tokens count 0. The per-token NLL comes
+from the same fused head as the training loss (model/head.py: logits in the compute dtype, soft-cap and
+log-softmax in fp32, as nanochat evaluates under autocast), so val loss and train loss are one function and no
+fp32 (batch, T, vocab) logits are held.
 The compressor baselines (gzip -9, xz -9e) are measured on exactly the bytes the model is scored on: the
 UTF-8 bytes of the evaluated target tokens, row by row, in order.
 """
@@ -16,15 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxchat.model.gpt import token_nll
-
 
 def make_eval_step(fns, token_bytes: np.ndarray):
     table = jnp.asarray(token_bytes, jnp.int32)
 
     @jax.jit
     def eval_step(params, inputs, targets):
-        nll = token_nll(fns.logits(params, inputs), targets)
+        nll = fns.module(params)(inputs, targets=targets)
         valid = targets >= 0
         nbytes = jnp.where(valid, table[jnp.maximum(targets, 0)], 0)
         return {"nll": jnp.sum(jnp.where(valid, nll, 0.0)), "tokens": jnp.sum(valid),
