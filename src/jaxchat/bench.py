@@ -144,8 +144,7 @@ def run_bench(preset: str, cfg, base=None, *, steps: int = 10, warmup: int = 2, 
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from jaxchat.model.accounting import count, device_peak_flops, mfu
-    from jaxchat.model.attention import resolve_backend
-    from jaxchat.model.rotary import resolve_impl as resolve_rope_norm
+    from jaxchat.model.gpt import resolved_kernels
     from jaxchat.model.scan import describe as describe_layers
     from jaxchat.train import (ModelFns, batch_sharding, build_optimizer, check_batch_fits, init_state, make_mesh,
                                make_train_step, shaped_batch)
@@ -155,10 +154,7 @@ def run_bench(preset: str, cfg, base=None, *, steps: int = 10, warmup: int = 2, 
     check_batch_fits(cfg, mesh.size)
     counts = count(m)
     peak = device_peak_flops()
-    q_like = jax.ShapeDtypeStruct((1, T, m.n_head, m.head_dim), jnp.dtype(m.compute_dtype))
-    k_like = jax.ShapeDtypeStruct((1, T, m.n_kv_head, m.head_dim), jnp.dtype(m.compute_dtype))
-    resolved = resolve_backend(m.attention, q_like, k_like)
-    rope_norm = resolve_rope_norm(m.rope_norm, q_like.shape, q_like.dtype)
+    kernels = resolved_kernels(m)
 
     fns = ModelFns(cfg)
     optimizer = build_optimizer(cfg)
@@ -209,13 +205,13 @@ def run_bench(preset: str, cfg, base=None, *, steps: int = 10, warmup: int = 2, 
         "jax": jax.__version__, "flax": flax.__version__, "preset": preset,
         "deltas": config_deltas(base, cfg) if base is not None else [], "batch": B, "seq": T,
         "grad_accum": cfg.train.grad_accum, "dtype": m.compute_dtype, "backend": m.attention,
-        "backend_resolved": resolved, "tokens_per_step": B * T, "step_s": step_s, "step_s_windows": times,
+        "backend_resolved": kernels["attention"], "tokens_per_step": B * T, "step_s": step_s, "step_s_windows": times,
         "tokens_per_s": tps, "tflops": counts.flops["total"] * tps / 1e12, "mfu": u, "peak_flops": peak,
         "flops_per_token": counts.flops, "params": counts.params, "peak_mem_bytes": peak_device_memory(),
         "xla_mem_estimate_bytes": estimate, "compile_s": compile_s, "compile_cached": compile_cached, "init_s": init_s, "warmup_s": warmup_s,
         "warmup_steps": warmup, "timed_steps": sum(windows), "loss": loss, "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "profile_dir": profile_dir or "", "layers": describe_layers(m), "remat": m.remat,
-        "rope_norm": rope_norm,
+        "rope_norm": kernels["rope_norm"],
     }
 
 

@@ -37,8 +37,7 @@ from jaxchat.data import Prefetcher, check_manifest, get_batch, load_for_trainin
 from jaxchat.evaluate import compressor_bpb, eval_rows, evaluate, make_eval_step, target_bytes
 from jaxchat.fileio import write_json_atomic
 from jaxchat.model.accounting import count, device_peak_flops, mfu
-from jaxchat.model.attention import resolve_backend
-from jaxchat.model.rotary import resolve_impl as resolve_rope_norm
+from jaxchat.model.gpt import resolved_kernels
 from jaxchat.model.scan import describe as describe_layers
 from jaxchat.plan import resolve
 from jaxchat.sample import Sampler
@@ -248,12 +247,10 @@ def _train(cfg, run_dir, ds, fns, optimizer, state, ckpt, mesh, micro, clock, pr
     log(f"model: {counts.params['total']:,} params | {counts.flops['total'] / 1e6:,.1f} MFLOP/token | "
         f"{jax.devices()[0].device_kind} x{mesh.size} | batch {B} x {T} (micro {micro} x {A})")
     m = cfg.model
-    q_like = jax.ShapeDtypeStruct((micro, T, m.n_head, m.head_dim), m.compute_dtype)
-    k_like = jax.ShapeDtypeStruct((micro, T, m.n_kv_head, m.head_dim), m.compute_dtype)
-    attention = resolve_backend(m.attention, q_like, k_like)
-    rope_norm = resolve_rope_norm(m.rope_norm, q_like.shape, m.compute_dtype)
-    log(f"step: {m.compute_dtype} | attention {m.attention}{'->' + attention if attention != m.attention else ''} "
-        f"| rope+qk-norm {rope_norm} | {describe_layers(m)} | remat {m.remat} | loss chunk {m.loss_chunk or 'off'}")
+    run = resolved_kernels(m, micro)
+    attention = m.attention if run["attention"] == m.attention else f"{m.attention}->{run['attention']}"
+    log(f"step: {m.compute_dtype} | attention {attention} | rope+qk-norm {run['rope_norm']} | {describe_layers(m)} | "
+        f"remat {m.remat} | loss chunk {m.loss_chunk or 'off'}")
 
     def host_batch(step):  # on the prefetch thread; a pure function of (data seed, step)
         if step >= steps:

@@ -26,11 +26,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxchat.config import ModelConfig, resolve_compute_dtype
-from jaxchat.model.attention import attend
+from jaxchat.model.attention import attend, resolve_backend
 from jaxchat.model.head import head_nll
 from jaxchat.model.mlp import F32, Dense, YatNMN, make_mlp
 from jaxchat.model.remat import checkpoint_name, remat
-from jaxchat.model.rotary import rope_norm, rope_tables
+from jaxchat.model.rotary import resolve_impl as resolve_rope_norm, rope_norm, rope_tables
 from jaxchat.model.scan import scan_layout
 
 
@@ -224,6 +224,17 @@ class GPT(nnx.Module):
         shape = (batch, max_len, cfg.n_kv_head, cfg.head_dim)
         layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layer)]
         return {"pos": jnp.int32(0), "prev_x": jnp.zeros((batch, cfg.n_embd), F32), "layers": layers}
+
+
+def resolved_kernels(cfg: ModelConfig, batch: int = 1) -> dict:
+    """Which implementations the training step runs for this config on this machine ("auto" resolved):
+    {"attention": xla | cudnn | splash, "rope_norm": xla | pallas}, for the train and bench reports."""
+    dt = jnp.dtype(resolve_compute_dtype(cfg.compute_dtype))
+    T, D = cfg.sequence_len, cfg.head_dim
+    q = jax.ShapeDtypeStruct((batch, T, cfg.n_head, D), dt)
+    k = jax.ShapeDtypeStruct((batch, T, cfg.n_kv_head, D), dt)
+    return {"attention": resolve_backend(cfg.attention, q, k),
+            "rope_norm": resolve_rope_norm(cfg.rope_norm, q.shape, dt)}
 
 
 def token_nll(logits, targets):
