@@ -38,7 +38,7 @@ import jaxchat.loop as loop
 from jaxchat.cli import main
 
 out_path, sets, runs = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3:]  # runs: a [b K]
-calls = []
+calls, trace_meshes = [], []
 real_make = loop.make_train_step
 
 
@@ -71,7 +71,9 @@ def make_train_step(fns, opt):  # loop.py: make_train_step(...).lower(state, bat
             return step
 
     class Spy:
-        def lower(self, *args):
+        def lower(self, *args):  # the mesh set around the trace (splash attention shard_maps over it)
+            mesh = jax.sharding.get_abstract_mesh()
+            trace_meshes.append({} if mesh.empty else dict(mesh.shape))
             return Lowered(jitted.lower(*args))
     return Spy()
 
@@ -112,6 +114,7 @@ if len(runs) > 1:
     loop.get_batch = real_get_batch
     assert main(["train", "--run-dir", runs[1], "--resume"]) == 0
     result["steps_b"] = list(calls)
+result["trace_meshes"] = trace_meshes
 json.dump(result, open(out_path, "w"))
 """
 
@@ -152,7 +155,8 @@ def runs(tmp_path_factory):
 def test_eight_devices_split_the_batch(runs):
     """JAX saw 8 CPU devices, the loop logged a mesh of 8, and every step got a batch split 8 ways along its batch
     axis (one sequence of each micro-batch per device) and a state replicated on all 8; the compiled step
-    all-reduces (the gradients) across them."""
+    all-reduces (the gradients) across them. The step was traced with the mesh set (what splash's shard_map
+    reads)."""
     tmp, out, logs = runs
     eight, one = out[DEVICES], out[1]
     assert eight["devices"] == DEVICES and eight["platform"] == "cpu" and one["devices"] == 1
@@ -165,6 +169,7 @@ def test_eight_devices_split_the_batch(runs):
         assert s["batch_shape"] == [2, 8, 64] and s["shard_shapes"] == ["(2, 1, 64)"], s
         assert s["shard_devices"] == DEVICES and s["state_replicated"] and s["state_devices"] == [DEVICES], s
         assert s["all_reduce"], s
+    assert eight["trace_meshes"] == [{"data": DEVICES}] * 3 and one["trace_meshes"] == [{"data": 1}]
     for s in one["steps_a"]:
         assert s["mesh"] == {"data": 1} and s["shard_shapes"] == ["(2, 8, 64)"] and s["shard_devices"] == 1, s
 

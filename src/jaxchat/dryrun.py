@@ -156,7 +156,8 @@ def dry_run(cfg: Config, memory_limit: int | None = None, max_probes: int = 8, s
 
     def compile_peak(accum: int, device_batch: int) -> tuple[int, object]:
         batch = jax.ShapeDtypeStruct((accum, device_batch * n, T), jnp.int32, sharding=batch_sharding(mesh))
-        compiled = step.lower(abstract, (batch, batch)).compile()
+        with jax.set_mesh(mesh):  # as loop.py: splash attention shard_maps over a multi-device mesh
+            compiled = step.lower(abstract, (batch, batch)).compile()
         return peak_bytes(compiled.memory_analysis()), compiled.memory_analysis()
 
     t0 = time.perf_counter()

@@ -229,8 +229,9 @@ def run_training(cfg: Config, run_dir: str | Path, resume: bool = False, force: 
             state = jax.device_put(init_state(fns, optimizer, cfg.train.init_seed), replicated)
             prior, history = {}, {"restarts": 0, "lost_steps": 0}
         write_json_atomic(run_dir / "config.json", cfg.to_dict())  # the concrete config the run uses
-        return _train(cfg, run_dir, ds, fns, optimizer, state, ckpt, mesh, micro, clock, prior, history, proc,
-                      prompt, log)
+        with jax.set_mesh(mesh):  # traced under the mesh: kernels without a partitioning rule shard_map over it
+            return _train(cfg, run_dir, ds, fns, optimizer, state, ckpt, mesh, micro, clock, prior, history, proc,
+                          prompt, log)
     finally:
         if ckpt is not None:
             ckpt.close()  # an in-flight save of a good state completes even when training failed

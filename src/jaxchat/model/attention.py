@@ -21,8 +21,10 @@ Backends (`model.attention`):
   is a plain `CausalMask`). GQA native: the MHA kernel takes K kv heads and maps q head h to kv head h // (H/K),
   the same grouping as `xla`, so K/V are not repeated. Fused backward kernel (dq, dk, dv in one pass); blocks
   of 512, 256 or 128 (the largest dividing T). Training path only, like `cudnn`; needs a TPU and T a multiple
-  of 128; asking for it elsewhere raises a `ConfigError` that says what to use instead. The kernel builder
-  takes an internal `interpret` flag so tests run the real kernel in Pallas's interpreter on CPU.
+  of 128; asking for it elsewhere raises a `ConfigError` that says what to use instead. Under a mesh whose
+  `data` axis splits the batch (set around the trace with `jax.set_mesh`, as train, bench and the dry run do)
+  the kernel runs under `shard_map`, each chip on its own rows. The kernel builder takes an internal
+  `interpret` flag so tests run the real kernel in Pallas's interpreter on CPU.
 - `auto`: `splash` on a TPU where it can run (T a multiple of 128), else `cudnn` where it can run (CUDA GPU,
   bf16/fp16, head_dim a multiple of 8 and <= 256 on Hopper, <= 128 before), else `xla`. Resolved at trace time
   from the actual shapes and dtype.
@@ -35,6 +37,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jaxchat.config import ConfigError
 
@@ -107,6 +110,18 @@ def cudnn_attention(q, k, v, *, window: int, q_pos, k_pos, k_len=None):
                                         local_window_size=local, implementation="cudnn")
 
 
+DATA_AXIS = "data"  # the mesh axis the batch is split over (train.make_mesh)
+
+
+def data_parallel_size() -> int:
+    """How many ways the batch is split: the size of the `data` axis of the mesh set around the trace
+    (`jax.set_mesh`, as train/bench/dry-run do), 1 with no mesh set."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or DATA_AXIS not in mesh.axis_names:
+        return 1
+    return mesh.shape[DATA_AXIS]
+
+
 SPLASH_BLOCKS = (512, 256, 128)  # splash tiles must be multiples of 128 (TPU lanes); the largest dividing T wins
 
 
@@ -175,9 +190,22 @@ def splash_kernel_attention(q, k, v, *, window: int, block: int | None = None, i
     if block is None:
         block = next(b for b in SPLASH_BLOCKS if T % b == 0)
     kernel = _splash_kernel(T, H, window, block, interpret)
-    qh = jnp.swapaxes(q * (1.0 / math.sqrt(D)), 1, 2)  # (B, H, T, D); the kernel applies no softmax scale
-    kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
-    return jnp.swapaxes(jax.vmap(kernel)(qh, kh, vh), 1, 2)
+
+    def run(q, k, v):  # (b, T, H, D) -> (b, T, H, D), b = the rows this device holds under a mesh
+        qh = jnp.swapaxes(q * (1.0 / math.sqrt(D)), 1, 2)  # (b, H, T, D); the kernel applies no softmax scale
+        kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+        return jnp.swapaxes(jax.vmap(kernel)(qh, kh, vh), 1, 2)
+
+    n = data_parallel_size()
+    if n == 1:
+        return run(q, k, v)
+    if B % n:
+        raise ConfigError(f"splash attention under a mesh of {n} devices on 'data' needs a batch divisible by {n}, "
+                          f"got {B}: make the per-step batch a multiple of {n}")
+    # A pallas_call has no partitioning rule: XLA would gather q, k, v onto every chip and run the whole batch
+    # there. shard_map runs the kernel (forward and its fused backward) on each device's own rows instead.
+    rows = P(DATA_AXIS)
+    return jax.shard_map(run, in_specs=(rows, rows, rows), out_specs=rows, check_vma=False)(q, k, v)
 
 
 def splash_attention(q, k, v, *, window: int, q_pos, k_pos, k_len=None):
