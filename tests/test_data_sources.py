@@ -15,7 +15,7 @@ import pytest
 
 from jaxchat.config import ConfigError, DataConfig
 from jaxchat.data import (DataError, Prefetcher, Tokenizer, batch_indices, check_manifest, get_batch, load_for_training,
-                          load_prepared, open_source, prepare_source, process_slice, verify)
+                          load_prepared, open_source, prepare_source, verify)
 from jaxchat.data.commands import add_parsers
 from jaxchat.data.corpus import stdlib_documents
 from jaxchat.data.shards import read_shard
@@ -228,22 +228,30 @@ def test_same_batch_in_a_new_process(prepared):
     assert got == x.tobytes().hex() + y.tobytes().hex()
 
 
-def test_four_hosts_read_disjoint_slices_covering_the_epoch():
+def test_four_hosts_read_disjoint_parts_covering_the_epoch():
+    """Each host reads the rows of the global batch its devices hold: with 2 accumulated micro-batches of 8 split
+    over 4 hosts, host h holds rows 2h, 2h+1 of each micro-batch, i.e. positions {2h, 2h+1, 8+2h, 8+2h+1} of the
+    global batch (what distributed.local_positions gives for the (accum, micro, T) sharding). The parts are
+    disjoint, put back together they are the global batch, and over an epoch every row is read exactly once."""
     rows = np.arange(103 * 5, dtype=np.int32).reshape(103, 5)  # row i holds 5i..5i+4
-    B, P = 12, 4
+    B, A, P = 16, 2, 4
+    m = B // A
+    positions = [np.array([a * m + j for a in range(A) for j in range(h * m // P, (h + 1) * m // P)])
+                 for h in range(P)]
+    assert sorted(np.concatenate(positions).tolist()) == list(range(B))  # disjoint, covering the batch
     seen = []
     for step in range(103 // B + 2):  # a little past one epoch
         full_x, full_y = get_batch(rows, step, B, seed=1)
-        parts = [get_batch(rows, step, B, seed=1, process_index=p, process_count=P) for p in range(P)]
+        parts = [get_batch(rows, step, B, seed=1, positions=pos) for pos in positions]
         assert all(x.shape == (B // P, 4) for x, _ in parts)
-        assert (np.concatenate([x for x, _ in parts]) == full_x).all()
-        assert (np.concatenate([y for _, y in parts]) == full_y).all()
-        ids = [set((x[:, 0] // 5).tolist()) for x, _ in parts]
-        assert sum(map(len, ids)) == B and len(set().union(*ids)) == B  # disjoint
-        seen.extend(i for p in range(P) for i in batch_indices(step, B, 103, 1)[process_slice(B, p, P)])
+        got_x, got_y = np.empty_like(full_x), np.empty_like(full_y)
+        for pos, (x, y) in zip(positions, parts):
+            got_x[pos], got_y[pos] = x, y
+        assert (got_x == full_x).all() and (got_y == full_y).all()
+        seen.extend((got_x[:, 0] // 5).tolist())  # the rows the hosts read, in global batch order
     assert sorted(seen[:103]) == list(range(103))  # the first epoch: every row exactly once
-    with pytest.raises(ValueError, match="divisible by 5"):
-        process_slice(12, 0, 5)
+    with pytest.raises(ValueError, match="global batch of 16 rows, got 0..16"):
+        get_batch(rows, 0, B, seed=1, positions=np.arange(17))
 
 
 def test_prefetcher():

@@ -266,8 +266,8 @@ def poisoned(steps):
 
     real = loop.get_batch
 
-    def get_batch(rows, step, bs, seed):
-        x, y = real(rows, step, bs, seed)
+    def get_batch(rows, step, bs, seed, **kw):
+        x, y = real(rows, step, bs, seed, **kw)
         if step in steps:
             x = x.copy()
             x[0, 0] = 10**6

@@ -88,10 +88,10 @@ class Crash(Exception):
 def crash_at(step):  # the batch of step `step` is never made: the run dies right after saving step `step`
     real = loop.get_batch
 
-    def get_batch(rows, s, bs, seed):
+    def get_batch(rows, s, bs, seed, **kw):
         if s == step:
             raise Crash(f"crash before step {step + 1}")
-        return real(rows, s, bs, seed)
+        return real(rows, s, bs, seed, **kw)
     return get_batch
 
 

@@ -76,7 +76,8 @@ def reference(tmp_path_factory):
     run = tmp_path_factory.mktemp("ref") / "run"
     calls, inits = [], []
     real_batch, real_init = loop.get_batch, loop.init_state
-    loop.get_batch = lambda rows, step, bs, seed: calls.append((step, seed)) or real_batch(rows, step, bs, seed)
+    loop.get_batch = lambda rows, step, bs, seed, **kw: calls.append((step, seed)) or real_batch(rows, step, bs,
+                                                                                                 seed, **kw)
     loop.init_state = lambda fns, opt, seed: inits.append(seed) or real_init(fns, opt, seed)
     try:
         assert main(train_args(run)) == 0
@@ -244,7 +245,7 @@ def test_sigkill_mid_save_then_resume_is_exact(reference, tmp_path, capsys):
 
     capsys.readouterr()
     asked, real = [], loop.get_batch
-    loop.get_batch = lambda rows, step, bs, seed: asked.append(step) or real(rows, step, bs, seed)
+    loop.get_batch = lambda rows, step, bs, seed, **kw: asked.append(step) or real(rows, step, bs, seed, **kw)
     try:
         assert main(["train", "--run-dir", str(run), "--resume", "--set", "train.eval_every=8"]) == 0
     finally:

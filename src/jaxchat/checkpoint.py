@@ -254,14 +254,15 @@ class Checkpointer:
             self.manager.close()
 
 
-def reconcile_metrics(run_dir: Path, step: int, meta: dict) -> dict:
+def reconcile_metrics(run_dir: Path, step: int, meta: dict, write: bool = True) -> dict:
     """Make metrics.jsonl hold exactly the records of steps <= `step` (the checkpoint being resumed), each
     (kind, step) once: a killed process may have logged steps after its last checkpoint (they will be
     recomputed) and may have died mid-line. Dropped records are appended to metrics.discarded.jsonl.
 
     Returns what was done and the progress lost: `lost_s` sums, over each process that logged after the
     checkpoint, the time from the checkpoint's save (for the process that wrote it) or from the process's start
-    (for a later one that died before its own first save) to its last record."""
+    (for a later one that died before its own first save) to its last record. With write=False it only
+    reports (what the other processes of a multi-process run do)."""
     path = run_dir / "metrics.jsonl"
     records, bad = read_jsonl(path)
     keep, dropped, seen, dupes = [], [], set(), 0
@@ -283,7 +284,7 @@ def reconcile_metrics(run_dir: Path, step: int, meta: dict) -> dict:
         if start is not None:
             lost_s += max(0.0, max(times) - float(start))
     lost_steps = sorted({r["step"] for r in dropped if "loss" in r})
-    if dropped or bad or dupes:
+    if write and (dropped or bad or dupes):
         if dropped:
             append_jsonl(run_dir / "metrics.discarded.jsonl", dropped)
         write_jsonl_atomic(path, keep)

@@ -20,8 +20,10 @@ USER_ERRORS = (ConfigError, CheckpointError, InteropError, FileNotFoundError)
 
 
 def cmd_train(args) -> None:
+    from jaxchat.distributed import initialize
     from jaxchat.loop import run_training
 
+    initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)  # before any device use
     run_dir = Path(args.run_dir or f"runs/{args.preset or 'tiny'}")
     if args.resume and not args.preset:
         cfg = load_run_config(run_dir)  # continue the run with its own config (plus any --set)
@@ -138,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "largest device batch that fits; allocates no weights, writes nothing")
     t.add_argument("--memory-limit", metavar="SIZE",
                    help="--dry-run: device memory to fit into, e.g. 80GB (default: the device's; host RAM on CPU)")
+    d = t.add_argument_group("several processes (multi-host; run the same command in each, run dir on a shared "
+                             "filesystem; process 0 writes and prints)")
+    d.add_argument("--distributed", action="store_true",
+                   help="join a multi-process job JAX detects by itself (TPU pod slice, SLURM, Open MPI)")
+    d.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address, for a job started by hand")
+    d.add_argument("--num-processes", type=int, metavar="N", help="processes in the job (with --coordinator)")
+    d.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0..N-1 (with --coordinator)")
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("eval", help="validation loss and bits per byte of a run's checkpoint")

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxchat.distributed import global_array, local_positions
+
 
 def make_eval_step(fns, token_bytes: np.ndarray):
     table = jnp.asarray(token_bytes, jnp.int32)
@@ -48,8 +50,10 @@ def evaluate(eval_step, params, rows: np.ndarray, batch_size: int, sharding=None
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
         x, y = chunk[:, :-1], chunk[:, 1:]
-        if sharding is not None and len(chunk) % sharding.mesh.size == 0:
-            x, y = jax.device_put(x, sharding), jax.device_put(y, sharding)
+        if sharding is not None and len(chunk) % sharding.mesh.size == 0:  # rows split over the mesh
+            shape = x.shape
+            mine = local_positions(sharding, shape, axis=0)  # (several processes: the rows this one's devices hold)
+            x, y = (global_array(np.ascontiguousarray(a[mine]), sharding, shape) for a in (x, y))
         out = jax.device_get(eval_step(params, x, y))
         for k in tot:
             tot[k] += float(out[k])

@@ -14,6 +14,10 @@ the state at step K (params, optimizer state, step, skip counter) is all a resum
 sampling read the params and never touch training state. The loss of step s is written to metrics.jsonl before
 the checkpoint of step s is saved, so a resumed run neither loses nor repeats a record.
 
+Several processes (distributed.py) run this same function: all of them check, restore, train, evaluate and
+save (Orbax writes each checkpoint from all of them); process 0 alone prepares the dataset first, writes the
+run directory's own files and prints, with a barrier wherever another process must not run ahead of it.
+
 Wall time is charged, moment by moment, to one part (setup, data, compile, train, eval, checkpoint, sample,
 restarts, other), so the parts add up to the total. The totals are cumulative over the processes of a run:
 each checkpoint stores the split so far, and a resume adds the time the killed process spent after its last
@@ -28,12 +32,14 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxchat.checkpoint import (Checkpointer, CheckpointError, append_jsonl, check_run_dir, load_run_config,
                                 lock_run_dir, prepare_run_dir, read_jsonl, reconcile_metrics, remove_debris)
 from jaxchat.config import EXECUTION_FIELDS, Config, ConfigError, resolve_compute_dtype
 from jaxchat.data import Prefetcher, check_manifest, get_batch, load_for_training
+from jaxchat.distributed import global_array, is_primary, local_positions, over_processes, sync
 from jaxchat.evaluate import compressor_bpb, eval_rows, evaluate, make_eval_step, target_bytes
 from jaxchat.fileio import write_json_atomic
 from jaxchat.model.accounting import count, device_peak_flops, mfu
@@ -151,32 +157,44 @@ def _restore(cfg: Config, ckpt: Checkpointer, abstract: dict, clock: Clock):
         return ckpt.restore(abstract, step)
 
 
-def _repair(run_dir: Path, step: int, meta: dict, ckpt: Checkpointer, log) -> tuple[dict, dict]:
+def _repair(run_dir: Path, step: int, meta: dict, ckpt: Checkpointer, log, write: bool = True) -> tuple[dict, dict]:
     """Remove the debris of interrupted saves, make metrics.jsonl end at `step`, and account the lost progress.
-    Returns (prior, history): the run's wall-time split up to the checkpoint plus the lost time, and counts."""
-    removed = remove_debris(run_dir)
-    if removed:
-        log(f"resume: removed {len(removed)} incomplete checkpoint(s) left by an interrupted save: "
-            f"{', '.join(removed)} (never committed; Orbax renames a step into place only when it is complete)")
-    rec = reconcile_metrics(run_dir, step, meta)
-    if rec["dropped"]:
-        lost = rec["lost_steps"]
-        span = f"steps {lost[0]}-{lost[-1]}" if len(lost) > 1 else (f"step {lost[0]}" if lost else "no steps")
-        log(f"resume: metrics.jsonl had {rec['dropped']} record(s) after step {step} ({span}), logged by a "
-            f"process that died after its last checkpoint; moved them to metrics.discarded.jsonl (they are "
-            f"recomputed now)")
-    if rec["unreadable_lines"] or rec["duplicates"]:
-        log(f"resume: metrics.jsonl: dropped {rec['unreadable_lines']} unreadable line(s) and "
-            f"{rec['duplicates']} duplicate record(s)")
+    Returns (prior, history): the run's wall-time split up to the checkpoint plus the lost time, and counts.
+    Every process reads metrics.jsonl for them; then the one that `write`s (process 0) changes the run
+    directory while the others wait."""
+    rec = reconcile_metrics(run_dir, step, meta, write=False)
+    prior, history = _resumed_totals(meta, rec)
+    sync("metrics-read")
+    if write:
+        removed = remove_debris(run_dir)
+        if removed:
+            log(f"resume: removed {len(removed)} incomplete checkpoint(s) left by an interrupted save: "
+                f"{', '.join(removed)} (never committed; Orbax renames a step into place only when it is complete)")
+        reconcile_metrics(run_dir, step, meta)
+        if rec["dropped"]:
+            lost = rec["lost_steps"]
+            span = f"steps {lost[0]}-{lost[-1]}" if len(lost) > 1 else (f"step {lost[0]}" if lost else "no steps")
+            log(f"resume: metrics.jsonl had {rec['dropped']} record(s) after step {step} ({span}), logged by a "
+                f"process that died after its last checkpoint; moved them to metrics.discarded.jsonl (they are "
+                f"recomputed now)")
+        if rec["unreadable_lines"] or rec["duplicates"]:
+            log(f"resume: metrics.jsonl: dropped {rec['unreadable_lines']} unreadable line(s) and "
+                f"{rec['duplicates']} duplicate record(s)")
+        lost = (f"; the interrupted process lost {len(rec['lost_steps'])} step(s), {rec['lost_s']:.1f}s of work, "
+                f"since that checkpoint" if rec["dropped"] else "")
+        log(f"resumed {run_dir} at step {step} (the latest committed checkpoint of {ckpt.all_steps()}){lost}")
+        append_jsonl(run_dir / "restarts.jsonl", [{"time": round(time.time(), 3), "step": step, "removed": removed,
+                                                   **rec, "history": history}])
+    sync("repaired")
+    return prior, history
+
+
+def _resumed_totals(meta: dict, rec: dict) -> tuple[dict, dict]:
+    """(prior, history) of a resumed run: the checkpoint's wall-time split plus the lost time, and counts."""
     history = dict(meta.get("history") or {"restarts": 0, "lost_steps": 0})
     history = {"restarts": history["restarts"] + 1, "lost_steps": history["lost_steps"] + len(rec["lost_steps"])}
     prior = {k: float(v) for k, v in (meta.get("time_s") or {}).items()}
     prior["restarts"] = prior.get("restarts", 0.0) + rec["lost_s"]
-    lost = (f"; the interrupted process lost {len(rec['lost_steps'])} step(s), {rec['lost_s']:.1f}s of work, since "
-            f"that checkpoint" if rec["dropped"] else "")
-    log(f"resumed {run_dir} at step {step} (the latest committed checkpoint of {ckpt.all_steps()}){lost}")
-    append_jsonl(run_dir / "restarts.jsonl", [{"time": round(time.time(), 3), "step": step, "removed": removed,
-                                               **rec, "history": history}])
     return prior, history
 
 
@@ -185,6 +203,9 @@ def run_training(cfg: Config, run_dir: str | Path, resume: bool = False, force: 
     clock = Clock("setup")
     proc = round(time.time(), 3)  # this process's id in metrics records (its start time)
     run_dir = Path(run_dir)
+    primary = is_primary()  # with several processes (distributed.py), process 0 writes the run's files and logs
+    if not primary:
+        log = _quiet
 
     # 1. checks that read nothing big and write nothing
     mesh = make_mesh()
@@ -194,44 +215,50 @@ def run_training(cfg: Config, run_dir: str | Path, resume: bool = False, force: 
     if resume:
         check_resume_config(cfg, load_run_config(run_dir), batch=False)  # (the checkpoint's is checked below)
     check_data_inputs(cfg)
+    sync("checked")  # every process has looked at the run directory before process 0 changes it
 
     fns = ModelFns(cfg)
     optimizer = build_optimizer(cfg, None)
     replicated = NamedSharding(mesh, P())  # params and moments replicated over the mesh
     abstract = abstract_state(fns, optimizer, replicated)
     # an existing run is locked from here on: no second process resumes or deletes it meanwhile
-    lock, ckpt = (lock_run_dir(run_dir) if run_dir.is_dir() else None), None
+    lock, ckpt = (lock_run_dir(run_dir) if primary and run_dir.is_dir() else None), None
     try:
         # 2. --resume: the checkpoint (a missing, damaged or mismatched one fails here, before any work)
         if resume:
             ckpt = Checkpointer(run_dir, keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every)
             state, meta = _restore(cfg, ckpt, abstract, clock)
 
-        # 3. data
+        # 3. data (process 0 prepares it first; the others then find it in the cache)
         with clock("data"):
-            ds = load_dataset(cfg, log)
+            ds = load_dataset(cfg, log) if primary else None
+            sync("data")
+            ds = ds or load_dataset(cfg, log)
         check_vocab(cfg, ds.tokenizer)
         if resume:
             check_run_tokenizer(run_dir, ds.tokenizer)
             check_manifest(run_dir, ds)  # the same dataset (and packing) as the run's data.json records
 
-        # 4. only now, the run directory changes
+        # 4. only now, the run directory changes (process 0 alone writes; the others wait for it)
         if resume:
-            prior, history = _repair(run_dir, int(state["step"]), meta, ckpt, log)
+            prior, history = _repair(run_dir, int(state["step"]), meta, ckpt, log, write=primary)
         else:
-            prepare_run_dir(run_dir, resume, force)
-            if lock is not None:
-                os.close(lock)
-            lock = lock_run_dir(run_dir)
+            if primary:
+                prepare_run_dir(run_dir, resume, force)
+                if lock is not None:
+                    os.close(lock)
+                lock = lock_run_dir(run_dir)
+                ds.tokenizer.save(run_dir / "tokenizer.json")  # (atomic)
+                write_json_atomic(run_dir / "data.json", {k: v for k, v in ds.info.items() if k != "timings_s"})
+            sync("run-dir")
             ckpt = Checkpointer(run_dir, keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every)
-            ds.tokenizer.save(run_dir / "tokenizer.json")  # (atomic)
-            write_json_atomic(run_dir / "data.json", {k: v for k, v in ds.info.items() if k != "timings_s"})
-            state = jax.device_put(init_state(fns, optimizer, cfg.train.init_seed), replicated)
+            state = jax.jit(lambda: init_state(fns, optimizer, cfg.train.init_seed), out_shardings=replicated)()
             prior, history = {}, {"restarts": 0, "lost_steps": 0}
-        write_json_atomic(run_dir / "config.json", cfg.to_dict())  # the concrete config the run uses
+        if primary:
+            write_json_atomic(run_dir / "config.json", cfg.to_dict())  # the concrete config the run uses
         with jax.set_mesh(mesh):  # traced under the mesh: kernels without a partitioning rule shard_map over it
             return _train(cfg, run_dir, ds, fns, optimizer, state, ckpt, mesh, micro, clock, prior, history, proc,
-                          prompt, log)
+                          prompt, log, primary)
     finally:
         if ckpt is not None:
             ckpt.close()  # an in-flight save of a good state completes even when training failed
@@ -239,35 +266,45 @@ def run_training(cfg: Config, run_dir: str | Path, resume: bool = False, force: 
             os.close(lock)
 
 
-def _train(cfg, run_dir, ds, fns, optimizer, state, ckpt, mesh, micro, clock, prior, history, proc, prompt, log):
+def _quiet(*args, **kwargs) -> None:
+    """The log of a process other than 0: process 0 prints for the run."""
+
+
+def _train(cfg, run_dir, ds, fns, optimizer, state, ckpt, mesh, micro, clock, prior, history, proc, prompt, log,
+           primary=True):
     sharding = batch_sharding(mesh)
     counts = count(cfg.model)
     peak = device_peak_flops()
     start = int(state["step"])
     steps, B, T, A = cfg.train.num_steps, cfg.train.batch_size, cfg.model.sequence_len, cfg.train.grad_accum
     log(f"model: {counts.params['total']:,} params | {counts.flops['total'] / 1e6:,.1f} MFLOP/token | "
-        f"{jax.devices()[0].device_kind} x{mesh.size} | batch {B} x {T} (micro {micro} x {A})")
+        f"{jax.devices()[0].device_kind} x{mesh.size}{over_processes()} | batch {B} x {T} (micro {micro} x {A})")
     m = cfg.model
     run = resolved_kernels(m, micro)
     attention = m.attention if run["attention"] == m.attention else f"{m.attention}->{run['attention']}"
     log(f"step: {m.compute_dtype} | attention {attention} | rope+qk-norm {run['rope_norm']} | {describe_layers(m)} | "
         f"remat {m.remat} | loss chunk {m.loss_chunk or 'off'}")
 
+    shape = (A, B // A, T)  # (accum, micro-batch, time), the micro-batch split over the mesh
+    mine = local_positions(sharding, shape, axis=1)  # the rows of each micro-batch this process's devices hold
+    positions = (np.arange(A)[:, None] * (B // A) + mine[None, :]).reshape(-1)  # ... as rows of the global batch
+
     def host_batch(step):  # on the prefetch thread; a pure function of (data seed, step)
         if step >= steps:
             return None
-        x, y = get_batch(ds.train_rows, step, B, cfg.data.data_seed)
+        x, y = get_batch(ds.train_rows, step, B, cfg.data.data_seed, positions=positions)
         return shaped_batch(x, y, A)
 
     with clock("compile"):
-        batch_shape = jax.ShapeDtypeStruct((A, B // A, T), jax.numpy.int32, sharding=sharding)
+        batch_shape = jax.ShapeDtypeStruct(shape, jax.numpy.int32, sharding=sharding)
         step_fn = make_train_step(fns, optimizer).lower(state, (batch_shape, batch_shape)).compile()
         eval_step = make_eval_step(fns, ds.tokenizer.token_bytes())
     val = eval_rows(ds.val_rows, micro, cfg.train.eval_tokens)
     metrics_path = run_dir / "metrics.jsonl"
 
     def log_metrics(rec):
-        append_jsonl(metrics_path, [{**rec, "time": round(time.time(), 3), "proc": proc}])
+        if primary:
+            append_jsonl(metrics_path, [{**rec, "time": round(time.time(), 3), "proc": proc}])
 
     logged_evals = {r["step"] for r in read_jsonl(metrics_path)[0] if "val_loss" in r}  # (a resumed run's)
 
@@ -287,7 +324,7 @@ def _train(cfg, run_dir, ds, fns, optimizer, state, ckpt, mesh, micro, clock, pr
             ckpt.save(step, state, {"config": cfg.to_dict(), "time_s": totals(), "saved_at": time.time(),
                                     "proc": proc, "history": history})
 
-    progress = Progress(steps, start, cfg.train.log_every)
+    progress = Progress(steps, start, cfg.train.log_every, shown=primary)
     reporter = Reporter(cfg, counts, peak, mesh.size, clock, log_metrics, progress)
 
     pending = None
@@ -296,7 +333,7 @@ def _train(cfg, run_dir, ds, fns, optimizer, state, ckpt, mesh, micro, clock, pr
     try:
         for step in range(start, steps):
             with clock("data"):  # the wait for the prefetched batch, and its copy to the devices
-                batch = jax.device_put(prefetch.get(step), sharding)
+                batch = tuple(global_array(a, sharding, shape) for a in prefetch.get(step))
             state, metrics = step_fn(state, batch)
             if pending is not None:  # fetch the previous step's metrics while this one runs
                 reporter(*pending)
@@ -338,7 +375,8 @@ def _train(cfg, run_dir, ds, fns, optimizer, state, ckpt, mesh, micro, clock, pr
                "time_s": {k: round(v, 2) for k, v in parts.items()},
                "process_wall_s": round(time.perf_counter() - clock.t0, 2), **history,
                "sample": sample, "params": counts.params["total"], "skipped_steps": int(state["skipped"])}
-    write_json_atomic(run_dir / "summary.json", summary)
+    if primary:
+        write_json_atomic(run_dir / "summary.json", summary)
     log(f"\nval loss {final['val_loss']:.4f} | val bpb {final['val_bpb']:.4f} "
         f"(gzip -9: {ref['gzip_bpb']:.3f}, xz -9e: {ref['xz_bpb']:.3f} bits/byte on the same {final['val_bytes']:,} bytes)")
     log("time: " + " | ".join(f"{k} {fmt_time(v)}" for k, v in parts.items()) + f" | total {fmt_time(wall)}"

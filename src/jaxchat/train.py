@@ -140,10 +140,12 @@ def shaped_batch(inputs: np.ndarray, targets: np.ndarray, grad_accum: int):
 
 
 class Progress:
-    """A live progress line on a terminal (tqdm: step, loss, tokens/s, MFU, ETA); plain log lines otherwise."""
+    """A live progress line on a terminal (tqdm: step, loss, tokens/s, MFU, ETA); plain log lines otherwise;
+    nothing at all when not `shown` (the processes other than 0 of a multi-process run)."""
 
-    def __init__(self, total: int, initial: int, log_every: int):
-        self.tty = sys.stderr.isatty()
+    def __init__(self, total: int, initial: int, log_every: int, shown: bool = True):
+        self.shown = shown
+        self.tty = shown and sys.stderr.isatty()
         self.log_every = log_every
         self.total = total
         self.t0 = time.perf_counter()
@@ -156,7 +158,7 @@ class Progress:
         if self.tty:
             self.bar.n = step
             self.bar.set_postfix_str(text, refresh=True)
-        elif step % self.log_every == 0 or step == self.total:
+        elif self.shown and (step % self.log_every == 0 or step == self.total):
             done = step - self.initial
             el = time.perf_counter() - self.t0
             eta = el / max(done, 1) * (self.total - step)
@@ -165,7 +167,7 @@ class Progress:
     def write(self, text: str) -> None:
         if self.tty:
             self.bar.write(text)
-        else:
+        elif self.shown:
             print(text, flush=True)
 
     def close(self):

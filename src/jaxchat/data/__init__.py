@@ -20,7 +20,7 @@ Typical use:
 
 from .corpus import split_train_val, stdlib_documents
 from .dataset import Dataset, prepare_dataset
-from .loader import Prefetcher, batch_indices, get_batch, iter_eval_batches, process_slice
+from .loader import Prefetcher, batch_indices, get_batch, iter_eval_batches
 from .packing import iter_pack_bestfit, pack_bestfit, split_long_docs
 from .prepare import prepare_source
 from .prepared import PreparedDataset, check_manifest, load_for_training, load_prepared, verify
@@ -31,6 +31,6 @@ from .tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
 __all__ = [
     "Dataset", "prepare_dataset", "Tokenizer", "SPECIAL_TOKENS", "SPLIT_PATTERN", "stdlib_documents",
     "split_train_val", "pack_bestfit", "iter_pack_bestfit", "split_long_docs", "batch_indices", "get_batch",
-    "iter_eval_batches", "process_slice", "Prefetcher", "prepare_source", "PreparedDataset", "load_for_training",
+    "iter_eval_batches", "Prefetcher", "prepare_source", "PreparedDataset", "load_for_training",
     "load_prepared", "check_manifest", "verify", "DataError", "read_shard", "write_shard", "open_source",
 ]

@@ -12,9 +12,9 @@ The permutations of the last few epochs asked for are cached.
 Shapes: rows (N, T+1) int32 (or the uint16/uint32 memmap of a prepared dataset) -> inputs (B, T) =
 rows[:, :-1], targets (B, T) = rows[:, 1:], both int32.
 
-Multi-host: with process_count P, process p reads only its contiguous slice [p*B/P, (p+1)*B/P) of the global
-batch (the layout `jax.make_array_from_process_local_data` expects), so the P slices of a step are disjoint
-and together are the global batch. (The training loop is single-process so far and reads the whole batch.)
+Multi-host: each process reads only the rows of the global batch its devices hold (`positions`, from the
+batch sharding: distributed.py), so the processes' parts of a step are disjoint and together are the global
+batch, whatever the number of processes.
 `Prefetcher` computes the next batches on a background thread.
 """
 
@@ -59,28 +59,22 @@ def split_row(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(batch[:, :-1]), np.ascontiguousarray(batch[:, 1:])
 
 
-def process_slice(batch_size: int, process_index: int = 0, process_count: int = 1) -> slice:
-    """The rows of a global batch that process `process_index` of `process_count` reads."""
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} must lie in [0, process_count={process_count})")
-    if batch_size % process_count:
-        raise ValueError(f"the global batch of {batch_size} rows does not split evenly over {process_count} "
-                         f"processes: use a batch size divisible by {process_count}")
-    per = batch_size // process_count
-    return slice(process_index * per, (process_index + 1) * per)
-
-
-def get_batch(rows: np.ndarray, step: int, batch_size: int, seed: int, process_index: int = 0,
-              process_count: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """(inputs, targets) int32 of the batch at `step`: the whole global batch (B, T), or with process_count > 1
-    this process's slice (B / process_count, T) of it. `rows` may be a read-only memmap."""
-    idx = batch_indices(step, batch_size, rows.shape[0], seed)[process_slice(batch_size, process_index,
-                                                                             process_count)]
+def get_batch(rows: np.ndarray, step: int, batch_size: int, seed: int,
+              positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, targets) int32 of the batch at `step`: the whole global batch (B, T), or only its rows at
+    `positions` (indices into the global batch, e.g. the rows one process's devices hold: distributed.py).
+    `rows` may be a read-only memmap."""
+    idx = batch_indices(step, batch_size, rows.shape[0], seed)
+    if positions is not None:
+        positions = np.asarray(positions)
+        if positions.size and (positions.min() < 0 or positions.max() >= batch_size):
+            raise ValueError(f"positions must index the global batch of {batch_size} rows, got "
+                             f"{positions.min()}..{positions.max()}")
+        idx = idx[positions]
     order = np.argsort(idx, kind="stable")  # read the memmap in file order, then put the rows back
     batch = np.empty((idx.size, rows.shape[1]), dtype=rows.dtype)
     batch[order] = rows[idx[order]]
     return split_row(batch)
-
 
 
 def put_unless_stopped(q: queue.Queue, item, stop: threading.Event, poll: float = 0.05) -> bool:
