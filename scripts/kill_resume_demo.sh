@@ -45,7 +45,8 @@ $PY - "$OUT/straight" "$OUT/killed" "$STEPS" <<'EOF'
 import json, sys
 import jax, numpy as np
 from jaxchat.loop import load_run
-from jaxchat.checkpoint import Checkpointer, load_run_config
+from jaxchat.checkpoint import Checkpointer
+from jaxchat.rundir import load_run_config
 from jaxchat.train import ModelFns, abstract_state, build_optimizer
 
 a, b, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])

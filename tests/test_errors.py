@@ -153,7 +153,7 @@ def test_existing_run_needs_resume_or_force(fake_run, capsys):
 
 
 def test_run_in_use_by_another_process(fake_run, capsys):
-    from jaxchat.checkpoint import lock_run_dir
+    from jaxchat.rundir import lock_run_dir
 
     fd = lock_run_dir(fake_run)  # as a live `jaxchat train` on this run holds it
     try:

@@ -16,7 +16,8 @@ import optax
 import pytest
 
 from conftest import fixture_path
-from jaxchat.checkpoint import Checkpointer, CheckpointError, load_run_config
+from jaxchat.checkpoint import Checkpointer, CheckpointError
+from jaxchat.rundir import load_run_config
 from jaxchat.cli import main as cli_main
 from jaxchat.config import Config, DataConfig
 from jaxchat.interop import common
@@ -177,7 +178,7 @@ def test_import_force_never_deletes_a_run_in_use(flaxchat, tmp_path):
     import fcntl
     import os
 
-    from jaxchat.checkpoint import lock_run_dir
+    from jaxchat.rundir import lock_run_dir
 
     run = tmp_path / "busy"
     run.mkdir()

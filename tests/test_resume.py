@@ -46,7 +46,7 @@ def train_args(run_dir, *sets, preset=True, base=REF["set"]):
 # shared fixtures
 
 def state_leaves(run_dir, step):
-    from jaxchat.checkpoint import load_run_config
+    from jaxchat.rundir import load_run_config
     from jaxchat.train import ModelFns, abstract_state, build_optimizer
 
     cfg = load_run_config(run_dir)
@@ -123,7 +123,7 @@ def same_build(env: dict) -> bool:
 def test_seeds_are_independent(reference):
     """init_seed sets the initial params only and data_seed the batch order only: the loop passes each to its
     own consumer, and changing one leaves the other's effect bitwise unchanged."""
-    from jaxchat.checkpoint import load_run_config
+    from jaxchat.rundir import load_run_config
     from jaxchat.data import get_batch as gb
     from jaxchat.train import ModelFns, build_optimizer, init_state
 
@@ -155,7 +155,7 @@ def test_sample_does_not_touch_training(reference):
     covered by the SIGKILL test, whose first process evaluates every 2 steps.)"""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from jaxchat.checkpoint import load_run_config
+    from jaxchat.rundir import load_run_config
     from jaxchat.data import Tokenizer
     from jaxchat.loop import DEFAULT_PROMPT, load_dataset
     from jaxchat.sample import Sampler
@@ -303,7 +303,7 @@ def test_reconcile_metrics_after_a_chain_of_crashes(tmp_path):
     """Process A (started at t=100) saved step 4 at t=110, logged steps 5-6 and died; process B (t=200) resumed
     from 4 but died at step 5 before saving, mid-line. Resuming from 4 keeps steps <= 4 once each, moves the rest
     to metrics.discarded.jsonl, and counts as lost A's 110..130 and B's 200..240."""
-    from jaxchat.checkpoint import reconcile_metrics
+    from jaxchat.rundir import reconcile_metrics
 
     a, b = 100.0, 200.0
     recs = [{"step": s, "loss": 1.0, "time": a + 2 * s, "proc": a} for s in (1, 2, 3, 4)]

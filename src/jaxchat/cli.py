@@ -11,7 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from jaxchat.checkpoint import CheckpointError, load_run_config
+from jaxchat.checkpoint import CheckpointError
+from jaxchat.rundir import load_run_config
 from jaxchat.config import ConfigError, all_keys, apply_overrides
 from jaxchat.interop.common import InteropError
 from jaxchat.presets import PRESETS, get_preset

@@ -1,5 +1,6 @@
-"""Atomic JSON writes, shared by run directories (checkpoint.py), dataset preparation (data/) and interop: a
-reader sees the old file or the new one, never half of one, even after a crash or kill -9."""
+"""JSON and JSON-lines files, shared by run directories (rundir.py), dataset preparation (data/) and interop.
+The atomic writes leave a reader the old file or the new one, never half of one, even after a crash or kill -9;
+a JSON-lines reader skips the partial last line a killed appender may leave."""
 
 from __future__ import annotations
 
@@ -17,3 +18,34 @@ def write_json_atomic(path: Path, obj) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> tuple[list[dict], int]:
+    """The records of a JSON-lines file and how many unreadable lines were skipped (a process killed while
+    writing leaves at most a partial last line)."""
+    if not Path(path).is_file():
+        return [], 0
+    out, bad = [], 0
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            bad += 1
+    return out, bad
+
+
+def write_jsonl_atomic(path: Path, records: list[dict]) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)

@@ -35,17 +35,17 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxchat.checkpoint import (Checkpointer, CheckpointError, append_jsonl, check_run_dir, load_run_config,
-                                lock_run_dir, prepare_run_dir, read_jsonl, reconcile_metrics, remove_debris)
+from jaxchat.checkpoint import Checkpointer, CheckpointError, remove_debris
 from jaxchat.config import EXECUTION_FIELDS, Config, ConfigError, resolve_compute_dtype
 from jaxchat.data import Prefetcher, check_manifest, get_batch, load_for_training
 from jaxchat.distributed import global_array, is_primary, local_positions, over_processes, sync
 from jaxchat.evaluate import compressor_bpb, eval_rows, evaluate, make_eval_step, target_bytes
-from jaxchat.fileio import write_json_atomic
+from jaxchat.fileio import append_jsonl, read_jsonl, write_json_atomic
 from jaxchat.model.accounting import count, device_peak_flops, mfu
 from jaxchat.model.gpt import resolved_kernels
 from jaxchat.model.scan import describe as describe_layers
 from jaxchat.plan import resolve
+from jaxchat.rundir import check_run_dir, load_run_config, lock_run_dir, prepare_run_dir, reconcile_metrics
 from jaxchat.sample import Sampler
 from jaxchat.train import (ModelFns, NonFiniteError, Progress, abstract_state, batch_sharding, build_optimizer,
                            check_batch_fits, fmt_time, format_mfu, init_state, make_mesh, make_train_step,

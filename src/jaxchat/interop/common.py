@@ -201,7 +201,8 @@ def write_run(out: str | Path, model_cfg: ModelConfig, params: dict, opt_moments
     `opt_moments` is (moments, adam_count) to fill the AdamW state, or None for a fresh optimizer state.
     data.tokenizer_path points at the run's own tokenizer.json, so eval and `train --resume` re-tokenize the
     corpus with the checkpoint's tokenizer; without --tokenizer that file is absent and they say so."""
-    from jaxchat.checkpoint import Checkpointer, CheckpointError, lock_run_dir
+    from jaxchat.checkpoint import Checkpointer, CheckpointError
+    from jaxchat.rundir import lock_run_dir
     from jaxchat.fileio import write_json_atomic
     from jaxchat.config import apply_overrides
     from jaxchat.optim import build_optimizer

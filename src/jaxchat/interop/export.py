@@ -23,7 +23,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxchat.checkpoint import Checkpointer, CheckpointError, load_run_config
+from jaxchat.checkpoint import Checkpointer, CheckpointError
+from jaxchat.rundir import load_run_config
 from jaxchat.fileio import write_json_atomic
 from jaxchat.interop.common import path_str
 
