@@ -136,6 +136,39 @@ def test_resume_on_two_processes_and_on_one_agree(runs):
     np.testing.assert_allclose([g for _, _, g in pair], [g for _, _, g in copy], rtol=1e-4, atol=0)
 
 
+HOLD = "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); " \
+       "print('held', flush=True); time.sleep(120)"
+
+
+def test_an_error_on_one_process_stops_every_process(runs):
+    """Process 0 cannot take the run's lock (another job holds it): it stops with the lock's message, process 1
+    stops at the end of the same phase saying process 0 failed, both at once (not after JAX's 5-minute
+    timeouts), and the run directory is untouched."""
+    import time
+
+    tmp, _, _ = runs
+    run = tmp / "one"
+    before = (run / "metrics.jsonl").read_bytes()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.perf_counter()
+        procs = launch(tmp, "locked", ["train", "--run-dir", str(run), "--resume", "--set", "train.num_steps=9"], 2, 2)
+        for p in procs:
+            p.wait(timeout=200)
+        took = time.perf_counter() - t0
+    finally:
+        holder.kill()
+        holder.wait()
+    logs = [(tmp / f"locked.{i}.log").read_text() for i in range(2)]
+    assert [p.returncode for p in procs] == [2, 2], logs
+    assert "error: another process is using run directory" in logs[0]
+    assert ("error: process 0 of 2 stopped with an error while locking the run directory (CheckpointError: "
+            "another process is using run directory") in logs[1]
+    assert took < 90, took
+    assert (run / "metrics.jsonl").read_bytes() == before
+
+
 @pytest.mark.parametrize("args,message", [
     (["--coordinator", "127.0.0.1:1234"], "missing --num-processes, --process-id"),
     (["--num-processes", "2", "--process-id", "1"], "missing --coordinator"),

@@ -14,10 +14,11 @@ from pathlib import Path
 from jaxchat.checkpoint import CheckpointError
 from jaxchat.rundir import load_run_config
 from jaxchat.config import ConfigError, all_keys, apply_overrides
+from jaxchat.distributed import JobError
 from jaxchat.interop.common import InteropError
 from jaxchat.presets import PRESETS, get_preset
 
-USER_ERRORS = (ConfigError, CheckpointError, InteropError, FileNotFoundError)
+USER_ERRORS = (ConfigError, CheckpointError, InteropError, FileNotFoundError, JobError)
 
 
 def cmd_train(args) -> None:

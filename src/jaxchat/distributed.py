@@ -10,12 +10,18 @@ in one `data` mesh, and traces the same program; JAX moves the gradients between
   the run lock, deletes (`--force`, debris of interrupted saves) and prints; the others are silent;
 - the dataset is prepared by process 0 first, then loaded by the others (from the shared cache, or prepared
   again, deterministically, in a per-host one);
-- `sync(name)` is a barrier between those phases, so no process sees a half-written run directory.
+- each of those phases runs under `together(...)`: a barrier (no process sees a half-written run directory)
+  that also shares the outcome, so an error on one process (a held run lock, a bad dataset) stops them all at
+  once with a message, instead of leaving the others waiting until JAX's timeouts abort the job.
 
-A single process (the common case) skips all of this: `global_array` is a plain device_put, `sync` a no-op.
+A single process (the common case) skips all of this: `global_array` is a plain device_put, `together` a
+plain block.
 """
 
 from __future__ import annotations
+
+import contextlib
+import itertools
 
 import jax
 import numpy as np
@@ -67,11 +73,47 @@ def over_processes() -> str:
     return f" over {n} processes" if n > 1 else ""
 
 
-def sync(name: str) -> None:
-    """Wait until every process reaches this point (no-op with one process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(f"jaxchat:{name}")
+class JobError(RuntimeError):
+    """Another process of a multi-process run stopped with an error, so this one stops too."""
+
+
+_phases = itertools.count()  # together() calls so far: the same sequence on every process
+PHASE_TIMEOUT_MS = 24 * 3600 * 1000  # process 0 may prepare a large dataset while the others wait
+
+
+@contextlib.contextmanager
+def together(what: str):
+    """Run one phase of a run (checks, lock, restore, data, run-directory writes) on every process and agree on
+    how it ended, which is also a barrier: when the phase raises on any process, every process stops at its end
+    (the one that failed with its own error, the others with a `JobError` quoting it) instead of waiting for
+    the failed one until JAX's timeouts abort the job. One process: just runs the phase.
+
+    The outcome travels through the job's coordination service (key-value store and barrier), not through a
+    device collective: a collective here could pair up with one inside another process's phase (Orbax's
+    barriers, say) when that process got further. So a phase must not itself wait on other processes."""
+    if jax.process_count() == 1:
+        yield
+        return
+    error = None
+    try:
+        yield
+    except Exception as e:  # (re-raised below, once every process knows)
+        error = e
+    from jax._src import distributed  # the coordination client: no public API exposes its key-value store
+
+    client = distributed.global_state.client
+    n, count = next(_phases), jax.process_count()
+    report = "ok" if error is None else f"{type(error).__name__}: {' '.join(str(error).split())}"[:2000]
+    client.key_value_set(f"jaxchat/phase{n}/{jax.process_index()}", report)
+    client.wait_at_barrier(f"jaxchat/phase{n}", PHASE_TIMEOUT_MS)
+    reports = [client.blocking_key_value_get(f"jaxchat/phase{n}/{i}", 60_000) for i in range(count)]
+    if error is not None:
+        raise error
+    failed = [(i, r) for i, r in enumerate(reports) if r != "ok"]
+    if failed:
+        i, r = failed[0]
+        raise JobError(f"process {i} of {count} stopped with an error while {what} ({r}); this process stops too, "
+                       f"having changed nothing")
 
 
 def local_positions(sharding, shape: tuple[int, ...], axis: int) -> np.ndarray:

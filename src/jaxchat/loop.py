@@ -38,7 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxchat.checkpoint import Checkpointer, CheckpointError, remove_debris
 from jaxchat.config import EXECUTION_FIELDS, Config, ConfigError, resolve_compute_dtype
 from jaxchat.data import Prefetcher, check_manifest, get_batch, load_for_training
-from jaxchat.distributed import global_array, is_primary, local_positions, over_processes, sync
+from jaxchat.distributed import global_array, is_primary, local_positions, over_processes, together
 from jaxchat.evaluate import compressor_bpb, eval_rows, evaluate, make_eval_step, target_bytes
 from jaxchat.fileio import append_jsonl, read_jsonl, write_json_atomic
 from jaxchat.model.accounting import count, device_peak_flops, mfu
@@ -162,31 +162,36 @@ def _repair(run_dir: Path, step: int, meta: dict, ckpt: Checkpointer, log, write
     Returns (prior, history): the run's wall-time split up to the checkpoint plus the lost time, and counts.
     Every process reads metrics.jsonl for them; then the one that `write`s (process 0) changes the run
     directory while the others wait."""
-    rec = reconcile_metrics(run_dir, step, meta, write=False)
-    prior, history = _resumed_totals(meta, rec)
-    sync("metrics-read")
-    if write:
-        removed = remove_debris(run_dir)
-        if removed:
-            log(f"resume: removed {len(removed)} incomplete checkpoint(s) left by an interrupted save: "
-                f"{', '.join(removed)} (never committed; Orbax renames a step into place only when it is complete)")
-        reconcile_metrics(run_dir, step, meta)
-        if rec["dropped"]:
-            lost = rec["lost_steps"]
-            span = f"steps {lost[0]}-{lost[-1]}" if len(lost) > 1 else (f"step {lost[0]}" if lost else "no steps")
-            log(f"resume: metrics.jsonl had {rec['dropped']} record(s) after step {step} ({span}), logged by a "
-                f"process that died after its last checkpoint; moved them to metrics.discarded.jsonl (they are "
-                f"recomputed now)")
-        if rec["unreadable_lines"] or rec["duplicates"]:
-            log(f"resume: metrics.jsonl: dropped {rec['unreadable_lines']} unreadable line(s) and "
-                f"{rec['duplicates']} duplicate record(s)")
-        lost = (f"; the interrupted process lost {len(rec['lost_steps'])} step(s), {rec['lost_s']:.1f}s of work, "
-                f"since that checkpoint" if rec["dropped"] else "")
-        log(f"resumed {run_dir} at step {step} (the latest committed checkpoint of {ckpt.all_steps()}){lost}")
-        append_jsonl(run_dir / "restarts.jsonl", [{"time": round(time.time(), 3), "step": step, "removed": removed,
-                                                   **rec, "history": history}])
-    sync("repaired")
+    with together("reading the run's metrics"):
+        rec = reconcile_metrics(run_dir, step, meta, write=False)
+        prior, history = _resumed_totals(meta, rec)
+    with together("repairing the run directory"):
+        if write:
+            _write_repair(run_dir, step, meta, ckpt, rec, history, log)
     return prior, history
+
+
+def _write_repair(run_dir: Path, step: int, meta: dict, ckpt: Checkpointer, rec: dict, history: dict, log) -> None:
+    """Process 0's part of a resume: remove the debris, rewrite metrics.jsonl, log and record the restart."""
+    removed = remove_debris(run_dir)
+    if removed:
+        log(f"resume: removed {len(removed)} incomplete checkpoint(s) left by an interrupted save: "
+            f"{', '.join(removed)} (never committed; Orbax renames a step into place only when it is complete)")
+    reconcile_metrics(run_dir, step, meta)
+    if rec["dropped"]:
+        lost = rec["lost_steps"]
+        span = f"steps {lost[0]}-{lost[-1]}" if len(lost) > 1 else (f"step {lost[0]}" if lost else "no steps")
+        log(f"resume: metrics.jsonl had {rec['dropped']} record(s) after step {step} ({span}), logged by a "
+            f"process that died after its last checkpoint; moved them to metrics.discarded.jsonl (they are "
+            f"recomputed now)")
+    if rec["unreadable_lines"] or rec["duplicates"]:
+        log(f"resume: metrics.jsonl: dropped {rec['unreadable_lines']} unreadable line(s) and "
+            f"{rec['duplicates']} duplicate record(s)")
+    lost = (f"; the interrupted process lost {len(rec['lost_steps'])} step(s), {rec['lost_s']:.1f}s of work, "
+            f"since that checkpoint" if rec["dropped"] else "")
+    log(f"resumed {run_dir} at step {step} (the latest committed checkpoint of {ckpt.all_steps()}){lost}")
+    append_jsonl(run_dir / "restarts.jsonl", [{"time": round(time.time(), 3), "step": step, "removed": removed,
+                                               **rec, "history": history}])
 
 
 def _resumed_totals(meta: dict, rec: dict) -> tuple[dict, dict]:
@@ -208,49 +213,53 @@ def run_training(cfg: Config, run_dir: str | Path, resume: bool = False, force: 
         log = _quiet
 
     # 1. checks that read nothing big and write nothing
-    mesh = make_mesh()
-    cfg = resolve(cfg, mesh.size)
-    micro = check_batch_fits(cfg, mesh.size)
-    check_run_dir(run_dir, resume, force)
-    if resume:
-        check_resume_config(cfg, load_run_config(run_dir), batch=False)  # (the checkpoint's is checked below)
-    check_data_inputs(cfg)
-    sync("checked")  # every process has looked at the run directory before process 0 changes it
+    with together("checking the config and the run directory"):  # (every process looks before process 0 writes)
+        mesh = make_mesh()
+        cfg = resolve(cfg, mesh.size)
+        micro = check_batch_fits(cfg, mesh.size)
+        check_run_dir(run_dir, resume, force)
+        if resume:
+            check_resume_config(cfg, load_run_config(run_dir), batch=False)  # (the checkpoint's is checked below)
+        check_data_inputs(cfg)
 
     fns = ModelFns(cfg)
     optimizer = build_optimizer(cfg, None)
     replicated = NamedSharding(mesh, P())  # params and moments replicated over the mesh
     abstract = abstract_state(fns, optimizer, replicated)
-    # an existing run is locked from here on: no second process resumes or deletes it meanwhile
-    lock, ckpt = (lock_run_dir(run_dir) if primary and run_dir.is_dir() else None), None
+    lock, ckpt = None, None
     try:
-        # 2. --resume: the checkpoint (a missing, damaged or mismatched one fails here, before any work)
+        # 2. an existing run is locked from here on (no second job resumes or deletes it meanwhile); --resume: the
+        # checkpoint (a missing, damaged or mismatched one fails here, before any work)
+        with together("locking the run directory"):
+            lock = lock_run_dir(run_dir) if primary and run_dir.is_dir() else None
         if resume:
-            ckpt = Checkpointer(run_dir, keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every)
-            state, meta = _restore(cfg, ckpt, abstract, clock)
+            with together("restoring the checkpoint"):
+                ckpt = Checkpointer(run_dir, keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every)
+                state, meta = _restore(cfg, ckpt, abstract, clock)
 
         # 3. data (process 0 prepares it first; the others then find it in the cache)
         with clock("data"):
-            ds = load_dataset(cfg, log) if primary else None
-            sync("data")
-            ds = ds or load_dataset(cfg, log)
-        check_vocab(cfg, ds.tokenizer)
-        if resume:
-            check_run_tokenizer(run_dir, ds.tokenizer)
-            check_manifest(run_dir, ds)  # the same dataset (and packing) as the run's data.json records
+            with together("preparing the dataset"):
+                ds = load_dataset(cfg, log) if primary else None
+            with together("loading the dataset"):
+                ds = ds or load_dataset(cfg, log)
+                check_vocab(cfg, ds.tokenizer)
+                if resume:
+                    check_run_tokenizer(run_dir, ds.tokenizer)
+                    check_manifest(run_dir, ds)  # the same dataset (and packing) as the run's data.json records
 
         # 4. only now, the run directory changes (process 0 alone writes; the others wait for it)
         if resume:
             prior, history = _repair(run_dir, int(state["step"]), meta, ckpt, log, write=primary)
         else:
-            if primary:
-                prepare_run_dir(run_dir, resume, force)
-                if lock is not None:
-                    os.close(lock)
-                lock = lock_run_dir(run_dir)
-                ds.tokenizer.save(run_dir / "tokenizer.json")  # (atomic)
-                write_json_atomic(run_dir / "data.json", {k: v for k, v in ds.info.items() if k != "timings_s"})
-            sync("run-dir")
+            with together("creating the run directory"):
+                if primary:
+                    prepare_run_dir(run_dir, resume, force)
+                    if lock is not None:
+                        os.close(lock)
+                    lock = lock_run_dir(run_dir)
+                    ds.tokenizer.save(run_dir / "tokenizer.json")  # (atomic)
+                    write_json_atomic(run_dir / "data.json", {k: v for k, v in ds.info.items() if k != "timings_s"})
             ckpt = Checkpointer(run_dir, keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every)
             state = jax.jit(lambda: init_state(fns, optimizer, cfg.train.init_seed), out_shardings=replicated)()
             prior, history = {}, {"restarts": 0, "lost_steps": 0}
