@@ -3,8 +3,11 @@ that run's own), inside a time budget; collect JSON lines, BENCHMARKS.md rows an
 
     python benchmarks/suite.py PLAN --out DIR [--budget SECONDS] [--only SUBSTRING] [--set KEY=VALUE ...]
 
-Plans are below (`PLANS`); each entry is (note, bench arguments, extra environment). A run that fails (out of
-memory, unsupported shape) is recorded as a failure with the tail of its output, and the suite goes on. Rows land
+Plans are below (`PLANS`); each entry is (note, bench arguments, extra environment). An experiment kept as a
+patch (benchmarks/patches/) is measured by putting `PATCH: "benchmarks/patches/NAME.patch"` in the entry's
+environment: that run imports jaxchat from a scratch copy of src/ and tests/ with the patch applied, so the
+baseline and the experiment run in one call. A run that fails (out of memory, unsupported shape, a patch that
+no longer applies) is recorded as a failure with the tail of its output, and the suite goes on. Rows land
 in DIR/rows.md (append them to BENCHMARKS.md), full results in DIR/results.jsonl, output in DIR/suite.log.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -106,6 +110,12 @@ PLANS: dict[str, list[tuple[str, list[str], dict]]] = {
         ("gelu 64 x4 accum cudnn", GELU + ["--batch", "64", "--accum", "4", "--backend", "cudnn", "--steps", "6"], {}),
         ("gelu 128 x2 accum cudnn", GELU + ["--batch", "128", "--accum", "2", "--backend", "cudnn", "--steps", "6"], {}),
         ("d12 64 x4 accum cudnn", D12 + ["--batch", "64", "--accum", "4", "--backend", "cudnn", "--steps", "6"], {}),
+        ("gelu b64 cudnn", GELU + ["--batch", "64", "--backend", "cudnn", "--steps", "15"], {}),
+        ("gelu b64 cudnn, gelu recompute (patch)", GELU + ["--batch", "64", "--backend", "cudnn", "--steps", "15"],
+         {"PATCH": "benchmarks/patches/gelu_recompute.patch"}),
+        ("gelu 64 x4 accum cudnn, gelu recompute (patch)", GELU + ["--batch", "64", "--accum", "4", "--backend",
+                                                                   "cudnn", "--steps", "6"],
+         {"PATCH": "benchmarks/patches/gelu_recompute.patch"}),
         ("gelu b64 cudnn, cmdbuf off, profiled", GELU + ["--batch", "64", "--backend", "cudnn", "--steps", "6",
                                                          "--profile", "/tmp/jaxchat-prof"], NO_CMDBUF),
     ],
@@ -117,17 +127,45 @@ PLANS: dict[str, list[tuple[str, list[str], dict]]] = {
 }
 
 
+def base_commit() -> str:
+    """$JAXCHAT_COMMIT, else this checkout's short HEAD (as `jaxchat bench` names a row), else "unknown"."""
+    if os.environ.get("JAXCHAT_COMMIT"):
+        return os.environ["JAXCHAT_COMMIT"]
+    p = subprocess.run(["git", "--no-optional-locks", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                       capture_output=True, text=True)
+    return p.stdout.strip() or "unknown"
+
+
+def patched_src(patch: str, out: Path) -> Path:
+    """A scratch copy of src/ and tests/ under `out` with `patch` (a path from the repo root) applied; its src."""
+    work = out / ("patched-" + Path(patch).stem)
+    if work.exists():
+        shutil.rmtree(work)
+    for part in ("src", "tests"):
+        shutil.copytree(ROOT / part, work / part, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    subprocess.run(["patch", "-p1", "--forward", "--quiet", "-i", str(ROOT / patch)], cwd=work, check=True,
+                   capture_output=True, text=True)
+    return work / "src"
+
+
 def run_one(note: str, args: list[str], env_extra: dict, out: Path, timeout: float, log) -> dict:
     args = [a.replace("{out}", str(out)) for a in args]
     cmd = [sys.executable, "-m", "jaxchat.bench", *args, "--json", str(out / "results.jsonl"),
            "--record-to", str(out / "rows.md"), "--note", note]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "PYTHONUNBUFFERED": "1", "JAXCHAT_COMPILE_CACHE": "off", **env_extra}  # cold compiles: honest times
     log(f"\n=== {note}: {' '.join(args)} {env_extra or ''}")
+    env_extra = dict(env_extra)
     t0 = time.perf_counter()
     try:
+        src, named = ROOT / "src", {}
+        if "PATCH" in env_extra:  # the row names the code it measured: the commit plus the patch
+            patch = env_extra.pop("PATCH")
+            src, named = patched_src(patch, out), {"JAXCHAT_COMMIT": f"{base_commit()}+{Path(patch).stem}"}
+        env = {**os.environ, "PYTHONPATH": str(src) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               "PYTHONUNBUFFERED": "1", "JAXCHAT_COMPILE_CACHE": "off", **env_extra, **named}  # cold compiles
         p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         rc, text = p.returncode, p.stdout + p.stderr
+    except subprocess.CalledProcessError as e:  # the patch did not apply
+        rc, text = -1, f"patch failed: {e.stdout}{e.stderr}"
     except subprocess.TimeoutExpired as e:
         partial = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         rc, text = -9, partial + f"\ntimed out after {timeout:.0f} s"
