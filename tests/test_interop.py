@@ -17,7 +17,6 @@ import pytest
 
 from conftest import fixture_path
 from jaxchat.checkpoint import Checkpointer, CheckpointError
-from jaxchat.rundir import load_run_config
 from jaxchat.cli import main as cli_main
 from jaxchat.config import Config, DataConfig
 from jaxchat.interop import common
@@ -26,6 +25,7 @@ from jaxchat.interop.common import InteropError, flatten_tree
 from jaxchat.interop.flaxchat import read_checkpoint
 from jaxchat.loop import load_run
 from jaxchat.optim import build_optimizer
+from jaxchat.rundir import load_run_config
 from jaxchat.sample import Sampler
 from jaxchat.train import ModelFns, abstract_state
 

@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 from jaxchat.checkpoint import CheckpointError
-from jaxchat.rundir import load_run_config
 from jaxchat.config import ConfigError, all_keys, apply_overrides
 from jaxchat.distributed import JobError
 from jaxchat.interop.common import InteropError
 from jaxchat.presets import PRESETS, get_preset
+from jaxchat.rundir import load_run_config
 
 USER_ERRORS = (ConfigError, CheckpointError, InteropError, FileNotFoundError, JobError)
 

@@ -24,9 +24,9 @@ import jax
 import numpy as np
 
 from jaxchat.checkpoint import Checkpointer, CheckpointError
-from jaxchat.rundir import load_run_config
 from jaxchat.fileio import write_json_atomic
 from jaxchat.interop.common import path_str
+from jaxchat.rundir import load_run_config
 
 FORMAT = "jaxchat-safetensors"
 FORMAT_VERSION = 1
