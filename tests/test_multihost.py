@@ -174,6 +174,7 @@ def test_an_error_on_one_process_stops_every_process(runs):
     (["--num-processes", "2", "--process-id", "1"], "missing --coordinator"),
     (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"], r"--process-id=2 must lie in \[0, "),
     (["--coordinator", "h:1", "--num-processes", "0", "--process-id", "0"], "--num-processes=0 must be >= 1"),
+    (["--dry-run", "--distributed"], "--dry-run compiles from shapes in one process"),
 ])
 def test_incomplete_job_flags_are_a_clear_error(tmp_path, capsys, args, message):
     """Flags that cannot describe a job stop before JAX starts, naming what is missing; nothing is written."""

@@ -25,6 +25,9 @@ def cmd_train(args) -> None:
     from jaxchat.distributed import initialize
     from jaxchat.loop import run_training
 
+    if args.dry_run and (args.distributed or args.coordinator):
+        raise ConfigError("--dry-run compiles from shapes in one process: run it without --distributed/--coordinator "
+                          "(pass --memory-limit for the device you will train on)")
     initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)  # before any device use
     run_dir = Path(args.run_dir or f"runs/{args.preset or 'tiny'}")
     if args.resume and not args.preset:
