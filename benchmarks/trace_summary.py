@@ -3,7 +3,8 @@
 
     python benchmarks/trace_summary.py DIR [--steps 3] [--top 25]
 
-Reads the perfetto JSON trace that jax.profiler wrote under DIR, keeps the events on device (GPU/TPU) planes,
+Reads the perfetto JSON trace that jax.profiler wrote under DIR, keeps the events on device (GPU/TPU) planes
+(on a CPU run: XLA:CPU's op events of the train step, host events that carry their `hlo_op`),
 and attributes each kernel to a scope through the JAX name stack: either carried by the event itself (an arg
 holding "jit(...)/...") or looked up from the event's `hlo_op` in DIR/step.hlo.txt (the optimized HLO that
 bench writes beside the trace: every instruction's `metadata={op_name=...}`). Backward kernels are those whose
@@ -68,8 +69,14 @@ def summarise(root: str, steps: int, top: int) -> str:
     procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     dev_pids = {pid for pid, name in procs.items() if re.search(r"/device:(GPU|TPU)", name)}
     kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in dev_pids and e.get("dur", 0) > 0]
+    what = "device events"
+    if not kernels:  # a CPU run: XLA:CPU's thunks, each a host event labelled with its hlo_op
+        kernels = [e for e in events if e.get("ph") == "X" and e.get("dur", 0) > 0
+                   and (e.get("args") or {}).get("hlo_module", "").startswith("jit_step")
+                   and (e.get("args") or {}).get("hlo_op")]
+        what = "CPU op events (XLA:CPU, on several threads)"
     if not kernels:
-        return f"no device events in the trace (processes: {sorted(procs.values())}); CPU traces carry no kernels"
+        return f"no device events and no labelled CPU op events in the trace (processes: {sorted(procs.values())})"
     # only the compute stream(s): drop memcpy and host-side rows by keeping events with an hlo_op or kernel args
     by_scope = collections.defaultdict(float)
     by_kernel = collections.defaultdict(lambda: [0.0, 0, ""])
@@ -90,7 +97,7 @@ def summarise(root: str, steps: int, top: int) -> str:
         k[1] += 1
         k[2] = k[2] or f"{scope}/{direction}"
     ms = lambda us: us / 1e3 / steps
-    lines = [f"trace {root}: {len(kernels)} device events over {steps} steps; wall (first..last kernel) "
+    lines = [f"trace {root}: {len(kernels)} {what} over {steps} steps; wall (first..last kernel) "
              f"{ms(t1 - t0):.1f} ms/step, kernel time {ms(busy):.1f} ms/step "
              f"({100 * busy / max(t1 - t0, 1e-9):.0f}% busy; >100% means overlapping streams)",
              f"{'scope':<14}{'fwd ms':>9}{'bwd ms':>9}{'upd ms':>9}{'total':>9}{'share':>8}"]

@@ -112,3 +112,28 @@ def test_cli_registers_bench():
     except SystemExit:
         pytest.skip("cli.py does not register `bench` yet (add bench.add_parsers(sub) to build_parser)")
     assert args.fn is bench.cmd_bench
+
+
+def test_cpu_profile_is_summarised_per_scope(tmp_path):
+    """trace_summary attributes a CPU profile's time to the model's named scopes: XLA:CPU's ops are host events
+    labelled with their HLO names (before, the summary read only GPU/TPU planes and said a CPU trace had none)."""
+    import re
+    import subprocess
+    import sys
+
+    from conftest import ROOT, child_env
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import trace_summary
+
+    prof = tmp_path / "prof"
+    env = child_env(JAXCHAT_COMPILE_CACHE="off")
+    env.pop("XLA_FLAGS", None)
+    subprocess.run([sys.executable, "-m", "jaxchat.bench", *MICRO, "--no-record", "--profile", str(prof)], env=env,
+                   check=True, capture_output=True, timeout=300)
+    text = trace_summary.summarise(str(prof), steps=3, top=5)
+    assert "CPU op events" in text, text
+    rows = dict(re.findall(r"^(embed|attention|mlp|lm_head|loss|optimizer)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+([\d.]+)",
+                           text, re.M))
+    assert {"attention", "mlp", "lm_head", "loss", "optimizer"} <= set(rows), text
+    assert all(float(v) > 0 for v in rows.values()), text

@@ -15,7 +15,7 @@ outputs + temporaries - donated aliases) is shown instead, marked `~`.
 
 `--profile DIR` also writes a `jax.profiler` trace of a few steps; the model labels its parts with named scopes
 (embed, attention, mlp, lm_head, loss, optimizer), and `benchmarks/trace_summary.py DIR` totals device time per
-scope.
+scope (on CPU, the time of XLA:CPU's ops, which the trace labels with their HLO names too).
 """
 
 from __future__ import annotations
