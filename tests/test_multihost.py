@@ -43,8 +43,8 @@ def launch(tmp, name: str, args: list[str], processes: int, devices: int) -> lis
     for i in range(processes):
         job = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes), "--process-id", str(i)]
         cmd = [sys.executable, "-m", "jaxchat.cli", *args, *(job if processes > 1 else [])]
-        log = open(tmp / f"{name}.{i}.log", "w")
-        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp))
+        with open(tmp / f"{name}.{i}.log", "w") as log:  # (the child keeps its own copy of the file)
+            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp))
     return procs
 
 
