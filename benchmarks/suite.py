@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+from jaxchat.bench import git_commit  # noqa: E402  (how `jaxchat bench` names the code in a row)
 NO_CMDBUF = {"XLA_FLAGS": "--xla_gpu_enable_command_buffer="}
 
 D12 = ["--preset", "nanochat-d12", "--seq", "2048", "--dtype", "bfloat16"]
@@ -134,15 +136,6 @@ PLANS: dict[str, list[tuple[str, list[str], dict]]] = {
 }
 
 
-def base_commit() -> str:
-    """$JAXCHAT_COMMIT, else this checkout's short HEAD (as `jaxchat bench` names a row), else "unknown"."""
-    if os.environ.get("JAXCHAT_COMMIT"):
-        return os.environ["JAXCHAT_COMMIT"]
-    p = subprocess.run(["git", "--no-optional-locks", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                       capture_output=True, text=True)
-    return p.stdout.strip() or "unknown"
-
-
 def patched_src(patch: str, out: Path) -> Path:
     """A scratch copy of src/ and tests/ under `out` with `patch` (a path from the repo root) applied; its src."""
     work = out / ("patched-" + Path(patch).stem)
@@ -166,7 +159,7 @@ def run_one(note: str, args: list[str], env_extra: dict, out: Path, timeout: flo
         src, named = ROOT / "src", {}
         if "PATCH" in env_extra:  # the row names the code it measured: the commit plus the patch
             patch = env_extra.pop("PATCH")
-            src, named = patched_src(patch, out), {"JAXCHAT_COMMIT": f"{base_commit()}+{Path(patch).stem}"}
+            src, named = patched_src(patch, out), {"JAXCHAT_COMMIT": f"{git_commit(ROOT)}+{Path(patch).stem}"}
         env = {**os.environ, "PYTHONPATH": str(src) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                "PYTHONUNBUFFERED": "1", "JAXCHAT_COMPILE_CACHE": "off", **env_extra, **named}  # cold compiles
         p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)

@@ -98,7 +98,8 @@ def share_softcap_with_forward() -> bool:
     z's bytes: on an H100 (nanochat-d12, batch 32 x 2048) it was 8.6 GB written and read back, ~4 GiB of peak
     memory (37.74 -> 33.7 GiB without it) and the loss forward took 4.37 ms instead of 2.49, so on accelerators
     an optimization barrier on z forces the recomputation. On a CPU the transcendental is the cost and memory is
-    plentiful: sharing made the shared CPU benchmark config ~2.5% faster (docs/LOG.md)."""
+    plentiful: the barrier there, together with the RoPE/QK-norm RMS taken from x, made the shared CPU benchmark
+    config ~5% slower (3,250 -> 3,080 tok/s), and undoing both restored its speed (docs/LOG.md, session 3)."""
     return jax.default_backend() == "cpu"
 
 
