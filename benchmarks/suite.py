@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 from jaxchat.bench import git_commit  # noqa: E402  (how `jaxchat bench` names the code in a row)
 NO_CMDBUF = {"XLA_FLAGS": "--xla_gpu_enable_command_buffer="}
+SOFTCAP_EXP = {"PATCH": "benchmarks/patches/softcap_exp.patch"}
 
 D12 = ["--preset", "nanochat-d12", "--seq", "2048", "--dtype", "bfloat16"]
 GELU = ["--preset", "d12-gelu-chinchilla", "--seq", "1024", "--dtype", "bfloat16"]
@@ -109,24 +110,37 @@ PLANS: dict[str, list[tuple[str, list[str], dict]]] = {
     # backward by hand (patch) against autodiff, cuBLASLt (GELU epilogue), the GELU card's batch as 2 x 128 (b128
     # was +1% per token over b64 in session 1; d12 as 4 x 64 was no faster than 8 x 32 in session 3's call 4), and
     # a GELU profile. About 40 s a run: ~6 min, within one device call after `pytest -m gpu`
+    # run in session 5; its two GELU-backward entries (a patch then, the code's GPU default since) are gone
     "h100-next": [  # most important first: the suite stops starting runs when its budget is spent
         ("d12 32 x8 accum cudnn", D12 + ["--batch", "32", "--accum", "8", "--backend", "cudnn", "--steps", "6"], {}),
         ("gelu 64 x4 accum cudnn", GELU + ["--batch", "64", "--accum", "4", "--backend", "cudnn", "--steps", "6"], {}),
-        ("gelu 64 x4 accum cudnn, gelu recompute (patch)", GELU + ["--batch", "64", "--accum", "4", "--backend",
-                                                                   "cudnn", "--steps", "6"],
-         {"PATCH": "benchmarks/patches/gelu_recompute.patch"}),
         # cuBLASLt can run the tanh-GELU as the c_fc GEMM's epilogue (XLA's GEMM rewriter matches jax.nn.gelu's
         # formula), removing the forward's separate pass
         ("gelu 64 x4 accum cudnn, cublaslt", GELU + ["--batch", "64", "--accum", "4", "--backend", "cudnn", "--steps",
                                                      "6"], {"XLA_FLAGS": "--xla_gpu_enable_cublaslt=true"}),
         ("gelu b64 cudnn", GELU + ["--batch", "64", "--backend", "cudnn", "--steps", "15"], {}),
-        ("gelu b64 cudnn, gelu recompute (patch)", GELU + ["--batch", "64", "--backend", "cudnn", "--steps", "15"],
-         {"PATCH": "benchmarks/patches/gelu_recompute.patch"}),
         ("d12 32 x8 accum cudnn, cublaslt", D12 + ["--batch", "32", "--accum", "8", "--backend", "cudnn", "--steps",
                                                    "6"], {"XLA_FLAGS": "--xla_gpu_enable_cublaslt=true"}),
         ("gelu 128 x2 accum cudnn", GELU + ["--batch", "128", "--accum", "2", "--backend", "cudnn", "--steps", "6"], {}),
         ("gelu b64 cudnn, cmdbuf off, profiled", GELU + ["--batch", "64", "--backend", "cudnn", "--steps", "6",
                                                          "--profile", "/tmp/jaxchat-prof"], NO_CMDBUF),
+    ],
+    # session 5: the soft-cap through exponentials (patch) against tanh, alternating, on both presets' own steps;
+    # then a profile of the d12 micro-batch with the patch
+    "h100-softcap": [
+        ("d12 32 x8 accum cudnn", D12 + ["--batch", "32", "--accum", "8", "--backend", "cudnn", "--steps", "6"], {}),
+        ("d12 32 x8 accum cudnn, softcap by exp (patch)", D12 + ["--batch", "32", "--accum", "8", "--backend",
+                                                                  "cudnn", "--steps", "6"], SOFTCAP_EXP),
+        ("gelu 64 x4 accum cudnn", GELU + ["--batch", "64", "--accum", "4", "--backend", "cudnn", "--steps", "6"], {}),
+        ("gelu 64 x4 accum cudnn, softcap by exp (patch)", GELU + ["--batch", "64", "--accum", "4", "--backend",
+                                                                    "cudnn", "--steps", "6"], SOFTCAP_EXP),
+        ("d12 32 x8 accum cudnn, softcap by exp (patch), again", D12 + ["--batch", "32", "--accum", "8", "--backend",
+                                                                         "cudnn", "--steps", "6"], SOFTCAP_EXP),
+        ("d12 32 x8 accum cudnn, again", D12 + ["--batch", "32", "--accum", "8", "--backend", "cudnn", "--steps", "6"],
+         {}),
+        ("d12 b32 cudnn, softcap by exp (patch), cmdbuf off, profiled",
+         D12 + ["--batch", "32", "--backend", "cudnn", "--steps", "6", "--profile", "/tmp/jaxchat-prof"],
+         {**SOFTCAP_EXP, **NO_CMDBUF}),
     ],
     # the same after `patch -p1 < benchmarks/patches/qkv_fused.patch` (one GEMM for q, k, v)
     "h100-qkv": [

@@ -213,3 +213,52 @@ def test_every_mlp_trains(mlp):
         losses.append(float(m["loss"]))
     assert all(np.isfinite(losses))
     assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_gelu_backward_keeps_only_its_input_and_is_the_exact_derivative():
+    """gelu_tanh is jax.nn.gelu forward for forward (bitwise, fp32 and bf16); its hand-written backward equals the
+    float64 derivative of jax.nn.gelu to fp32 rounding and, under bf16, is closer to it than autodiff's chain of
+    bf16 roundings; and it saves one (tokens, 4C) tensor for the backward, where autodiff saves five."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    from jaxchat.model.mlp import gelu_tanh
+
+    x64 = np.linspace(-6.0, 6.0, 4001)
+    with jax.enable_x64():
+        exact = np.asarray(jax.grad(lambda x: jnp.sum(jax.nn.gelu(x)))(jnp.asarray(x64, jnp.float64)))
+    grad = lambda f, x: np.asarray(jax.grad(lambda x: jnp.sum(f(x).astype(jnp.float32)))(x), np.float64)
+    x32, xb = jnp.asarray(x64, jnp.float32), jnp.asarray(x64, jnp.bfloat16)
+    for x in (x32, xb):
+        np.testing.assert_array_equal(np.asarray(gelu_tanh(x), np.float32), np.asarray(jax.nn.gelu(x), np.float32))
+    assert np.abs(exact).max() > 1.0 and exact.min() < -0.1  # the real slope: above 1 and negative in places
+    assert np.abs(grad(gelu_tanh, x32) - exact).max() < 1e-5
+    with jax.enable_x64():  # the bf16 inputs' own exact slopes (x rounded to bf16 first)
+        exact_b = np.asarray(jax.grad(lambda x: jnp.sum(jax.nn.gelu(x)))(jnp.asarray(xb, jnp.float64)))
+    err_custom = np.abs(grad(gelu_tanh, xb) - exact_b).max()
+    err_autodiff = np.abs(grad(jax.nn.gelu, xb) - exact_b).max()
+    assert err_custom <= 2 ** -8 and err_custom < err_autodiff / 2, (err_custom, err_autodiff)
+
+    big = lambda f: [r for r in saved_residuals(lambda x: jnp.sum(f(x).astype(jnp.float32)), xb) if r[0].shape]
+    assert len(big(gelu_tanh)) == 1 and len(big(jax.nn.gelu)) >= 3
+
+
+@pytest.mark.parametrize("by_hand", [False, True])
+def test_gelu_mlp_backward_follows_the_device_choice(monkeypatch, by_hand):
+    """GeluMLP differentiates through gelu_tanh where `gelu_backward_by_hand()` says so (accelerators) and through
+    autodiff of jax.nn.gelu elsewhere (CPU); both give the same fp32 gradients."""
+    from jaxchat.model import mlp
+
+    monkeypatch.setattr(mlp, "gelu_backward_by_hand", lambda: by_hand)
+    cfg = ModelConfig(vocab_size=64, sequence_len=16, n_layer=2, n_embd=32, n_head=2, n_kv_head=2, mlp="gelu")
+    model = GPT(cfg)
+    idx = jax.random.randint(jax.random.key(3), (2, 16), 0, 64)
+    graphdef, params = nnx.split(model, nnx.Param)
+    loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(idx, targets=jnp.roll(idx, -1, 1)))
+    calls = str(jax.make_jaxpr(loss)(params)).count("custom_vjp_call[")  # the fused head is one
+    assert calls == 1 + (cfg.n_layer if by_hand else 0), calls
+    grads = jax.grad(loss)(params)
+    monkeypatch.setattr(mlp, "gelu_backward_by_hand", lambda: not by_hand)
+    other = jax.grad(loss)(params)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(other)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert max(float(jnp.abs(a).max()) for a in jax.tree.leaves(grads)) > 1e-2
