@@ -30,6 +30,8 @@ SOFTCAP_EXP = {"PATCH": "benchmarks/patches/softcap_exp.patch"}
 
 D12 = ["--preset", "nanochat-d12", "--seq", "2048", "--dtype", "bfloat16"]
 GELU = ["--preset", "d12-gelu-chinchilla", "--seq", "1024", "--dtype", "bfloat16"]
+D12_STEP = D12 + ["--batch", "32", "--accum", "8", "--backend", "cudnn", "--steps", "6"]  # the presets' one-GPU steps
+GELU_STEP = GELU + ["--batch", "64", "--accum", "4", "--backend", "cudnn", "--steps", "6"]
 
 MICRO = ["--preset", "tiny", "--set", "model.n_layer=2", "--set", "model.n_embd=64", "--set", "model.n_kv_head=1",
          "--set", "model.n_head=1", "--set", "model.vocab_size=512", "--set", "data.tokenizer_vocab=512",
@@ -141,6 +143,23 @@ PLANS: dict[str, list[tuple[str, list[str], dict]]] = {
         ("d12 b32 cudnn, softcap by exp (patch), cmdbuf off, profiled",
          D12 + ["--batch", "32", "--backend", "cudnn", "--steps", "6", "--profile", "/tmp/jaxchat-prof"],
          {**SOFTCAP_EXP, **NO_CMDBUF}),
+    ],
+    # session 5: XLA:GPU's fusion-emitter flags on the d12 step (the elementwise and reduction fusions run below
+    # memory bandwidth: the loss's at ~2 TB/s), baseline first and last; then the GELU step with the first two
+    "h100-flags": [
+        ("d12 32 x8 accum cudnn", D12_STEP, {}),
+        ("d12 32 x8, unroll factor 8", D12_STEP, {"XLA_FLAGS": "--xla_gpu_experimental_max_unroll_factor=8"}),
+        ("d12 32 x8, tuned loop unroll", D12_STEP,
+         {"XLA_FLAGS": "--xla_gpu_native_emitter_tune_unroll_factor_for_loops=true"}),
+        ("d12 32 x8, block-level rewriter", D12_STEP,
+         {"XLA_FLAGS": "--xla_gpu_experimental_enable_fusion_block_level_rewriter=true"}),
+        ("d12 32 x8, all fusions with triton", D12_STEP,
+         {"XLA_FLAGS": "--xla_gpu_experimental_all_fusions_with_triton=true"}),
+        ("d12 32 x8 accum cudnn, again", D12_STEP, {}),
+        ("gelu 64 x4 accum cudnn", GELU_STEP, {}),
+        ("gelu 64 x4, unroll factor 8", GELU_STEP, {"XLA_FLAGS": "--xla_gpu_experimental_max_unroll_factor=8"}),
+        ("gelu 64 x4, tuned loop unroll", GELU_STEP,
+         {"XLA_FLAGS": "--xla_gpu_native_emitter_tune_unroll_factor_for_loops=true"}),
     ],
     # the same after `patch -p1 < benchmarks/patches/qkv_fused.patch` (one GEMM for q, k, v)
     "h100-qkv": [
