@@ -161,6 +161,17 @@ PLANS: dict[str, list[tuple[str, list[str], dict]]] = {
         ("gelu 64 x4, tuned loop unroll", GELU_STEP,
          {"XLA_FLAGS": "--xla_gpu_native_emitter_tune_unroll_factor_for_loops=true"}),
     ],
+    # session 5's last call: the two flags that won on d12 in h100-flags, paired on both presets
+    "h100-triton": [
+        ("gelu 64 x4 accum cudnn", GELU_STEP, {}),
+        ("gelu 64 x4, all fusions with triton", GELU_STEP, {"XLA_FLAGS": "--xla_gpu_experimental_all_fusions_with_triton=true"}),
+        ("d12 32 x8, all fusions with triton", D12_STEP, {"XLA_FLAGS": "--xla_gpu_experimental_all_fusions_with_triton=true"}),
+        ("d12 32 x8 accum cudnn", D12_STEP, {}),
+        ("gelu 64 x4, block-level rewriter", GELU_STEP,
+         {"XLA_FLAGS": "--xla_gpu_experimental_enable_fusion_block_level_rewriter=true"}),
+        ("d12 32 x8, block-level rewriter", D12_STEP,
+         {"XLA_FLAGS": "--xla_gpu_experimental_enable_fusion_block_level_rewriter=true"}),
+    ],
     # the same after `patch -p1 < benchmarks/patches/qkv_fused.patch` (one GEMM for q, k, v)
     "h100-qkv": [
         ("d12 b32 cudnn, fused head, qkv fused", D12 + ["--batch", "32", "--backend", "cudnn", "--steps", "15"], {}),
