@@ -130,16 +130,12 @@ PLANS: dict[str, list[tuple[str, list[str], dict]]] = {
     # session 5: the soft-cap through exponentials (patch) against tanh, alternating, on both presets' own steps;
     # then a profile of the d12 micro-batch with the patch
     "h100-softcap": [
-        ("d12 32 x8 accum cudnn", D12 + ["--batch", "32", "--accum", "8", "--backend", "cudnn", "--steps", "6"], {}),
-        ("d12 32 x8 accum cudnn, softcap by exp (patch)", D12 + ["--batch", "32", "--accum", "8", "--backend",
-                                                                  "cudnn", "--steps", "6"], SOFTCAP_EXP),
-        ("gelu 64 x4 accum cudnn", GELU + ["--batch", "64", "--accum", "4", "--backend", "cudnn", "--steps", "6"], {}),
-        ("gelu 64 x4 accum cudnn, softcap by exp (patch)", GELU + ["--batch", "64", "--accum", "4", "--backend",
-                                                                    "cudnn", "--steps", "6"], SOFTCAP_EXP),
-        ("d12 32 x8 accum cudnn, softcap by exp (patch), again", D12 + ["--batch", "32", "--accum", "8", "--backend",
-                                                                         "cudnn", "--steps", "6"], SOFTCAP_EXP),
-        ("d12 32 x8 accum cudnn, again", D12 + ["--batch", "32", "--accum", "8", "--backend", "cudnn", "--steps", "6"],
-         {}),
+        ("d12 32 x8 accum cudnn", D12_STEP, {}),
+        ("d12 32 x8 accum cudnn, softcap by exp (patch)", D12_STEP, SOFTCAP_EXP),
+        ("gelu 64 x4 accum cudnn", GELU_STEP, {}),
+        ("gelu 64 x4 accum cudnn, softcap by exp (patch)", GELU_STEP, SOFTCAP_EXP),
+        ("d12 32 x8 accum cudnn, softcap by exp (patch), again", D12_STEP, SOFTCAP_EXP),
+        ("d12 32 x8 accum cudnn, again", D12_STEP, {}),
         ("d12 b32 cudnn, softcap by exp (patch), cmdbuf off, profiled",
          D12 + ["--batch", "32", "--backend", "cudnn", "--steps", "6", "--profile", "/tmp/jaxchat-prof"],
          {**SOFTCAP_EXP, **NO_CMDBUF}),
