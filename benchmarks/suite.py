@@ -32,6 +32,9 @@ D12 = ["--preset", "nanochat-d12", "--seq", "2048", "--dtype", "bfloat16"]
 GELU = ["--preset", "d12-gelu-chinchilla", "--seq", "1024", "--dtype", "bfloat16"]
 D12_STEP = D12 + ["--batch", "32", "--accum", "8", "--backend", "cudnn", "--steps", "6"]  # the presets' one-GPU steps
 GELU_STEP = GELU + ["--batch", "64", "--accum", "4", "--backend", "cudnn", "--steps", "6"]
+YAT_STEP = ["--preset", "d12-yatnmn-softplus-chinchilla", *GELU_STEP[2:]]  # the seed-card recipe, its MLP
+SWIGLU_STEP = GELU_STEP + ["--set", "model.mlp=swiglu"]
+TRITON_FUSIONS = {"XLA_FLAGS": "--xla_gpu_experimental_all_fusions_with_triton=true"}
 
 MICRO = ["--preset", "tiny", "--set", "model.n_layer=2", "--set", "model.n_embd=64", "--set", "model.n_kv_head=1",
          "--set", "model.n_head=1", "--set", "model.vocab_size=512", "--set", "data.tokenizer_vocab=512",
@@ -166,6 +169,21 @@ PLANS: dict[str, list[tuple[str, list[str], dict]]] = {
         ("gelu 64 x4, block-level rewriter", GELU_STEP,
          {"XLA_FLAGS": "--xla_gpu_experimental_enable_fusion_block_level_rewriter=true"}),
         ("d12 32 x8, block-level rewriter", D12_STEP,
+         {"XLA_FLAGS": "--xla_gpu_experimental_enable_fusion_block_level_rewriter=true"}),
+    ],
+    # for the next session with a GPU (run with GPU_TESTS_XLA_FLAGS=--xla_gpu_experimental_all_fusions_with_triton=true
+    # so the GPU tests check the flag): can the Triton-fusions flag become the GPU default? Every MLP's d12 step with
+    # and without it, paired; then the block-level rewriter on the GELU step (session 5's call ran out first)
+    "h100-s6": [
+        ("d12 32 x8 accum cudnn", D12_STEP, {}),
+        ("d12 32 x8, all fusions with triton", D12_STEP, TRITON_FUSIONS),
+        ("gelu 64 x4 accum cudnn", GELU_STEP, {}),
+        ("gelu 64 x4, all fusions with triton", GELU_STEP, TRITON_FUSIONS),
+        ("yatnmn-softplus 64 x4 accum cudnn", YAT_STEP, {}),
+        ("yatnmn-softplus 64 x4, all fusions with triton", YAT_STEP, TRITON_FUSIONS),
+        ("swiglu 64 x4 accum cudnn", SWIGLU_STEP, {}),
+        ("swiglu 64 x4, all fusions with triton", SWIGLU_STEP, TRITON_FUSIONS),
+        ("gelu 64 x4, block-level rewriter", GELU_STEP,
          {"XLA_FLAGS": "--xla_gpu_experimental_enable_fusion_block_level_rewriter=true"}),
     ],
     # the same after `patch -p1 < benchmarks/patches/qkv_fused.patch` (one GEMM for q, k, v)
