@@ -13,7 +13,7 @@ import pytest
 
 from jaxchat.config import ConfigError, ModelConfig
 from jaxchat.model import attention
-from jaxchat.model.attention import (BACKENDS, attend, cuda_compute_capability, resolve_backend,
+from jaxchat.model.attention import (BACKENDS, attend, blocked_attention, cuda_compute_capability, resolve_backend,
                                      splash_kernel_attention, xla_attention)
 from jaxchat.model.gpt import GPT
 
@@ -35,8 +35,8 @@ def rel_err(a, b) -> float:
 
 def test_every_config_backend_is_registered():
     from jaxchat.config import ATTENTION_BACKENDS
-    assert set(ATTENTION_BACKENDS) == set(BACKENDS) == {"xla", "cudnn", "splash", "auto"}
-    with pytest.raises(ConfigError, match="choose one of xla, cudnn, splash, auto"):
+    assert set(ATTENTION_BACKENDS) == set(BACKENDS) == {"xla", "blocked", "cudnn", "splash", "auto"}
+    with pytest.raises(ConfigError, match="choose one of xla, blocked, cudnn, splash, auto"):
         ModelConfig(attention="flash")
 
 
@@ -70,7 +70,7 @@ def test_splash_without_tpu_is_a_clear_error():
     pos = jnp.arange(128)
     with pytest.raises(ConfigError, match=r"model\.attention='splash'.*needs a TPU.*model\.attention=auto"):
         attend(q, k, v, window=16, q_pos=pos, k_pos=pos, backend="splash")
-    assert resolve_backend("auto", q, k) == "xla"  # fp32: cuDNN declines too, GPU or not
+    assert resolve_backend("auto", q, k) == "blocked"  # fp32: cuDNN declines too, GPU or not
     cfg = ModelConfig(vocab_size=64, sequence_len=128, n_layer=1, n_embd=32, n_head=2, n_kv_head=2,
                       attention="splash")
     with pytest.raises(ConfigError, match="needs a TPU"):  # from the model at first use, traced only
@@ -129,6 +129,58 @@ def test_model_with_auto_equals_xla_on_cpu():
     expected = "cudnn" if HAS_CUDA else "xla"
     assert resolve_backend("auto", jnp.zeros((1, 16, 2, 16), jnp.bfloat16), jnp.zeros((1, 16, 1, 16), jnp.bfloat16)) == expected
     np.testing.assert_array_equal(np.asarray(model(idx)), np.asarray(ref))  # fp32 on CPU: xla either way
+
+
+# ------------------------------------------------------------------------------------------ blocked (any device)
+
+BLOCKED_CASES = [  # (T, H, K, window): windows inside a block (37), across blocks (100), a block exactly (128),
+    # the whole prefix (T - 1, 1000); GQA off (K = H), on (K = 2) and MQA (K = 1)
+    (256, 4, 4, 37), (256, 4, 2, 100), (256, 4, 2, 128), (256, 4, 1, 255), (192, 2, 2, 1000)]
+
+
+@pytest.mark.parametrize("T,H,K,window", BLOCKED_CASES)
+def test_blocked_matches_xla_forward_and_gradients(T, H, K, window):
+    q, k, v = qkv(jax.random.key(3), 2, T, H, K, 32)
+    g = jax.random.normal(jax.random.key(4), q.shape)
+    pos = jnp.arange(T)
+    run = lambda fn: jax.vjp(lambda q, k, v: fn(q, k, v, window=window, q_pos=pos, k_pos=pos), q, k, v)
+    (ref, ref_vjp), (out, out_vjp) = run(xla_attention), run(blocked_attention)
+    assert float(jnp.abs(ref).max()) > 0.1
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-6)
+    for a, b in zip(out_vjp(g), ref_vjp(g)):
+        assert float(jnp.abs(b).max()) > 1e-2
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_blocked_skips_the_masked_score_blocks():
+    """At T = 256 (4 blocks of 64 queries) the causal layer's blocks see 64, 128, 192 and 256 keys (10/16 of the
+    scores) and a 100-token window's 64, 128, 164 and 164 (520/1024): the FLOPs of the compiled forward (XLA's own
+    count) against xla's, which scores every key for every query."""
+    q, k, v = qkv(jax.random.key(5), 2, 256, 2, 2, 32)
+    pos = jnp.arange(256)
+
+    def flops(fn, window):
+        f = jax.jit(lambda q, k, v: fn(q, k, v, window=window, q_pos=pos, k_pos=pos))
+        cost = f.lower(q, k, v).compile().cost_analysis()
+        return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+    for window, keys in ((255, 64 + 128 + 192 + 256), (100, 64 + 128 + 164 + 164)):
+        full, blocked = flops(xla_attention, window), flops(blocked_attention, window)
+        assert blocked / full == pytest.approx(keys / (4 * 256), rel=0.02), (window, blocked, full)
+
+
+@pytest.mark.skipif(HAS_CUDA or HAS_TPU, reason="checks auto's choice on a machine without a GPU or TPU")
+def test_auto_picks_blocked_where_it_can():
+    for T, expected in ((256, "blocked"), (128, "blocked"), (1024, "blocked"), (64, "xla"), (96, "xla"),
+                        (2048, "xla")):
+        q, k, _ = qkv(jax.random.key(0), 1, T, 2, 2, 8)
+        assert resolve_backend("auto", q, k) == expected, T
+    q, k, _ = qkv(jax.random.key(0), 1, 256, 2, 2, 8)
+    assert resolve_backend("auto", q, k, k_len=jnp.int32(10)) == "xla"  # decoding with a KV cache
+    pos = jnp.arange(96)
+    q, k, v = qkv(jax.random.key(0), 1, 96, 2, 2, 8)
+    with pytest.raises(ConfigError, match=r"T=96 must be a multiple of 64.*model\.attention=auto or xla"):
+        attend(q, k, v, window=10, q_pos=pos, k_pos=pos, backend="blocked")
 
 
 # ------------------------------------------------------------------------- splash in Pallas's interpreter (CPU)

@@ -37,7 +37,7 @@ def resolve_compute_dtype(name: str) -> str:
 
 
 MLP_KINDS = ("relu2", "gelu", "swiglu", "yatnmn", "yatnmn_softplus")
-ATTENTION_BACKENDS = ("xla", "cudnn", "splash", "auto")  # see model/attention.py; checked at first use
+ATTENTION_BACKENDS = ("xla", "blocked", "cudnn", "splash", "auto")  # see model/attention.py; checked at first use
 ROPE_NORM_IMPLS = ("auto", "xla", "pallas")  # RoPE + QK-norm, see model/rotary.py
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj", "save_out_proj")  # see model/remat.py
 # Fields that choose how the step is computed, not what it computes: the parameters and their layout do not depend

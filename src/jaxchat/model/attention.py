@@ -10,6 +10,10 @@ Masking: query at position t sees keys at positions t-w .. t (w+1 keys), where w
 Backends (`model.attention`):
 - `xla`: the reference; an explicit fp32 softmax over a (T, S) score matrix with a real sliding-window mask.
   Written with einsums so GQA never repeats K/V in memory. Any device, any dtype, training and decoding.
+- `blocked`: the `xla` math per block of 64 queries, each over only the keys its window reaches (t-w .. t):
+  score blocks that the causal mask or a sliding window hide entirely are never computed (at T = 256, 10 of 16
+  blocks for a causal layer). T a multiple of 64, 2 to 16 blocks (unrolled at trace time); training path only.
+  Equal to `xla` to fp32 rounding; on a 2-core CPU the `tiny` step is ~13% faster with it.
 - `cudnn`: cuDNN flash attention through `jax.nn.dot_product_attention(implementation="cudnn")`, BTNH layout,
   `is_causal=True`, GQA native (K/V are not repeated), the window as `local_window_size=(w, 0)` (JAX turns that
   into cuDNN's exclusive sliding-window length w+1, i.e. keys t-w..t like ours). Training path only (q_pos ==
@@ -26,8 +30,8 @@ Backends (`model.attention`):
   the kernel runs under `shard_map`, each chip on its own rows. The kernel builder takes an internal
   `interpret` flag so tests run the real kernel in Pallas's interpreter on CPU.
 - `auto`: `splash` on a TPU where it can run (T a multiple of 128), else `cudnn` where it can run (CUDA GPU,
-  bf16/fp16, head_dim a multiple of 8 and <= 256 on Hopper, <= 128 before), else `xla`. Resolved at trace time
-  from the actual shapes and dtype.
+  bf16/fp16, head_dim a multiple of 8 and <= 256 on Hopper, <= 128 before), else `blocked` where it can run,
+  else `xla`. Resolved at trace time from the actual shapes and dtype.
 """
 
 from __future__ import annotations
@@ -63,6 +67,39 @@ def xla_attention(q, k, v, *, window: int, q_pos, k_pos, k_len=None):
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     y = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return y.reshape(B, T, H, D)
+
+
+BLOCK = 64  # queries per block of the `blocked` backend
+MAX_BLOCKS = 16  # its blocks are unrolled at trace time: longer sequences keep the plain xla path
+
+
+def blocked_unsupported_reason(q, k, k_len=None) -> str | None:
+    """Why the `blocked` backend cannot take these inputs (None: it can)."""
+    if k_len is not None or q.shape[1] != k.shape[1]:
+        return "it serves only the training path (queries and keys at the same positions, no KV cache)"
+    T = q.shape[1]
+    if T % BLOCK or not 2 <= T // BLOCK <= MAX_BLOCKS:
+        return f"sequence length T={T} must be a multiple of {BLOCK} from {2 * BLOCK} to {MAX_BLOCKS * BLOCK}"
+    return None
+
+
+def blocked_attention(q, k, v, *, window: int, q_pos, k_pos, k_len=None):
+    """The xla math per block of 64 queries, over only the keys that block's window reaches (t-w .. t for its
+    queries t): the score blocks a causal or sliding window masks out entirely are never computed, ~40% of the
+    scores at T = 256. Same function as `xla` (each query's softmax runs over the same unmasked keys; sums in
+    another order, so equal to fp32 rounding, not bitwise). Assumes the training path (q_pos == k_pos =
+    start + arange(T)), like `cudnn` and `splash`."""
+    reason = blocked_unsupported_reason(q, k, k_len)
+    if reason is not None:
+        raise ConfigError(f"model.attention='blocked' cannot run these inputs: {reason}. "
+                          f"Use model.attention=auto or xla.")
+    T = q.shape[1]
+    out = []
+    for q0 in range(0, T, BLOCK):
+        q1, k0 = q0 + BLOCK, max(0, q0 - window)  # the first query of the block reaches back to q0 - window
+        out.append(xla_attention(q[:, q0:q1], k[:, k0:q1], v[:, k0:q1], window=window, q_pos=q_pos[q0:q1],
+                                 k_pos=k_pos[k0:q1]))
+    return jnp.concatenate(out, axis=1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -225,6 +262,8 @@ def resolve_backend(backend: str, q, k, k_len=None) -> str:
         return "splash"
     if cudnn_unsupported_reason(q, k, k_len) is None:
         return "cudnn"
+    if blocked_unsupported_reason(q, k, k_len) is None:
+        return "blocked"
     return "xla"
 
 
@@ -233,7 +272,8 @@ def auto_attention(q, k, v, *, window: int, q_pos, k_pos, k_len=None):
     return fn(q, k, v, window=window, q_pos=q_pos, k_pos=k_pos, k_len=k_len)
 
 
-BACKENDS = {"xla": xla_attention, "cudnn": cudnn_attention, "splash": splash_attention, "auto": auto_attention}
+BACKENDS = {"xla": xla_attention, "blocked": blocked_attention, "cudnn": cudnn_attention, "splash": splash_attention,
+            "auto": auto_attention}
 
 
 def attend(q, k, v, *, window: int, q_pos, k_pos, k_len=None, backend: str = "xla"):
