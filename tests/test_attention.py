@@ -1,6 +1,7 @@
 """Attention backends: the seam, `auto`'s fallback, cuDNN's and splash's errors off their devices, `blocked` vs the
-xla reference (and the score blocks it skips), the real splash kernel in Pallas's interpreter on CPU vs xla, and (marked gpu / TPU only) cuDNN and compiled splash
-vs the xla reference; forward and gradients, with windows on and off and GQA on and off."""
+xla reference (and the score blocks it skips), the real splash kernel in Pallas's interpreter on CPU vs xla, and
+(marked gpu / TPU only) cuDNN and compiled splash vs the xla reference; forward and gradients, with windows on and
+off and GQA on and off."""
 
 import dataclasses
 import sys
