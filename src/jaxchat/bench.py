@@ -68,7 +68,8 @@ def bench_config(preset: str, sets: list[str], batch: int | None = None, seq: in
     """(preset config, bench config): the preset with --set overrides and its horizon/batch rules resolved
     (`plan.resolve`), then `accum` micro-batches of `batch` sequences per step (default one micro-batch, no
     accumulation; batch defaults to the preset's micro-batch) and the seq/backend/dtype choices (defaults: the
-    preset's, i.e. `auto`: cuDNN/splash attention and bf16 compute on accelerators, blocked (or xla) attention and fp32 on CPU)."""
+    preset's, i.e. `auto`: cuDNN/splash attention and bf16 compute on accelerators, blocked (or xla) attention
+    and fp32 on CPU)."""
     import jax
 
     from jaxchat.config import apply_overrides

@@ -13,7 +13,8 @@ Backends (`model.attention`):
 - `blocked`: the `xla` math per block of 64 queries, each over only the keys its window reaches (t-w .. t):
   score blocks that the causal mask or a sliding window hide entirely are never computed (at T = 256, 10 of 16
   blocks for a causal layer). T a multiple of 64, 2 to 16 blocks (unrolled at trace time); training path only.
-  Equal to `xla` to fp32 rounding; on a 2-core CPU the `tiny` step is ~13% faster with it.
+  Equal to `xla` to fp32 rounding; on a 2-core CPU the `tiny` step is 8-16% faster with it, for 1.5 s more
+  compile time (cpu-bench: 10% faster, 4.4 s more compile).
 - `cudnn`: cuDNN flash attention through `jax.nn.dot_product_attention(implementation="cudnn")`, BTNH layout,
   `is_causal=True`, GQA native (K/V are not repeated), the window as `local_window_size=(w, 0)` (JAX turns that
   into cuDNN's exclusive sliding-window length w+1, i.e. keys t-w..t like ours). Training path only (q_pos ==
