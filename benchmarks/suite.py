@@ -152,8 +152,7 @@ PLANS: dict[str, list[tuple[str, list[str], dict]]] = {
          {"XLA_FLAGS": "--xla_gpu_native_emitter_tune_unroll_factor_for_loops=true"}),
         ("d12 32 x8, block-level rewriter", D12_STEP,
          {"XLA_FLAGS": "--xla_gpu_experimental_enable_fusion_block_level_rewriter=true"}),
-        ("d12 32 x8, all fusions with triton", D12_STEP,
-         {"XLA_FLAGS": "--xla_gpu_experimental_all_fusions_with_triton=true"}),
+        ("d12 32 x8, all fusions with triton", D12_STEP, TRITON_FUSIONS),
         ("d12 32 x8 accum cudnn, again", D12_STEP, {}),
         ("gelu 64 x4 accum cudnn", GELU_STEP, {}),
         ("gelu 64 x4, unroll factor 8", GELU_STEP, {"XLA_FLAGS": "--xla_gpu_experimental_max_unroll_factor=8"}),
@@ -163,8 +162,8 @@ PLANS: dict[str, list[tuple[str, list[str], dict]]] = {
     # session 5's last call: the two flags that won on d12 in h100-flags, paired on both presets
     "h100-triton": [
         ("gelu 64 x4 accum cudnn", GELU_STEP, {}),
-        ("gelu 64 x4, all fusions with triton", GELU_STEP, {"XLA_FLAGS": "--xla_gpu_experimental_all_fusions_with_triton=true"}),
-        ("d12 32 x8, all fusions with triton", D12_STEP, {"XLA_FLAGS": "--xla_gpu_experimental_all_fusions_with_triton=true"}),
+        ("gelu 64 x4, all fusions with triton", GELU_STEP, TRITON_FUSIONS),
+        ("d12 32 x8, all fusions with triton", D12_STEP, TRITON_FUSIONS),
         ("d12 32 x8 accum cudnn", D12_STEP, {}),
         ("gelu 64 x4, block-level rewriter", GELU_STEP,
          {"XLA_FLAGS": "--xla_gpu_experimental_enable_fusion_block_level_rewriter=true"}),
