@@ -145,9 +145,9 @@ def test_every_patch_a_plan_runs_still_applies(tmp_path):
     tests/ now (on a scratch copy, as suite.py does)."""
     import re
     import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    from conftest import ROOT as root
+
     sys.path.insert(0, str(root / "benchmarks"))
     try:
         import suite

@@ -9,15 +9,19 @@ import os
 from pathlib import Path
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to a temporary file, flush it to disk, then rename it over `path`."""
+def _write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, flush it to disk, then rename it over `path`."""
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    _write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def read_jsonl(path: Path) -> tuple[list[dict], int]:
@@ -37,13 +41,7 @@ def read_jsonl(path: Path) -> tuple[list[dict], int]:
 
 
 def write_jsonl_atomic(path: Path, records: list[dict]) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def append_jsonl(path: Path, records: list[dict]) -> None:
