@@ -35,6 +35,8 @@ GELU_STEP = GELU + ["--batch", "64", "--accum", "4", "--backend", "cudnn", "--st
 YAT_STEP = ["--preset", "d12-yatnmn-softplus-chinchilla", *GELU_STEP[2:]]  # the seed-card recipe, its MLP
 SWIGLU_STEP = GELU_STEP + ["--set", "model.mlp=swiglu"]
 TRITON_FUSIONS = {"XLA_FLAGS": "--xla_gpu_experimental_all_fusions_with_triton=true"}
+TRITON_AND_BLOCK_REWRITER = {"XLA_FLAGS": TRITON_FUSIONS["XLA_FLAGS"]
+                             + " --xla_gpu_experimental_enable_fusion_block_level_rewriter=true"}
 
 MICRO = ["--preset", "tiny", "--set", "model.n_layer=2", "--set", "model.n_embd=64", "--set", "model.n_kv_head=1",
          "--set", "model.n_head=1", "--set", "model.vocab_size=512", "--set", "data.tokenizer_vocab=512",
@@ -176,14 +178,14 @@ PLANS: dict[str, list[tuple[str, list[str], dict]]] = {
     "h100-s6": [
         ("d12 32 x8 accum cudnn", D12_STEP, {}),
         ("d12 32 x8, all fusions with triton", D12_STEP, TRITON_FUSIONS),
+        ("d12 32 x8, triton fusions + block-level rewriter", D12_STEP, TRITON_AND_BLOCK_REWRITER),
         ("gelu 64 x4 accum cudnn", GELU_STEP, {}),
         ("gelu 64 x4, all fusions with triton", GELU_STEP, TRITON_FUSIONS),
+        ("gelu 64 x4, triton fusions + block-level rewriter", GELU_STEP, TRITON_AND_BLOCK_REWRITER),
         ("yatnmn-softplus 64 x4 accum cudnn", YAT_STEP, {}),
         ("yatnmn-softplus 64 x4, all fusions with triton", YAT_STEP, TRITON_FUSIONS),
         ("swiglu 64 x4 accum cudnn", SWIGLU_STEP, {}),
         ("swiglu 64 x4, all fusions with triton", SWIGLU_STEP, TRITON_FUSIONS),
-        ("gelu 64 x4, block-level rewriter", GELU_STEP,
-         {"XLA_FLAGS": "--xla_gpu_experimental_enable_fusion_block_level_rewriter=true"}),
     ],
     # the same after `patch -p1 < benchmarks/patches/qkv_fused.patch` (one GEMM for q, k, v)
     "h100-qkv": [
