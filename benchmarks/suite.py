@@ -35,6 +35,8 @@ GELU_STEP = GELU + ["--batch", "64", "--accum", "4", "--backend", "cudnn", "--st
 YAT_STEP = ["--preset", "d12-yatnmn-softplus-chinchilla", *GELU_STEP[2:]]  # the seed-card recipe, its MLP
 SWIGLU_STEP = GELU_STEP + ["--set", "model.mlp=swiglu"]
 TRITON_FUSIONS = {"XLA_FLAGS": "--xla_gpu_experimental_all_fusions_with_triton=true"}
+TRITON_FUSIONS_OFF = {"XLA_FLAGS": "--xla_gpu_experimental_all_fusions_with_triton=false"}
+TRITON_GEMM_ANY = {"XLA_FLAGS": "--xla_gpu_triton_gemm_any=true"}
 TRITON_AND_BLOCK_REWRITER = {"XLA_FLAGS": TRITON_FUSIONS["XLA_FLAGS"]
                              + " --xla_gpu_experimental_enable_fusion_block_level_rewriter=true"}
 
@@ -186,6 +188,17 @@ PLANS: dict[str, list[tuple[str, list[str], dict]]] = {
         ("yatnmn-softplus 64 x4, all fusions with triton", YAT_STEP, TRITON_FUSIONS),
         ("swiglu 64 x4 accum cudnn", SWIGLU_STEP, {}),
         ("swiglu 64 x4, all fusions with triton", SWIGLU_STEP, TRITON_FUSIONS),
+    ],
+    # session 6, second call: the Triton-fusions option is the step's GPU default (train.step_compiler_options);
+    # XLA_FLAGS naming it =false is the off switch
+    "h100-s6b": [
+        ("d12 32 x8, default (triton fusions)", D12_STEP, {}),
+        ("d12 32 x8, triton fusions off", D12_STEP, TRITON_FUSIONS_OFF),
+        ("gelu 64 x4, default (triton fusions)", GELU_STEP, {}),
+        ("gelu 64 x4, triton fusions off", GELU_STEP, TRITON_FUSIONS_OFF),
+        ("d12 64 x4, default", D12 + ["--batch", "64", "--accum", "4", "--backend", "cudnn", "--steps", "6"], {}),
+        ("d12 32 x8, + triton gemm any", D12_STEP, TRITON_GEMM_ANY),
+        ("gelu 64 x4, + triton gemm any", GELU_STEP, TRITON_GEMM_ANY),
     ],
     # the same after `patch -p1 < benchmarks/patches/qkv_fused.patch` (one GEMM for q, k, v)
     "h100-qkv": [

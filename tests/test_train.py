@@ -113,3 +113,41 @@ def test_nonfinite_update_is_discarded(setup, params0):
     # everything except the step counters is untouched
     same = [np.array_equal(a, b, equal_nan=True) for a, b in zip(before, after)]
     assert sum(not s for s in same) == 2  # `step` and `skipped`
+
+
+def test_step_compiler_options_only_on_hopper_or_newer_gpus(monkeypatch):
+    from types import SimpleNamespace as Device
+
+    from jaxchat.train import TRITON_FUSIONS, step_compiler_options
+
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert step_compiler_options(Device(platform="gpu", compute_capability="9.0")) == {TRITON_FUSIONS: True}
+    assert step_compiler_options(Device(platform="gpu", compute_capability="10.0")) == {TRITON_FUSIONS: True}
+    for off in (Device(platform="gpu", compute_capability="8.0"),  # A100: not measured
+                Device(platform="gpu", compute_capability="gfx90a"),  # ROCm
+                Device(platform="cpu"), Device(platform="tpu")):
+        assert step_compiler_options(off) == {}, off
+    monkeypatch.setenv("XLA_FLAGS", f"--{TRITON_FUSIONS}=false")  # the user's XLA_FLAGS wins
+    assert step_compiler_options(Device(platform="gpu", compute_capability="9.0")) == {}
+    monkeypatch.setenv("XLA_FLAGS", "")
+    if jax.default_backend() == "cpu":
+        assert step_compiler_options() == {}
+
+
+@pytest.mark.gpu
+def test_train_step_compiles_with_triton_fusions_on_hopper(setup, params0):
+    """On an H100 the train step's fusions come from the Triton emitter, and it is the step's compiler options
+    (not some global flag) that asks for them: the same function jitted without them has none."""
+    import os
+
+    from jaxchat.train import TRITON_FUSIONS, step_compiler_options
+
+    if not step_compiler_options() and TRITON_FUSIONS not in os.environ.get("XLA_FLAGS", ""):
+        pytest.skip("not a compute capability >= 9.0 GPU")
+    _, fns, opt, step = setup
+    state, batch = fresh_state(params0, opt), shaped_batch(*data(), 1)
+    triton = '"kind":"__triton"'
+    assert triton in step.lower(state, batch).compile().as_text()
+    if TRITON_FUSIONS not in os.environ.get("XLA_FLAGS", ""):
+        plain = jax.jit(step.__wrapped__).lower(state, batch).compile().as_text()
+        assert triton not in plain

@@ -148,7 +148,7 @@ def run_bench(preset: str, cfg, base=None, *, steps: int = 10, warmup: int = 2, 
     from jaxchat.model.gpt import resolved_kernels
     from jaxchat.model.scan import describe as describe_layers
     from jaxchat.train import (ModelFns, batch_sharding, build_optimizer, check_batch_fits, init_state, make_mesh,
-                               make_train_step, shaped_batch)
+                               make_train_step, shaped_batch, step_compiler_options)
 
     m, B, T = cfg.model, cfg.train.batch_size, cfg.model.sequence_len
     mesh = make_mesh()
@@ -212,6 +212,7 @@ def run_bench(preset: str, cfg, base=None, *, steps: int = 10, warmup: int = 2, 
         "flops_per_token": counts.flops, "params": counts.params, "peak_mem_bytes": peak_device_memory(),
         "xla_mem_estimate_bytes": estimate, "compile_s": compile_s, "compile_cached": compile_cached, "init_s": init_s, "warmup_s": warmup_s,
         "warmup_steps": warmup, "timed_steps": sum(windows), "loss": loss, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "compiler_options": step_compiler_options(),
         "profile_dir": profile_dir or "", "layers": describe_layers(m), "remat": m.remat,
         "rope_norm": kernels["rope_norm"],
     }
@@ -271,6 +272,8 @@ def format_report(r: dict) -> str:
     ]
     if r["xla_flags"]:
         lines.append(f"XLA_FLAGS: {r['xla_flags']}")
+    if r.get("compiler_options"):
+        lines.append(f"step compiled with: {options_text(r)} (train.step_compiler_options)")
     if r["profile_dir"]:
         lines.append(f"profile: {r['profile_dir']} (summarise with python benchmarks/trace_summary.py {r['profile_dir']})")
     return "\n".join(lines)
@@ -282,8 +285,13 @@ def batch_text(r: dict) -> str:
     return str(r["batch"]) if accum == 1 else f"{r['batch'] // accum} x{accum}"
 
 
+def options_text(r: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in r.get("compiler_options", {}).items())
+
+
 def markdown_row(r: dict, note: str = "") -> str:
-    notes = "; ".join(x for x in (note, f"XLA_FLAGS={r['xla_flags']}" if r["xla_flags"] else "") if x)
+    notes = "; ".join(x for x in (note, f"XLA_FLAGS={r['xla_flags']}" if r["xla_flags"] else "",
+                                  f"compiled with {options_text(r)}" if r.get("compiler_options") else "") if x)
     cells = [r["date"], r["commit"], r["device"], f"{r['jax']} / {r['flax']}", r["preset"],
              ", ".join(r["deltas"]) or "-", batch_text(r), str(r["seq"]), r["dtype"], backend_text(r),
              f"{r['tokens_per_s']:,.0f}", mfu_text(r), mem_text(r),
