@@ -200,6 +200,15 @@ PLANS: dict[str, list[tuple[str, list[str], dict]]] = {
         ("d12 32 x8, + triton gemm any", D12_STEP, TRITON_GEMM_ANY),
         ("gelu 64 x4, + triton gemm any", GELU_STEP, TRITON_GEMM_ANY),
     ],
+    # session 6, third call: the Pallas loss kernel (model/loss_kernel.py) against the xla head
+    "h100-s6c": [
+        ("d12 32 x8, loss xla", D12_STEP, {}),
+        ("d12 32 x8, loss pallas", D12_STEP + ["--set", "model.loss_kernel=pallas"], {}),
+        ("gelu 64 x4, loss xla", GELU_STEP, {}),
+        ("gelu 64 x4, loss pallas", GELU_STEP + ["--set", "model.loss_kernel=pallas"], {}),
+        ("d12 32 x8, loss pallas (repeat)", D12_STEP + ["--set", "model.loss_kernel=pallas"], {}),
+        ("d12 32 x8, loss xla (repeat)", D12_STEP, {}),
+    ],
     # the same after `patch -p1 < benchmarks/patches/qkv_fused.patch` (one GEMM for q, k, v)
     "h100-qkv": [
         ("d12 b32 cudnn, fused head, qkv fused", D12 + ["--batch", "32", "--backend", "cudnn", "--steps", "15"], {}),

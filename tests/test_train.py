@@ -116,19 +116,14 @@ def test_nonfinite_update_is_discarded(setup, params0):
 
 
 def test_step_compiler_options_only_on_hopper_or_newer_gpus(monkeypatch):
-    from types import SimpleNamespace as Device
-
     from jaxchat.train import TRITON_FUSIONS, step_compiler_options
 
     monkeypatch.setenv("XLA_FLAGS", "")
-    assert step_compiler_options(Device(platform="gpu", compute_capability="9.0")) == {TRITON_FUSIONS: True}
-    assert step_compiler_options(Device(platform="gpu", compute_capability="10.0")) == {TRITON_FUSIONS: True}
-    for off in (Device(platform="gpu", compute_capability="8.0"),  # A100: not measured
-                Device(platform="gpu", compute_capability="gfx90a"),  # ROCm
-                Device(platform="cpu"), Device(platform="tpu")):
-        assert step_compiler_options(off) == {}, off
+    assert step_compiler_options((9, 0)) == step_compiler_options((10, 0)) == {TRITON_FUSIONS: True}
+    assert step_compiler_options((8, 0)) == {}  # A100: not measured
+    assert step_compiler_options(None) == {}  # no CUDA GPU: CPU, TPU, ROCm
     monkeypatch.setenv("XLA_FLAGS", f"--{TRITON_FUSIONS}=false")  # the user's XLA_FLAGS wins
-    assert step_compiler_options(Device(platform="gpu", compute_capability="9.0")) == {}
+    assert step_compiler_options((9, 0)) == {}
     monkeypatch.setenv("XLA_FLAGS", "")
     if jax.default_backend() == "cpu":
         assert step_compiler_options() == {}
@@ -136,18 +131,17 @@ def test_step_compiler_options_only_on_hopper_or_newer_gpus(monkeypatch):
 
 @pytest.mark.gpu
 def test_train_step_compiles_with_triton_fusions_on_hopper(setup, params0):
-    """On an H100 the train step's fusions come from the Triton emitter, and it is the step's compiler options
-    (not some global flag) that asks for them: the same function jitted without them has none."""
+    """On an H100 the train step's compiler options hand more of its fusions to the Triton emitter than the same
+    function jitted without them (XLA uses Triton for a few fusions by default)."""
     import os
 
     from jaxchat.train import TRITON_FUSIONS, step_compiler_options
 
-    if not step_compiler_options() and TRITON_FUSIONS not in os.environ.get("XLA_FLAGS", ""):
-        pytest.skip("not a compute capability >= 9.0 GPU")
+    if not step_compiler_options() or TRITON_FUSIONS in os.environ.get("XLA_FLAGS", ""):
+        pytest.skip("not a compute capability >= 9.0 GPU, or XLA_FLAGS sets the option")
     _, fns, opt, step = setup
     state, batch = fresh_state(params0, opt), shaped_batch(*data(), 1)
-    triton = '"kind":"__triton"'
-    assert triton in step.lower(state, batch).compile().as_text()
-    if TRITON_FUSIONS not in os.environ.get("XLA_FLAGS", ""):
-        plain = jax.jit(step.__wrapped__).lower(state, batch).compile().as_text()
-        assert triton not in plain
+    count = lambda hlo: hlo.count('"kind":"__triton"')
+    with_options = count(step.lower(state, batch).compile().as_text())
+    plain = count(jax.jit(step.__wrapped__).lower(state, batch).compile().as_text())
+    assert with_options > plain, (with_options, plain)

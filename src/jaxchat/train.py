@@ -35,17 +35,15 @@ global_norm = optax.tree.norm if hasattr(optax, "tree") and hasattr(optax.tree, 
 TRITON_FUSIONS = "xla_gpu_experimental_all_fusions_with_triton"
 
 
-def step_compiler_options(device=None) -> dict:
-    """XLA options the train step compiles with on `device` (default: the first one). On NVIDIA GPUs of compute
-    capability 9.0 and up (H100 measured), XLA's Triton emitter for every fusion: +1.0-1.9% on all four MLPs'
-    d12 steps and the GPU tests pass under it (BENCHMARKS.md, session 6). Nothing elsewhere. An XLA_FLAGS entry
-    naming the option wins: `XLA_FLAGS=--xla_gpu_experimental_all_fusions_with_triton=false` turns it off."""
-    device = device or jax.devices()[0]
-    try:
-        hopper_or_newer = device.platform == "gpu" and float(getattr(device, "compute_capability", 0)) >= 9.0
-    except ValueError:  # an unexpected compute capability string: keep XLA's defaults
-        hopper_or_newer = False
-    if not hopper_or_newer or TRITON_FUSIONS in os.environ.get("XLA_FLAGS", ""):
+def step_compiler_options(capability: tuple[int, int] | None | str = "detect") -> dict:
+    """XLA options the train step compiles with, for a CUDA GPU of this compute capability (default: the one JAX
+    sees; None: no CUDA GPU). From 9.0 up (H100 measured), XLA's Triton emitter for every fusion: +0.8-1.9% on all
+    four MLPs' d12 steps, and the GPU tests pass under it (BENCHMARKS.md, session 6). Nothing elsewhere. An
+    XLA_FLAGS entry naming the option wins: `XLA_FLAGS=--xla_gpu_experimental_all_fusions_with_triton=false`."""
+    from jaxchat.model.attention import cuda_compute_capability
+
+    cc = cuda_compute_capability() if capability == "detect" else capability
+    if cc is None or cc < (9, 0) or TRITON_FUSIONS in os.environ.get("XLA_FLAGS", ""):
         return {}
     return {TRITON_FUSIONS: True}
 

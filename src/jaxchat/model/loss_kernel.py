@@ -1,0 +1,91 @@
+"""The loss and the logits' cotangent in one Pallas (Triton) GPU kernel, for the fused head (model/head.py).
+
+The head's XLA path forms the NLL from the logits z in the forward and dz = (softmax(s) - onehot) * (1 - tanh^2)
+(s = cap * tanh(z / cap)) in the backward: each pass reads all N x V logits (4.3 GB per nanochat-d12 micro-batch
+of 32 x 2048 in bf16) and the backward writes dz as well. `nll_and_dz` does both in the forward, for a unit
+cotangent per token: each program holds one row of z in registers, so the row is read from memory once, and
+writes the row's NLL and its dz. The head's backward then has only to scale rows by the cotangent g, which it
+folds into its GEMMs (dx = g * (dz @ W^T), dW = (g * x)^T dz); z is neither kept nor read again.
+
+    model.loss_kernel = xla      the head's jnp code (model/head.py)
+                        pallas   this kernel (CUDA GPUs; V a power of two from 128 to 65536)
+                        auto     xla (pallas measured in BENCHMARKS.md before it is made the GPU default)
+
+Pallas's interpreter runs the kernel on CPU for the tests (`interpret=True`); the model never does.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from jaxchat.config import ConfigError
+
+F32 = jnp.float32
+
+
+def pallas_unsupported(n_tokens: int, vocab: int, dtype) -> str | None:
+    """Why the kernel cannot take (n_tokens, vocab) logits of this dtype, or None when it can."""
+    if vocab < 128 or vocab > 65536 or vocab & (vocab - 1):
+        return f"the vocabulary ({vocab}) is not a power of two from 128 to 65536"
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(F32)):
+        return f"dtype {jnp.dtype(dtype).name} is not bfloat16, float16 or float32"
+    return None
+
+
+def resolve_impl(impl: str, n_tokens: int, vocab: int, dtype) -> str:
+    """The implementation `impl` ("auto", "xla", "pallas") means for these logits on this machine."""
+    if impl == "xla" or impl == "auto":
+        return "xla"
+    from jaxchat.model.rotary import pallas_gpu_unavailable
+
+    why = (pallas_unsupported(n_tokens, vocab, dtype) or pallas_gpu_unavailable()
+           or ("it runs on one device (no partitioning rule yet)" if jax.device_count() > 1 else None))
+    if why:
+        raise ConfigError(f"model.loss_kernel=pallas cannot run here: {why}; use model.loss_kernel=xla")
+    return "pallas"
+
+
+def _kernel(z_ref, t_ref, nll_ref, dz_ref, *, cap: float):
+    """One row: z (1, V) -> nll (1,), dz (1, V) = (softmax(s) - onehot) * ds/dz; zero where the target is -1."""
+    z = z_ref[...].astype(F32)
+    t = t_ref[...]  # (1,) int32
+    th = jnp.tanh(z / cap) if cap > 0 else None
+    s = cap * th if cap > 0 else z
+    m = jnp.full(t.shape, cap, F32) if cap > 0 else jnp.max(s, axis=1)  # with a cap, s <= cap: a safe shift
+    lse = m + jnp.log(jnp.sum(jnp.exp(s - m[:, None]), axis=1))  # (1,)
+    onehot = jnp.arange(z.shape[1], dtype=jnp.int32)[None, :] == t[:, None]
+    s_t = jnp.sum(jnp.where(onehot, s, 0.0), axis=1)
+    ds = jnp.exp(s - lse[:, None]) - onehot.astype(F32)
+    if cap > 0:
+        ds = ds * (1.0 - th * th)
+    keep = t >= 0
+    dz_ref[...] = jnp.where(keep[:, None], ds, 0.0).astype(dz_ref.dtype)
+    nll_ref[...] = jnp.where(keep, lse - s_t, 0.0)
+
+
+def _call(z, targets, *, cap: float, interpret: bool):
+    N, V = z.shape
+    row = pl.BlockSpec((1, V), lambda i: (i, 0))
+    tok = pl.BlockSpec((1,), lambda i: (i,))
+    return pl.pallas_call(
+        functools.partial(_kernel, cap=cap), grid=(N,), in_specs=[row, tok], out_specs=[tok, row],
+        out_shape=[jax.ShapeDtypeStruct((N,), F32), jax.ShapeDtypeStruct((N, V), z.dtype)],
+        interpret=interpret, name="nll_and_dz",
+    )(z, targets)
+
+
+def nll_and_dz(z, targets, *, cap: float, interpret: bool = False):
+    """Logits z (..., V) in the compute dtype and int targets (...) (-1 = ignored) -> (fp32 NLL (...), dz (..., V)
+    in z's dtype): the NLL of the soft-capped logits (cap 0: none) and its gradient with respect to z for a
+    cotangent of 1 per token. Not differentiable itself: it is the head's forward (model/head.py)."""
+    V = z.shape[-1]
+    n = z.size // V
+    why = pallas_unsupported(n, V, z.dtype)
+    if why:
+        raise ConfigError(f"model.loss_kernel=pallas cannot take these logits: {why}; use model.loss_kernel=xla")
+    nll, dz = _call(z.reshape(n, V), targets.reshape(n).astype(jnp.int32), cap=float(cap), interpret=interpret)
+    return nll.reshape(targets.shape), dz.reshape(z.shape)
