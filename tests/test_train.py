@@ -129,19 +129,13 @@ def test_step_compiler_options_only_on_hopper_or_newer_gpus(monkeypatch):
         assert step_compiler_options() == {}
 
 
-@pytest.mark.gpu
-def test_train_step_compiles_with_triton_fusions_on_hopper(setup, params0):
-    """On an H100 the train step's compiler options hand more of its fusions to the Triton emitter than the same
-    function jitted without them (XLA uses Triton for a few fusions by default)."""
-    import os
+def test_train_step_compiles_with_its_compiler_options(setup, params0, monkeypatch):
+    """make_train_step hands step_compiler_options() to XLA: an option XLA does not know is refused at compile
+    time (on an H100 the real option's effect is measured by `jaxchat bench`: BENCHMARKS.md, session 6)."""
+    from jaxchat import train
 
-    from jaxchat.train import TRITON_FUSIONS, step_compiler_options
-
-    if not step_compiler_options() or TRITON_FUSIONS in os.environ.get("XLA_FLAGS", ""):
-        pytest.skip("not a compute capability >= 9.0 GPU, or XLA_FLAGS sets the option")
-    _, fns, opt, step = setup
+    _, fns, opt, _ = setup
     state, batch = fresh_state(params0, opt), shaped_batch(*data(), 1)
-    count = lambda hlo: hlo.count('"kind":"__triton"')
-    with_options = count(step.lower(state, batch).compile().as_text())
-    plain = count(jax.jit(step.__wrapped__).lower(state, batch).compile().as_text())
-    assert with_options > plain, (with_options, plain)
+    monkeypatch.setattr(train, "step_compiler_options", lambda: {"xla_jaxchat_no_such_option": True})
+    with pytest.raises(Exception, match="xla_jaxchat_no_such_option"):
+        train.make_train_step(fns, opt).lower(state, batch).compile()

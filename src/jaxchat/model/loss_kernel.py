@@ -17,10 +17,12 @@ Pallas's interpreter runs the kernel on CPU for the tests (`interpret=True`); th
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from jaxchat.config import ConfigError
 
@@ -49,32 +51,93 @@ def resolve_impl(impl: str, n_tokens: int, vocab: int, dtype) -> str:
     return "pallas"
 
 
-def _kernel(z_ref, t_ref, nll_ref, dz_ref, *, cap: float):
-    """One row: z (1, V) -> nll (1,), dz (1, V) = (softmax(s) - onehot) * ds/dz; zero where the target is -1."""
-    z = z_ref[...].astype(F32)
-    t = t_ref[...]  # (1,) int32
-    th = jnp.tanh(z / cap) if cap > 0 else None
-    s = cap * th if cap > 0 else z
-    m = jnp.full(t.shape, cap, F32) if cap > 0 else jnp.max(s, axis=1)  # with a cap, s <= cap: a safe shift
-    lse = m + jnp.log(jnp.sum(jnp.exp(s - m[:, None]), axis=1))  # (1,)
-    onehot = jnp.arange(z.shape[1], dtype=jnp.int32)[None, :] == t[:, None]
-    s_t = jnp.sum(jnp.where(onehot, s, 0.0), axis=1)
+@dataclass(frozen=True)
+class Tuning:
+    """How the kernel splits the work: `rows` rows of z per program; `block` columns per load (None: the whole
+    row, held in registers and read from memory once; otherwise two passes over the row, the second reading it
+    again); Triton's `num_warps` per program."""
+
+    rows: int = 1
+    block: int | None = None
+    num_warps: int = 4
+
+
+TUNING = Tuning()  # benchmarks/loss_kernel_tuning.py measures the alternatives on a GPU
+
+
+def _capped(z, cap: float):
+    """(s, tanh(z / cap) or None) in fp32."""
+    if cap > 0:
+        th = jnp.tanh(z / cap)
+        return cap * th, th
+    return z, None
+
+
+def _dz(s, th, onehot, lse, keep, cap: float, dtype):
     ds = jnp.exp(s - lse[:, None]) - onehot.astype(F32)
     if cap > 0:
         ds = ds * (1.0 - th * th)
+    return jnp.where(keep[:, None], ds, 0.0).astype(dtype)
+
+
+def _row_kernel(z_ref, t_ref, nll_ref, dz_ref, *, cap: float):
+    """Whole rows: z (R, V) -> nll (R,), dz (R, V) = (softmax(s) - onehot) * ds/dz; zero where the target is -1."""
+    t = t_ref[...]  # (R,) int32
+    s, th = _capped(z_ref[...].astype(F32), cap)
+    m = jnp.full(t.shape, cap, F32) if cap > 0 else jnp.max(s, axis=1)  # with a cap, s <= cap: a safe shift
+    lse = m + jnp.log(jnp.sum(jnp.exp(s - m[:, None]), axis=1))
+    onehot = jnp.arange(s.shape[1], dtype=jnp.int32)[None, :] == t[:, None]
+    s_t = jnp.sum(jnp.where(onehot, s, 0.0), axis=1)
     keep = t >= 0
-    dz_ref[...] = jnp.where(keep[:, None], ds, 0.0).astype(dz_ref.dtype)
+    dz_ref[...] = _dz(s, th, onehot, lse, keep, cap, dz_ref.dtype)
     nll_ref[...] = jnp.where(keep, lse - s_t, 0.0)
 
 
-def _call(z, targets, *, cap: float, interpret: bool):
+def _block_kernel(z_ref, t_ref, nll_ref, dz_ref, *, cap: float, block: int):
+    """The same in two passes over `block`-column slices of the rows: the log-sum-exp (online max without a cap)
+    and the target's logit, then dz."""
+    t = t_ref[...]
+    cols = jnp.arange(block, dtype=jnp.int32)[None, :]
+    n_blocks = z_ref.shape[1] // block
+
+    def load(j):
+        return _capped(z_ref[:, pl.ds(j * block, block)].astype(F32), cap)
+
+    def first(j, carry):
+        m, total, s_t = carry
+        s, _ = load(j)
+        m_new = m if cap > 0 else jnp.maximum(m, jnp.max(s, axis=1))
+        total = total * jnp.exp(m - m_new) + jnp.sum(jnp.exp(s - m_new[:, None]), axis=1)
+        s_t = s_t + jnp.sum(jnp.where(cols + j * block == t[:, None], s, 0.0), axis=1)
+        return m_new, total, s_t
+
+    zeros = jnp.zeros(t.shape, F32)
+    m0 = jnp.full(t.shape, cap if cap > 0 else -jnp.inf, F32)
+    m, total, s_t = jax.lax.fori_loop(0, n_blocks, first, (m0, zeros, zeros))
+    lse = m + jnp.log(total)
+    keep = t >= 0
+
+    def second(j, carry):
+        s, th = load(j)
+        dz_ref[:, pl.ds(j * block, block)] = _dz(s, th, cols + j * block == t[:, None], lse, keep, cap, dz_ref.dtype)
+        return carry
+
+    jax.lax.fori_loop(0, n_blocks, second, 0)
+    nll_ref[...] = jnp.where(keep, lse - s_t, 0.0)
+
+
+def _call(z, targets, *, cap: float, interpret: bool, tuning: Tuning):
     N, V = z.shape
-    row = pl.BlockSpec((1, V), lambda i: (i, 0))
-    tok = pl.BlockSpec((1,), lambda i: (i,))
+    R = tuning.rows
+    block = tuning.block if tuning.block and tuning.block < V else None
+    kernel = (functools.partial(_block_kernel, cap=cap, block=block) if block
+              else functools.partial(_row_kernel, cap=cap))
+    row = pl.BlockSpec((R, V), lambda i: (i, 0))
+    tok = pl.BlockSpec((R,), lambda i: (i,))
     return pl.pallas_call(
-        functools.partial(_kernel, cap=cap), grid=(N,), in_specs=[row, tok], out_specs=[tok, row],
+        kernel, grid=(N // R,), in_specs=[row, tok], out_specs=[tok, row],
         out_shape=[jax.ShapeDtypeStruct((N,), F32), jax.ShapeDtypeStruct((N, V), z.dtype)],
-        interpret=interpret, name="nll_and_dz",
+        compiler_params=plgpu.CompilerParams(num_warps=tuning.num_warps), interpret=interpret, name="nll_and_dz",
     )(z, targets)
 
 
@@ -87,5 +150,9 @@ def nll_and_dz(z, targets, *, cap: float, interpret: bool = False):
     why = pallas_unsupported(n, V, z.dtype)
     if why:
         raise ConfigError(f"model.loss_kernel=pallas cannot take these logits: {why}; use model.loss_kernel=xla")
-    nll, dz = _call(z.reshape(n, V), targets.reshape(n).astype(jnp.int32), cap=float(cap), interpret=interpret)
+    tuning = TUNING
+    if n % tuning.rows or (tuning.block and V % tuning.block):
+        raise ConfigError(f"loss kernel tuning {tuning} does not divide {n} tokens x vocabulary {V}")
+    nll, dz = _call(z.reshape(n, V), targets.reshape(n).astype(jnp.int32), cap=float(cap), interpret=interpret,
+                    tuning=tuning)
     return nll.reshape(targets.shape), dz.reshape(z.shape)
