@@ -6,6 +6,8 @@ optionally run `jaxchat bench` with the fastest correct tuning and, for a pair, 
                                             [--budget SECONDS] [-- BENCH ARGS...]
 
 DIR gets tuning.jsonl (one line per variant) and, with bench arguments, rows.md and results.jsonl. On a GPU only.
+The sweep runs in a child process, so that the bench runs find the GPU's memory free (a first version swept in
+this process, and both bench runs then failed to allocate).
 """
 
 from __future__ import annotations
@@ -63,10 +65,34 @@ def main():
     ap.add_argument("--vocab", type=int, default=32768)
     ap.add_argument("--embd", type=int, default=768)
     ap.add_argument("--budget", type=float, default=150, help="seconds for the tuning sweep")
+    ap.add_argument("--sweep-only", action="store_true", help=argparse.SUPPRESS)  # the child process
     ap.add_argument("bench", nargs=argparse.REMAINDER, help="-- then `jaxchat bench` arguments")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.sweep_only:
+        return sweep(args, out)
+    child = [sys.executable, __file__, "--sweep-only", "--out", str(out), "--tokens", str(args.tokens),
+             "--vocab", str(args.vocab), "--embd", str(args.embd), "--budget", str(args.budget)]
+    subprocess.run(child, check=True)
+    results = [json.loads(line) for line in (out / "tuning.jsonl").read_text().splitlines()]
+    good = [r for r in results[1:] if r.get("correct")]
+    if not args.bench or not good:
+        return
+    best = min(good, key=lambda r: r["ms"])
+    print(f"fastest correct tuning: {best['variant']} {best['ms']:.2f} ms (xla {results[0]['ms']:.2f} ms)", flush=True)
+    bench = [a for a in args.bench if a != "--"]
+    record = ["--json", str(out / "results.jsonl"), "--record-to", str(out / "rows.md")]
+    setup = f"import jaxchat.model.loss_kernel as K; K.TUNING = K.{best['variant']}; "
+    runs = [(setup, bench + ["--set", "model.loss_kernel=pallas"], f"loss pallas {best['variant']}"), ("", bench, "loss xla")]
+    for pre, bargs, note in runs:
+        code = pre + "import runpy; runpy.run_module('jaxchat.bench', run_name='__main__', alter_sys=True)"
+        print(f"=== {note}", flush=True)
+        subprocess.run([sys.executable, "-c", code, *bargs, *record, "--note", note], check=False)
+
+
+def sweep(args, out: Path):
+    """Time the xla head and every tuning in TUNINGS (within the budget) and write out/tuning.jsonl."""
     kx, kw, kt = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (args.tokens, args.embd)).astype(jnp.bfloat16)
     w = (0.05 * jax.random.normal(kw, (args.embd, args.vocab))).astype(jnp.bfloat16)
@@ -93,22 +119,6 @@ def main():
         results.append(row)
         print(json.dumps(row), flush=True)
     (out / "tuning.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
-
-    good = [r for r in results[1:] if r.get("correct")]
-    if not args.bench or not good:
-        return
-    best = min(good, key=lambda r: r["ms"])
-    print(f"fastest correct tuning: {best['variant']} {best['ms']:.2f} ms (xla {base_ms:.2f} ms)", flush=True)
-    tuning = next(tg for tg in TUNINGS if str(tg) == best["variant"])
-    bench = [a for a in args.bench if a != "--"]
-    record = ["--json", str(out / "results.jsonl"), "--record-to", str(out / "rows.md")]
-    setup = f"import jaxchat.model.loss_kernel as K; K.TUNING = K.{tuning!r}; "
-    runs = [(setup, bench + ["--set", "model.loss_kernel=pallas"], f"loss pallas {tuning}"), ("", bench, "loss xla")]
-    for pre, bargs, note in runs:
-        code = (pre + "import runpy, sys; sys.argv = sys.argv[:1] + sys.argv[1:]; "
-                "runpy.run_module('jaxchat.bench', run_name='__main__', alter_sys=True)")
-        print(f"=== {note}", flush=True)
-        subprocess.run([sys.executable, "-c", code, *bargs, *record, "--note", note], check=False)
 
 
 if __name__ == "__main__":
