@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from jaxchat.bench import git_commit  # noqa: E402  (how `jaxchat bench` names the code in a row)
 NO_CMDBUF = {"XLA_FLAGS": "--xla_gpu_enable_command_buffer="}
 SOFTCAP_EXP = {"PATCH": "benchmarks/patches/softcap_exp.patch"}
+LOSS_KERNEL = {"PATCH": "benchmarks/patches/loss_kernel.patch"}
 
 D12 = ["--preset", "nanochat-d12", "--seq", "2048", "--dtype", "bfloat16"]
 GELU = ["--preset", "d12-gelu-chinchilla", "--seq", "1024", "--dtype", "bfloat16"]
@@ -200,14 +201,13 @@ PLANS: dict[str, list[tuple[str, list[str], dict]]] = {
         ("d12 32 x8, + triton gemm any", D12_STEP, TRITON_GEMM_ANY),
         ("gelu 64 x4, + triton gemm any", GELU_STEP, TRITON_GEMM_ANY),
     ],
-    # session 6, third call: the Pallas loss kernel (model/loss_kernel.py) against the xla head
+    # session 6, third call: the Pallas loss kernel (benchmarks/patches/loss_kernel.patch) against the xla head,
+    # at its first tuning (whole rows, 4 warps); its tuning sweep is the patch's benchmarks/loss_kernel_tuning.py
     "h100-s6c": [
         ("d12 32 x8, loss xla", D12_STEP, {}),
-        ("d12 32 x8, loss pallas", D12_STEP + ["--set", "model.loss_kernel=pallas"], {}),
+        ("d12 32 x8, loss pallas", D12_STEP + ["--set", "model.loss_kernel=pallas"], LOSS_KERNEL),
         ("gelu 64 x4, loss xla", GELU_STEP, {}),
-        ("gelu 64 x4, loss pallas", GELU_STEP + ["--set", "model.loss_kernel=pallas"], {}),
-        ("d12 32 x8, loss pallas (repeat)", D12_STEP + ["--set", "model.loss_kernel=pallas"], {}),
-        ("d12 32 x8, loss xla (repeat)", D12_STEP, {}),
+        ("gelu 64 x4, loss pallas", GELU_STEP + ["--set", "model.loss_kernel=pallas"], LOSS_KERNEL),
     ],
     # the same after `patch -p1 < benchmarks/patches/qkv_fused.patch` (one GEMM for q, k, v)
     "h100-qkv": [

@@ -1,8 +1,6 @@
 """The fused training head (model/head.py) computes exactly token_nll(softcap(x @ W)) and its gradients, whole or
 in chunks of tokens (model.loss_chunk)."""
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -174,93 +172,3 @@ def test_backward_shares_or_recomputes_the_softcap_as_told(monkeypatch, share):
     t = jnp.zeros((4, 64), jnp.int32)
     grad = jax.jit(jax.grad(lambda x, w: head_nll(x, w, t, 15.0, 0).mean(), argnums=(0, 1)))
     assert len(re.findall(r" tanh\(", grad.lower(x, w).compile().as_text())) == (1 if share else 2)
-
-
-# ---------------------------------------------------------------- the Pallas loss kernel (model/loss_kernel.py)
-
-@pytest.mark.parametrize("cap", [15.0, 0.0])
-def test_loss_kernel_matches_autodiff_fp32(cap):
-    """The kernel's head (NLL and dz in the forward, g folded into the backward's GEMMs) equals autodiff of the
-    reference, in Pallas's interpreter: values, both gradients, an ignored target, a non-uniform cotangent."""
-    kx, kw, kt, kg = jax.random.split(jax.random.key(3), 4)
-    x = jax.random.normal(kx, (2, 8, 16))
-    w = 2.0 * jax.random.normal(kw, (16, 128))
-    targets = jax.random.randint(kt, (2, 8), 0, 128).at[1, 5].set(-1)
-    g = jax.random.normal(kg, (2, 8))
-    ref, ref_vjp = jax.vjp(lambda x, w: reference(x, w, targets, cap), x, w)
-    out, out_vjp = jax.vjp(lambda x, w: head_nll(x, w, targets, cap, 0, "pallas-interpret"), x, w)
-    assert float(jnp.abs(ref).max()) > 1.0 and float(out[1, 5]) == 0.0
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
-    for a, b in zip(out_vjp(g), ref_vjp(g)):
-        assert float(jnp.abs(b).max()) > 1e-3
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
-
-
-def test_loss_kernel_bf16_matches_the_xla_head():
-    """bf16 compute: the kernel's head against the xla head (the same math; roundings differ where the kernel
-    scales dz's GEMM outputs by g instead of dz itself)."""
-    kx, kw, kt, kg = jax.random.split(jax.random.key(4), 4)
-    x = jax.random.normal(kx, (4, 32, 64)).astype(jnp.bfloat16)
-    w = (0.3 * jax.random.normal(kw, (64, 256))).astype(jnp.bfloat16)
-    targets = jax.random.randint(kt, (4, 32), 0, 256).at[0, 0].set(-1)
-    g = jnp.ones((4, 32))  # the train step's cotangent (the summed NLL)
-    ref, ref_vjp = jax.vjp(lambda x, w: head_nll(x, w, targets, 15.0), x, w)
-    out, out_vjp = jax.vjp(lambda x, w: head_nll(x, w, targets, 15.0, 0, "pallas-interpret"), x, w)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
-    for a, b in zip(out_vjp(g), ref_vjp(g)):
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        assert np.linalg.norm(b) > 0.1 and np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-2
-
-
-def test_loss_kernel_keeps_dz_not_the_logits():
-    """The forward keeps dz (one (N, V) tensor, as the xla head keeps z) and the backward never reads the logits
-    again: no exp and no tanh in the compiled backward."""
-    import re
-
-    x = jnp.ones((2, 64, 32), jnp.bfloat16)
-    w = jnp.ones((32, 256), jnp.bfloat16)
-    t = jnp.zeros((2, 64), jnp.int32)
-    _, res = jax.vjp(lambda x, w: head_nll(x, w, t, 15.0, 0, "pallas-interpret"), x, w)
-    bwd = jax.jit(lambda g: res(g)).lower(jnp.ones((2, 64))).compile().as_text()
-    assert not re.search(r" (exponential|tanh)\(", bwd)
-    assert re.search(r" dot\(|custom-call|convolution", bwd)
-
-
-def test_loss_kernel_choices():
-    from jaxchat.config import ConfigError
-    from jaxchat.model.loss_kernel import pallas_unsupported, resolve_impl
-
-    assert resolve_impl("auto", 64, 32768, jnp.bfloat16) == "xla" and resolve_impl("xla", 64, 32768, jnp.bfloat16) == "xla"
-    assert pallas_unsupported(64, 32768, jnp.bfloat16) is None
-    assert "power of two" in pallas_unsupported(64, 50304, jnp.bfloat16)
-    if jax.default_backend() == "cpu":
-        with pytest.raises(ConfigError, match="model.loss_kernel=pallas cannot run here: no CUDA GPU"):
-            resolve_impl("pallas", 64, 32768, jnp.bfloat16)
-    with pytest.raises(ConfigError, match="loss_chunk"):
-        ModelConfig(vocab_size=64, sequence_len=16, n_layer=1, n_embd=32, n_head=2, n_kv_head=1,
-                    loss_kernel="pallas", loss_chunk=8)
-    with pytest.raises(ConfigError, match="model.loss_kernel='triton' is unknown"):
-        ModelConfig(vocab_size=64, sequence_len=16, n_layer=1, n_embd=32, n_head=2, n_kv_head=1, loss_kernel="triton")
-
-
-@pytest.mark.gpu
-def test_loss_kernel_on_gpu_matches_the_xla_head():
-    """Compiled by Triton on a CUDA GPU, the d12 vocabulary: NLL and both gradients against the xla head."""
-    kx, kw, kt = jax.random.split(jax.random.key(5), 3)
-    x = jax.random.normal(kx, (2, 256, 768)).astype(jnp.bfloat16)
-    w = (0.05 * jax.random.normal(kw, (768, 32768))).astype(jnp.bfloat16)
-    targets = jax.random.randint(kt, (2, 256), 0, 32768).at[0, 7].set(-1)
-    g = jnp.ones((2, 256))
-
-    @partial(jax.jit, static_argnums=(2, 3))
-    def run(x, w, cap, kernel):
-        nll, vjp = jax.vjp(lambda x, w: head_nll(x, w, targets, cap, 0, kernel), x, w)
-        return nll, *vjp(g)
-
-    for cap in (15.0, 0.0):
-        ref, out = run(x, w, cap, "xla"), run(x, w, cap, "pallas")
-        assert float(out[0][0, 7]) == 0.0 and float(jnp.abs(ref[0]).max()) > 5.0
-        np.testing.assert_allclose(np.asarray(out[0]), np.asarray(ref[0]), rtol=2e-5, atol=2e-5)
-        for a, b in zip(out[1:], ref[1:]):
-            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-            assert np.linalg.norm(b) > 0.1 and np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-2

@@ -214,7 +214,7 @@ def run_bench(preset: str, cfg, base=None, *, steps: int = 10, warmup: int = 2, 
         "warmup_steps": warmup, "timed_steps": sum(windows), "loss": loss, "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "compiler_options": step_compiler_options(),
         "profile_dir": profile_dir or "", "layers": describe_layers(m), "remat": m.remat,
-        "rope_norm": kernels["rope_norm"], "loss_kernel": kernels["loss"],
+        "rope_norm": kernels["rope_norm"],
     }
 
 
@@ -260,8 +260,7 @@ def format_report(r: dict) -> str:
         f"attention {backend_text(r)} | deltas: {', '.join(r['deltas']) or '-'}",
         f"params: {p['total']:,} ({split_text(p, ['embed', 'value_embeds', 'attention', 'mlp', 'lm_head', 've_gates', 'scalars'])})",
         f"FLOPs/token: {human(f['total'])} ({split_text(f, ['lm_head', 'mlp', 'attention', 'gates'])})",
-        f"layers: {r['layers']} | remat {r['remat']} | rope+qk-norm {r.get('rope_norm', '?')} | loss "
-        f"{r.get('loss_kernel', '?')}",
+        f"layers: {r['layers']} | remat {r['remat']} | rope+qk-norm {r.get('rope_norm', '?')}",
         f"compile: {r['compile_s']:.1f} s{' (loaded from the persistent compilation cache)' * r['compile_cached']}"
         f" | init {r['init_s']:.1f} s | warmup {r['warmup_steps']} steps "
         f"{r['warmup_s']:.1f} s",

@@ -39,11 +39,10 @@ def resolve_compute_dtype(name: str) -> str:
 MLP_KINDS = ("relu2", "gelu", "swiglu", "yatnmn", "yatnmn_softplus")
 ATTENTION_BACKENDS = ("xla", "blocked", "cudnn", "splash", "auto")  # see model/attention.py; checked at first use
 ROPE_NORM_IMPLS = ("auto", "xla", "pallas")  # RoPE + QK-norm, see model/rotary.py
-LOSS_KERNELS = ("auto", "xla", "pallas")  # the fused head's loss, see model/loss_kernel.py
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj", "save_out_proj")  # see model/remat.py
 # Fields that choose how the step is computed, not what it computes: the parameters and their layout do not depend
 # on them, so a run may resume with other values (results then differ only by rounding).
-EXECUTION_FIELDS = ("attention", "rope_norm", "scan_layers", "remat", "loss_chunk", "loss_kernel")
+EXECUTION_FIELDS = ("attention", "rope_norm", "scan_layers", "remat", "loss_chunk")
 DTYPES = ("auto", "float32", "bfloat16")  # auto: bfloat16 on a GPU/TPU, float32 on CPU (resolve_compute_dtype)
 
 
@@ -78,7 +77,6 @@ class ModelConfig:
     scan_layers: bool = False  # run repeating groups of blocks (e.g. SSSL) under lax.scan: one group compiled
     remat: str = "none"  # activation checkpointing policy per block, one of REMAT_POLICIES (model/remat.py)
     loss_chunk: int = 0  # > 0: the fused lm_head + loss runs over chunks of this many tokens (0: all at once)
-    loss_kernel: str = "auto"  # the fused head's loss, one of LOSS_KERNELS (model/loss_kernel.py)
 
     def __post_init__(self):
         for name in ("vocab_size", "sequence_len", "n_layer", "n_embd", "n_head", "n_kv_head", "pad_vocab_to"):
@@ -100,11 +98,6 @@ class ModelConfig:
         _check(isinstance(self.loss_chunk, int) and self.loss_chunk >= 0,
                f"model.loss_chunk={self.loss_chunk!r} must be an integer >= 0 (tokens per chunk of the fused "
                f"lm_head + loss; 0 computes it for the whole batch at once)")
-        _check(self.loss_kernel in LOSS_KERNELS,
-               f"model.loss_kernel={self.loss_kernel!r} is unknown: choose one of {', '.join(LOSS_KERNELS)}")
-        _check(not (self.loss_kernel == "pallas" and self.loss_chunk),
-               f"model.loss_kernel=pallas with model.loss_chunk={self.loss_chunk}: the chunked head runs the xla "
-               f"loss; set model.loss_chunk=0 or model.loss_kernel=auto")
         _check(self.compute_dtype in DTYPES,
                f"model.compute_dtype={self.compute_dtype!r}: choose one of {', '.join(DTYPES)}")
         _check(len(self.window_pattern) > 0 and set(self.window_pattern.upper()) <= {"S", "L"},

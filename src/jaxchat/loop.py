@@ -291,8 +291,8 @@ def _train(cfg, run_dir, ds, fns, optimizer, state, ckpt, mesh, micro, clock, pr
     m = cfg.model
     run = resolved_kernels(m, micro)
     attention = m.attention if run["attention"] == m.attention else f"{m.attention}->{run['attention']}"
-    log(f"step: {m.compute_dtype} | attention {attention} | rope+qk-norm {run['rope_norm']} | loss {run['loss']} | "
-        f"{describe_layers(m)} | remat {m.remat}")
+    log(f"step: {m.compute_dtype} | attention {attention} | rope+qk-norm {run['rope_norm']} | {describe_layers(m)} | "
+        f"remat {m.remat} | loss chunk {m.loss_chunk or 'off'}")
 
     shape = (A, B // A, T)  # (accum, micro-batch, time), the micro-batch split over the mesh
     mine = local_positions(sharding, shape, axis=1)  # the rows of each micro-batch this process's devices hold

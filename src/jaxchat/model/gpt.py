@@ -28,7 +28,6 @@ from flax import nnx
 from jaxchat.config import ModelConfig, resolve_compute_dtype
 from jaxchat.model.attention import attend, resolve_backend
 from jaxchat.model.head import head_nll
-from jaxchat.model.loss_kernel import resolve_impl as resolve_loss_kernel
 from jaxchat.model.mlp import F32, Dense, YatNMN, make_mlp
 from jaxchat.model.remat import checkpoint_name, remat
 from jaxchat.model.rotary import resolve_impl as resolve_rope_norm, rope_norm, rope_tables
@@ -153,9 +152,7 @@ class GPT(nnx.Module):
 
         w_out = self.wte.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
         if targets is not None:
-            kernel = resolve_loss_kernel(cfg.loss_kernel, B * T, cfg.vocab_size, dt) if not cfg.loss_chunk else "xla"
-            return head_nll(x, w_out[:, : cfg.vocab_size].astype(dt), targets, cfg.logit_softcap, cfg.loss_chunk,
-                            kernel)
+            return head_nll(x, w_out[:, : cfg.vocab_size].astype(dt), targets, cfg.logit_softcap, cfg.loss_chunk)
         with jax.named_scope("lm_head"):
             logits = jnp.matmul(x, w_out.astype(dt), preferred_element_type=F32)[..., : cfg.vocab_size]
             if cfg.logit_softcap > 0:
@@ -231,16 +228,13 @@ class GPT(nnx.Module):
 
 def resolved_kernels(cfg: ModelConfig, batch: int = 1) -> dict:
     """Which implementations the training step runs for this config on this machine ("auto" resolved):
-    {"attention": xla | blocked | cudnn | splash, "rope_norm": xla | pallas, "loss": xla | pallas | chunked}, for
-    the train and bench reports."""
+    {"attention": xla | cudnn | splash, "rope_norm": xla | pallas}, for the train and bench reports."""
     dt = jnp.dtype(resolve_compute_dtype(cfg.compute_dtype))
     T, D = cfg.sequence_len, cfg.head_dim
     q = jax.ShapeDtypeStruct((batch, T, cfg.n_head, D), dt)
     k = jax.ShapeDtypeStruct((batch, T, cfg.n_kv_head, D), dt)
     return {"attention": resolve_backend(cfg.attention, q, k),
-            "rope_norm": resolve_rope_norm(cfg.rope_norm, q.shape, dt),
-            "loss": f"xla, chunks of {cfg.loss_chunk}" if cfg.loss_chunk
-            else resolve_loss_kernel(cfg.loss_kernel, batch * T, cfg.vocab_size, dt)}
+            "rope_norm": resolve_rope_norm(cfg.rope_norm, q.shape, dt)}
 
 
 def token_nll(logits, targets):

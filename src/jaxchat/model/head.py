@@ -28,8 +28,6 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from jaxchat.model.loss_kernel import nll_and_dz
-
 F32 = jnp.float32
 
 
@@ -63,52 +61,34 @@ def _dz(z, lse, targets, g, cap: float):
     return (ds * (1.0 - jnp.square(s / cap)) if cap > 0 else ds).astype(z.dtype)  # tanh' = 1 - tanh^2
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def head_nll(x, w, targets, cap: float, chunk: int = 0, kernel: str = "xla"):
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def head_nll(x, w, targets, cap: float, chunk: int = 0):
     """x (..., C) and w (C, V) in the compute dtype, int targets (...) (-1 = ignored) -> fp32 NLL (...).
 
     cap (0: no soft-cap) and chunk (tokens per chunk, 0: all at once; see the module docstring) are Python
-    numbers fixed at trace time. kernel (unchunked only): "xla" (this module's jnp code), "pallas" (the loss and
-    the logits' cotangent in one kernel in the forward, model/loss_kernel.py) or "pallas-interpret" (the same in
-    Pallas's interpreter, for CPU tests)."""
-    return _fwd(x, w, targets, cap, chunk, kernel)[0]
+    numbers fixed at trace time."""
+    return _fwd(x, w, targets, cap, chunk)[0]
 
 
-def _fwd(x, w, targets, cap, chunk, kernel):
+def _fwd(x, w, targets, cap, chunk):
     if chunk:
         return _fwd_chunked(x, w, targets, cap, chunk)
     with jax.named_scope("lm_head"):
         z = jnp.matmul(x, w)  # the logits in the compute dtype, as nanochat (autocast) makes them
     with jax.named_scope("loss"):
-        if kernel != "xla":  # dz for a unit cotangent per token, formed now; z is not kept
-            nll, dz = nll_and_dz(z, targets, cap=cap, interpret=kernel == "pallas-interpret")
-            return nll, (x, w, dz, None, targets)
         nll, lse = _nll(z, targets, cap)
     return nll, (x, w, z, lse, targets)
 
 
-def _bwd(cap, chunk, kernel, res, g):
+def _bwd(cap, chunk, res, g):
     if chunk:
         return _bwd_chunked(cap, chunk, res, g)
-    if kernel != "xla":
-        return _bwd_scaled(res, g)
     x, w, z, lse, targets = res
     with jax.named_scope("loss"):
         dz = _dz(z if share_softcap_with_forward() else jax.lax.optimization_barrier(z), lse, targets, g, cap)
     with jax.named_scope("lm_head"):
         dx = jnp.matmul(dz, w.T).astype(x.dtype)
         dw = jnp.einsum("...c,...v->cv", x, dz).astype(w.dtype)
-    return dx, dw, None
-
-
-def _bwd_scaled(res, g):
-    """The backward from the kernel's dz (cotangent 1 per token): row i of dz times g_i, folded into the GEMMs as
-    dx = g * (dz @ W^T) and dW = (g * x)^T dz, so dz is read only by them."""
-    x, w, dz, _, _ = res
-    g = g[..., None]
-    with jax.named_scope("lm_head"):
-        dx = (jnp.matmul(dz, w.T, preferred_element_type=F32) * g).astype(x.dtype)
-        dw = jnp.einsum("...c,...v->cv", (x.astype(F32) * g).astype(x.dtype), dz).astype(w.dtype)
     return dx, dw, None
 
 
