@@ -49,7 +49,7 @@ from jaxchat.rundir import check_run_dir, load_run_config, lock_run_dir, prepare
 from jaxchat.sample import Sampler
 from jaxchat.train import (ModelFns, NonFiniteError, Progress, abstract_state, batch_sharding, build_optimizer,
                            check_batch_fits, fmt_time, format_mfu, init_state, make_mesh, make_train_step,
-                           one_device, shaped_batch)
+                           one_device, shaped_batch, step_compiler_options)
 
 DEFAULT_PROMPT = "def "
 PARTS = ("setup", "data", "compile", "train", "eval", "checkpoint", "sample", "restarts", "other")
@@ -292,7 +292,8 @@ def _train(cfg, run_dir, ds, fns, optimizer, state, ckpt, mesh, micro, clock, pr
     run = resolved_kernels(m, micro)
     attention = m.attention if run["attention"] == m.attention else f"{m.attention}->{run['attention']}"
     log(f"step: {m.compute_dtype} | attention {attention} | rope+qk-norm {run['rope_norm']} | {describe_layers(m)} | "
-        f"remat {m.remat} | loss chunk {m.loss_chunk or 'off'}")
+        f"remat {m.remat} | loss chunk {m.loss_chunk or 'off'}"
+        + "".join(f" | xla {k}={v}" for k, v in step_compiler_options().items()))
 
     shape = (A, B // A, T)  # (accum, micro-batch, time), the micro-batch split over the mesh
     mine = local_positions(sharding, shape, axis=1)  # the rows of each micro-batch this process's devices hold
