@@ -28,6 +28,7 @@ from jaxchat.bench import git_commit  # noqa: E402  (how `jaxchat bench` names t
 NO_CMDBUF = {"XLA_FLAGS": "--xla_gpu_enable_command_buffer="}
 SOFTCAP_EXP = {"PATCH": "benchmarks/patches/softcap_exp.patch"}
 LOSS_KERNEL = {"PATCH": "benchmarks/patches/loss_kernel.patch"}
+EMBED_CLIP = {"PATCH": "benchmarks/patches/embed_clip.patch"}
 
 D12 = ["--preset", "nanochat-d12", "--seq", "2048", "--dtype", "bfloat16"]
 GELU = ["--preset", "d12-gelu-chinchilla", "--seq", "1024", "--dtype", "bfloat16"]
@@ -209,6 +210,18 @@ PLANS: dict[str, list[tuple[str, list[str], dict]]] = {
         ("d12 32 x8, loss pallas", D12_STEP + ["--set", "model.loss_kernel=pallas"], LOSS_KERNEL),
         ("gelu 64 x4, loss xla", GELU_STEP, {}),
         ("gelu 64 x4, loss pallas", GELU_STEP + ["--set", "model.loss_kernel=pallas"], LOSS_KERNEL),
+    ],
+    # for the next GPU session (prepared in session 6; ~6 min after the GPU tests): the embeddings gathered without
+    # the NaN fill (patch), all windows long (what the sliding windows save inside cuDNN: compare step ms, not MFU,
+    # which counts the windows' smaller attention), and a profile of the default step (state H)
+    "h100-s7": [
+        ("d12 32 x8 (state H)", D12_STEP, {}),
+        ("d12 32 x8, embed clip", D12_STEP, EMBED_CLIP),
+        ("gelu 64 x4 (state H)", GELU_STEP, {}),
+        ("gelu 64 x4, embed clip", GELU_STEP, EMBED_CLIP),
+        ("d12 32 x8, all windows long", D12_STEP + ["--set", "model.window_pattern=L"], {}),
+        ("d12 b32 (state H), profiled", D12 + ["--batch", "32", "--backend", "cudnn", "--steps", "6",
+                                              "--profile", "/tmp/jaxchat-prof"], {}),
     ],
     # the same after `patch -p1 < benchmarks/patches/qkv_fused.patch` (one GEMM for q, k, v)
     "h100-qkv": [
