@@ -39,8 +39,8 @@ SWIGLU_STEP = GELU_STEP + ["--set", "model.mlp=swiglu"]
 TRITON_FUSIONS = {"XLA_FLAGS": "--xla_gpu_experimental_all_fusions_with_triton=true"}
 TRITON_FUSIONS_OFF = {"XLA_FLAGS": "--xla_gpu_experimental_all_fusions_with_triton=false"}
 TRITON_GEMM_ANY = {"XLA_FLAGS": "--xla_gpu_triton_gemm_any=true"}
-TRITON_AND_BLOCK_REWRITER = {"XLA_FLAGS": TRITON_FUSIONS["XLA_FLAGS"]
-                             + " --xla_gpu_experimental_enable_fusion_block_level_rewriter=true"}
+BLOCK_REWRITER = {"XLA_FLAGS": "--xla_gpu_experimental_enable_fusion_block_level_rewriter=true"}
+TRITON_AND_BLOCK_REWRITER = {"XLA_FLAGS": f"{TRITON_FUSIONS['XLA_FLAGS']} {BLOCK_REWRITER['XLA_FLAGS']}"}
 
 MICRO = ["--preset", "tiny", "--set", "model.n_layer=2", "--set", "model.n_embd=64", "--set", "model.n_kv_head=1",
          "--set", "model.n_head=1", "--set", "model.vocab_size=512", "--set", "data.tokenizer_vocab=512",
@@ -156,8 +156,7 @@ PLANS: dict[str, list[tuple[str, list[str], dict]]] = {
         ("d12 32 x8, unroll factor 8", D12_STEP, {"XLA_FLAGS": "--xla_gpu_experimental_max_unroll_factor=8"}),
         ("d12 32 x8, tuned loop unroll", D12_STEP,
          {"XLA_FLAGS": "--xla_gpu_native_emitter_tune_unroll_factor_for_loops=true"}),
-        ("d12 32 x8, block-level rewriter", D12_STEP,
-         {"XLA_FLAGS": "--xla_gpu_experimental_enable_fusion_block_level_rewriter=true"}),
+        ("d12 32 x8, block-level rewriter", D12_STEP, BLOCK_REWRITER),
         ("d12 32 x8, all fusions with triton", D12_STEP, TRITON_FUSIONS),
         ("d12 32 x8 accum cudnn, again", D12_STEP, {}),
         ("gelu 64 x4 accum cudnn", GELU_STEP, {}),
@@ -171,14 +170,12 @@ PLANS: dict[str, list[tuple[str, list[str], dict]]] = {
         ("gelu 64 x4, all fusions with triton", GELU_STEP, TRITON_FUSIONS),
         ("d12 32 x8, all fusions with triton", D12_STEP, TRITON_FUSIONS),
         ("d12 32 x8 accum cudnn", D12_STEP, {}),
-        ("gelu 64 x4, block-level rewriter", GELU_STEP,
-         {"XLA_FLAGS": "--xla_gpu_experimental_enable_fusion_block_level_rewriter=true"}),
-        ("d12 32 x8, block-level rewriter", D12_STEP,
-         {"XLA_FLAGS": "--xla_gpu_experimental_enable_fusion_block_level_rewriter=true"}),
+        ("gelu 64 x4, block-level rewriter", GELU_STEP, BLOCK_REWRITER),
+        ("d12 32 x8, block-level rewriter", D12_STEP, BLOCK_REWRITER),
     ],
-    # for the next session with a GPU (run with GPU_TESTS_XLA_FLAGS=--xla_gpu_experimental_all_fusions_with_triton=true
-    # so the GPU tests check the flag): can the Triton-fusions flag become the GPU default? Every MLP's d12 step with
-    # and without it, paired; then the block-level rewriter on the GELU step (session 5's call ran out first)
+    # session 6, first call (run with GPU_TESTS_XLA_FLAGS=--xla_gpu_experimental_all_fusions_with_triton=true so the
+    # GPU tests check the flag): can the Triton-fusions flag become the GPU default? Every MLP's d12 step with and
+    # without it, paired, and the block-level rewriter on top of it (it became the default: h100-s6b)
     "h100-s6": [
         ("d12 32 x8 accum cudnn", D12_STEP, {}),
         ("d12 32 x8, all fusions with triton", D12_STEP, TRITON_FUSIONS),
