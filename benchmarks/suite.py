@@ -14,6 +14,7 @@ in DIR/rows.md (append them to BENCHMARKS.md), full results in DIR/results.jsonl
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import shutil
@@ -220,6 +221,26 @@ PLANS: dict[str, list[tuple[str, list[str], dict]]] = {
         ("d12 b32 (state H), profiled", D12 + ["--batch", "32", "--backend", "cudnn", "--steps", "6",
                                               "--profile", "/tmp/jaxchat-prof"], {}),
     ],
+    # a second call for the next GPU session: XLA:GPU's other fusion and Triton flags (named in jaxlib 0.10's flag
+    # table, none measured yet) on top of the default step, d12 only (the unmet target), baseline first and last.
+    # Candidates: Triton fusions formed first in priority fusion (e.g. a norm with its residual add), several
+    # outputs per Triton fusion, the emitter chosen per fusion by autotuning, the generic Triton GEMM emitter
+    # (which can take elementwise producers such as ReLU^2 into a GEMM) with Triton considered for every GEMM,
+    # with and without Triton's warp specialization
+    "h100-s7b": [
+        ("d12 32 x8 (state H)", D12_STEP, {}),
+        ("d12 32 x8, + heroless triton priority fusion", D12_STEP,
+         {"XLA_FLAGS": "--xla_gpu_experimental_enable_triton_heroless_priority_fusion=true"}),
+        ("d12 32 x8, + triton multi-output fusion", D12_STEP,
+         {"XLA_FLAGS": "--xla_gpu_unsupported_enable_triton_multi_output_fusion=true"}),
+        ("d12 32 x8, + fusion autotuner", D12_STEP, {"XLA_FLAGS": "--xla_gpu_experimental_enable_fusion_autotuner=true"}),
+        ("d12 32 x8, + gemm fusion v2, triton gemm any", D12_STEP,
+         {"XLA_FLAGS": f"--xla_gpu_experimental_gemm_fusion_v2=true {TRITON_GEMM_ANY['XLA_FLAGS']}"}),
+        ("d12 32 x8, + gemm fusion v2, triton gemm any, warp specialization", D12_STEP,
+         {"XLA_FLAGS": f"--xla_gpu_experimental_gemm_fusion_v2=true {TRITON_GEMM_ANY['XLA_FLAGS']} "
+                       "--xla_gpu_experimental_enable_triton_warp_specialization=true"}),
+        ("d12 32 x8 (state H), again", D12_STEP, {}),
+    ],
     # the same after `patch -p1 < benchmarks/patches/qkv_fused.patch` (one GEMM for q, k, v)
     "h100-qkv": [
         ("d12 b32 cudnn, fused head, qkv fused", D12 + ["--batch", "32", "--backend", "cudnn", "--steps", "15"], {}),
@@ -265,8 +286,12 @@ def run_one(note: str, args: list[str], env_extra: dict, out: Path, timeout: flo
     log(f"--- rc {rc}, {time.perf_counter() - t0:.0f} s")
     if rc == 0 and "--profile" in args:
         prof = args[args.index("--profile") + 1]
-        s = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "trace_summary.py"), prof],
+        s = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "trace_summary.py"), prof, "--ops", "60"],
                            capture_output=True, text=True)
+        hlo = Path(prof) / "step.hlo.txt"  # the optimized HLO the trace's ops are read against, kept beside
+        if hlo.exists():
+            with open(hlo, "rb") as src, gzip.open(out / "step.hlo.txt.gz", "wb") as dst:
+                shutil.copyfileobj(src, dst)
         (out / "trace_summary.txt").write_text(f"{note}\n{s.stdout}{s.stderr}")
         log(s.stdout + s.stderr)
     if rc != 0:

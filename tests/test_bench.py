@@ -131,8 +131,10 @@ def test_cpu_profile_is_summarised_per_scope(tmp_path):
     env.pop("XLA_FLAGS", None)
     subprocess.run([sys.executable, "-m", "jaxchat.bench", *MICRO, "--no-record", "--profile", str(prof)], env=env,
                    check=True, capture_output=True, timeout=300)
-    text = trace_summary.summarise(str(prof), steps=3, top=5)
+    text = trace_summary.summarise(str(prof), steps=3, top=5, ops=5)
     assert "CPU op events" in text, text
+    ops = text.split("top 5 HLO ops", 1)[1].split("memsets by HLO op")[0].strip().splitlines()[1:]
+    assert len(ops) == 5 and all(re.search(r"\s(f32|bf16|s32|pred)\[[\d,]*\]", row) for row in ops), text
     rows = dict(re.findall(r"^(embed|attention|mlp|lm_head|loss|optimizer)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+([\d.]+)",
                            text, re.M))
     assert {"attention", "mlp", "lm_head", "loss", "optimizer"} <= set(rows), text
