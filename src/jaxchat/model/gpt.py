@@ -30,7 +30,7 @@ from jaxchat.model.attention import attend, resolve_backend
 from jaxchat.model.head import head_nll
 from jaxchat.model.mlp import F32, Dense, YatNMN, make_mlp
 from jaxchat.model.remat import checkpoint_name, remat
-from jaxchat.model.rotary import resolve_impl as resolve_rope_norm, rope_norm, rope_tables
+from jaxchat.model.rotary import Positions, positions, resolve_impl as resolve_rope_norm, rope_norm
 from jaxchat.model.scan import scan_layout
 
 
@@ -56,8 +56,8 @@ class Attention(nnx.Module):
         self.c_proj = Dense(H * D, C)
         self.ve_gate = Dense(cfg.ve_gate_channels, K) if cfg.has_value_embed(layer) else None
 
-    def __call__(self, h, ve, pos, cache=None):
-        cfg, dt = self.cfg, h.dtype
+    def __call__(self, h, ve, p: Positions, cache=None):
+        cfg, dt, pos = self.cfg, h.dtype, p.pos
         B, T, _ = h.shape
         H, K, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         q = checkpoint_name(self.c_q(h, dt), "q_proj").reshape(B, T, H, D)  # names: model/remat.py
@@ -66,9 +66,8 @@ class Attention(nnx.Module):
         if ve is not None:
             gate = 3.0 * jax.nn.sigmoid(self.ve_gate(h[..., : cfg.ve_gate_channels], dt))  # (B, T, K)
             v = v + gate[..., None] * ve.reshape(B, T, K, D).astype(dt)
-        cos, sin = rope_tables(pos, D, cfg.rope_base)
         impl = cfg.rope_norm if cache is None else "xla"  # model/rotary.py; its kernel serves training only
-        q, k = (rope_norm(a, cos, sin, eps=cfg.norm_eps, scale=cfg.qk_scale, impl=impl) for a in (q, k))
+        q, k = (rope_norm(a, p.cos, p.sin, eps=cfg.norm_eps, scale=cfg.qk_scale, impl=impl) for a in (q, k))
         if cache is None:
             y = attend(q, k, v, window=self.window, q_pos=pos, k_pos=pos, backend=cfg.attention)
             new_cache = None
@@ -88,9 +87,9 @@ class Block(nnx.Module):
         self.mlp = make_mlp(cfg.n_embd, cfg)
         self.eps = cfg.norm_eps
 
-    def __call__(self, x, ve, pos, cache=None):
+    def __call__(self, x, ve, p: Positions, cache=None):
         with jax.named_scope("attention"):  # named scopes label the profiler trace (`jaxchat bench --profile`)
-            a, cache = self.attn(norm(x, self.eps), ve, pos, cache)
+            a, cache = self.attn(norm(x, self.eps), ve, p, cache)
         x = x + checkpoint_name(a, "attn_out_proj")
         with jax.named_scope("mlp"):
             x = x + checkpoint_name(self.mlp(norm(x, self.eps), x.dtype), "mlp_out_proj")
@@ -124,7 +123,8 @@ class GPT(nnx.Module):
         dt = jnp.dtype(resolve_compute_dtype(cfg.compute_dtype))
         B, T = idx.shape
         start = 0 if cache is None else cache["pos"]
-        pos = start + jnp.arange(T)
+        p = positions(start, T, cfg.head_dim, cfg.rope_base)  # with the rotary tables, shared by every layer
+        pos = p.pos
 
         with jax.named_scope("embed"):
             x = norm(self.wte(idx), cfg.norm_eps).astype(dt)
@@ -137,12 +137,12 @@ class GPT(nnx.Module):
         x0 = x
 
         if cache is None:
-            x, x_backout = self.run_blocks(x, x0, idx, pos)
+            x, x_backout = self.run_blocks(x, x0, idx, p)
         else:  # decoding: layer by layer, each with its slice of the KV cache
             new_layers, x_backout = [], None
             for i, block in enumerate(self.blocks):
                 x = self.mix_x0(i, x, x0)
-                x, layer_cache = block(x, self.value_embed(i, idx), pos, cache["layers"][i])
+                x, layer_cache = block(x, self.value_embed(i, idx), p, cache["layers"][i])
                 new_layers.append(layer_cache)
                 if i == cfg.n_layer // 2:
                     x_backout = x
@@ -171,7 +171,7 @@ class GPT(nnx.Module):
     def value_embed(self, i, idx):
         return self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
 
-    def run_blocks(self, x, x0, idx, pos):
+    def run_blocks(self, x, x0, idx, p: Positions):
         """The training/eval path through every block: returns (x, x after block L//2 for the backout).
 
         Each block runs under `model.remat` (model/remat.py). With `model.scan_layers`, the longest prefix of
@@ -186,7 +186,7 @@ class GPT(nnx.Module):
         graphdefs = [nnx.split(self.blocks[j])[0] for j in range(period)] if n_groups else []
 
         def call_block(gd, state, x, ve):  # a block as a pure function of its params (for remat and scan)
-            return nnx.merge(gd, state)(x, ve, pos)[0]
+            return nnx.merge(gd, state)(x, ve, p)[0]
 
         x_backout = jnp.zeros_like(x)
         if n_groups:
@@ -211,7 +211,7 @@ class GPT(nnx.Module):
         for i in range(n_scanned, cfg.n_layer):
             x = self.mix_x0(i, x, x0)
             if cfg.remat == "none":
-                x = self.blocks[i](x, self.value_embed(i, idx), pos)[0]
+                x = self.blocks[i](x, self.value_embed(i, idx), p)[0]
             else:
                 gd, state = nnx.split(self.blocks[i])
                 x = remat(partial(call_block, gd), cfg.remat)(state, x, self.value_embed(i, idx))
