@@ -121,9 +121,10 @@ def test_kv_cache_decoding_equals_full_forward(model, run):
 
 def test_training_forward_takes_the_rope_tables_as_constants(model):
     """Training and evaluation positions are 0..T-1, known at trace time, so the rotary cos/sin tables are computed
-    once while tracing and enter the program as constants, one pair shared by every layer. Computed in the graph, XLA:CPU fused the (T, D/2) cos
-    and sin into each consumer and evaluated them again for every batch row and head: ~70 ms of a cpu-bench step.
-    Decoding positions start at the cache cursor, a traced value, so there the tables stay in the graph."""
+    once while tracing and enter the program as constants, one pair shared by every layer. Computed in the graph,
+    XLA:CPU fused the (T, D/2) cos and sin into each consumer and evaluated them again for every batch row and
+    head: ~70 ms of a cpu-bench step. Decoding positions start at the cache cursor, a traced value, so there the
+    tables stay in the graph."""
     graphdef, params = nnx.split(model)
     idx = jnp.zeros((2, 160), jnp.int32)
     train = jax.jit(lambda p, i: nnx.merge(graphdef, p)(i)).lower(params, idx).as_text()

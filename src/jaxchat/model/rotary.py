@@ -54,11 +54,10 @@ class Positions(NamedTuple):
 
 
 def positions(start, T: int, head_dim: int, base: float) -> Positions:
-    """Positions start..start+T-1 with their tables. A Python int `start` (training, evaluation, a prompt's first
-    chunk) makes them all compile-time constants: computed while tracing, they enter the program once as
-    constants. Computed in the graph instead, XLA:CPU fused the (T, D/2) cos and sin into each RoPE consumer
-    and evaluated them again for every batch row and head (~70 ms of a cpu-bench step). A traced `start` (the
-    decode cursor) keeps them in the graph."""
+    """Positions start..start+T-1 with their tables. A Python int `start` (training and evaluation: 0) makes them
+    all compile-time constants: computed while tracing, they enter the program once. Computed in the graph
+    instead, XLA:CPU fused the (T, D/2) cos and sin into each RoPE consumer and evaluated them again for every
+    batch row and head (~70 ms of a cpu-bench step). A traced `start` (the decode cursor) keeps them in the graph."""
     if isinstance(start, int):
         with jax.ensure_compile_time_eval():
             pos = start + jnp.arange(T)
