@@ -59,12 +59,17 @@ def load_hlo(root: str) -> tuple[dict[str, str], dict[str, str]]:
     return names, shapes
 
 
+def spellings(op: str) -> tuple[str, ...]:
+    """The ways a trace event may spell an HLO instruction's name in step.hlo.txt."""
+    return op, op.replace("_", "-"), op.split(":")[0]
+
+
 def hlo_op(ev: dict, known: dict[str, str]) -> str:
     """The HLO instruction an event ran for, spelled as in step.hlo.txt where it can be found there."""
     op = (ev.get("args") or {}).get("hlo_op")
     if not isinstance(op, str):
         return ""
-    return next((c for c in (op, op.replace("_", "-"), op.split(":")[0]) if c in known), op)
+    return next((c for c in spellings(op) if c in known), op)
 
 
 def name_stack(ev: dict, hlo: dict[str, str]) -> str:
@@ -74,7 +79,7 @@ def name_stack(ev: dict, hlo: dict[str, str]) -> str:
     for key in ("hlo_op", "long_name", "tf_op"):
         op = args.get(key)
         if isinstance(op, str):
-            for cand in (op, op.replace("_", "-"), op.split(":")[0]):
+            for cand in spellings(op):
                 if cand in hlo:
                     return hlo[cand]
     stacks = [v for v in args.values() if isinstance(v, str) and "jit(" in v]

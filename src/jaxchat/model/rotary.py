@@ -1,4 +1,5 @@
-"""RoPE and QK-norm of queries and keys, as one op: `rope_norm(x, cos, sin, eps=, scale=, impl=)`.
+"""RoPE and QK-norm of queries and keys, as one op: `rope_norm(x, cos, sin, eps=, scale=, impl=)`; and the
+positions with their rotary tables, made once per forward for every layer (`positions` -> `Positions`).
 
 nanochat applies rotary embeddings to q and k, then a parameter-free RMSNorm, then (here) the QK scale 1.2:
 
@@ -26,6 +27,7 @@ RMS from x. With s = scale * (mean(x^2) + eps)^(-1/2), y = s R x (R the rotation
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import NamedTuple
 
@@ -58,12 +60,9 @@ def positions(start, T: int, head_dim: int, base: float) -> Positions:
     all compile-time constants: computed while tracing, they enter the program once. Computed in the graph
     instead, XLA:CPU fused the (T, D/2) cos and sin into each RoPE consumer and evaluated them again for every
     batch row and head (~70 ms of a cpu-bench step). A traced `start` (the decode cursor) keeps them in the graph."""
-    if isinstance(start, int):
-        with jax.ensure_compile_time_eval():
-            pos = start + jnp.arange(T)
-            return Positions(pos, *rope_tables(pos, head_dim, base))
-    pos = start + jnp.arange(T)
-    return Positions(pos, *rope_tables(pos, head_dim, base))
+    with jax.ensure_compile_time_eval() if isinstance(start, int) else contextlib.nullcontext():
+        pos = start + jnp.arange(T)
+        return Positions(pos, *rope_tables(pos, head_dim, base))
 
 
 def rope_norm_xla(x, cos, sin, *, eps: float, scale: float):
