@@ -144,6 +144,7 @@ def run_bench(preset: str, cfg, base=None, *, steps: int = 10, warmup: int = 2, 
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
+    from jaxchat import cpu_runtime
     from jaxchat.model.accounting import count, device_peak_flops, mfu
     from jaxchat.model.gpt import resolved_kernels
     from jaxchat.model.scan import describe as describe_layers
@@ -210,6 +211,7 @@ def run_bench(preset: str, cfg, base=None, *, steps: int = 10, warmup: int = 2, 
         "backend_resolved": kernels["attention"], "tokens_per_step": B * T, "step_s": step_s, "step_s_windows": times,
         "tokens_per_s": tps, "tflops": counts.flops["total"] * tps / 1e12, "mfu": u, "peak_flops": peak,
         "flops_per_token": counts.flops, "params": counts.params, "peak_mem_bytes": peak_device_memory(),
+        "cpu_runtime": cpu_runtime.current() if jax.default_backend() == "cpu" else "",
         "xla_mem_estimate_bytes": estimate, "compile_s": compile_s, "compile_cached": compile_cached, "init_s": init_s, "warmup_s": warmup_s,
         "warmup_steps": warmup, "timed_steps": sum(windows), "loss": loss, "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "compiler_options": step_compiler_options(),
@@ -270,6 +272,8 @@ def format_report(r: dict) -> str:
         f"peak memory: {gib(r['peak_mem_bytes'])} (device) | XLA estimate of the step {gib(r['xla_mem_estimate_bytes'])}",
         f"loss on random tokens (sanity): {r['loss']:.3f}",
     ]
+    if r.get("cpu_runtime"):
+        lines.append(f"cpu runtime: {r['cpu_runtime']}")
     if r["xla_flags"]:
         lines.append(f"XLA_FLAGS: {r['xla_flags']}")
     if r.get("compiler_options"):
@@ -290,7 +294,8 @@ def options_text(r: dict) -> str:
 
 
 def markdown_row(r: dict, note: str = "") -> str:
-    notes = "; ".join(x for x in (note, f"XLA_FLAGS={r['xla_flags']}" if r["xla_flags"] else "",
+    notes = "; ".join(x for x in (note, f"cpu runtime: {r['cpu_runtime']}" if r.get("cpu_runtime") else "",
+                                  f"XLA_FLAGS={r['xla_flags']}" if r["xla_flags"] else "",
                                   f"compiled with {options_text(r)}" if r.get("compiler_options") else "") if x)
     cells = [r["date"], r["commit"], r["device"], f"{r['jax']} / {r['flax']}", r["preset"],
              ", ".join(r["deltas"]) or "-", batch_text(r), str(r["seq"]), r["dtype"], backend_text(r),

@@ -201,11 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.cmd in ("train", "eval", "sample", "bench"):
-        from jaxchat.compilation import enable_compilation_cache
-
-        enable_compilation_cache()  # compiled steps are reused across runs (compilation.py)
     try:
+        if args.cmd in ("train", "eval", "sample", "bench"):
+            from jaxchat.compilation import enable_compilation_cache
+            from jaxchat.cpu_runtime import tune_cpu_runtime
+
+            tune_cpu_runtime()  # on a CPU: the step reuses its memory (cpu_runtime.py)
+            enable_compilation_cache()  # compiled steps are reused across runs (compilation.py)
         args.fn(args)
     except USER_ERRORS as e:
         print(f"jaxchat {args.cmd}: error: {e}", file=sys.stderr)

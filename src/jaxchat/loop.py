@@ -37,6 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxchat.checkpoint import Checkpointer, CheckpointError, remove_debris
 from jaxchat.config import EXECUTION_FIELDS, Config, ConfigError, resolve_compute_dtype
+from jaxchat.cpu_runtime import synchronous_dispatch
 from jaxchat.data import Prefetcher, check_manifest, get_batch, load_for_training
 from jaxchat.distributed import global_array, is_primary, local_positions, over_processes, together
 from jaxchat.evaluate import compressor_bpb, eval_rows, evaluate, make_eval_step, target_bytes
@@ -338,6 +339,7 @@ def _train(cfg, run_dir, ds, fns, optimizer, state, ckpt, mesh, micro, clock, pr
     reporter = Reporter(cfg, counts, peak, mesh.size, clock, log_metrics, progress)
 
     pending = None
+    synchronous = synchronous_dispatch()  # (cpu_runtime.py)
     prefetch = Prefetcher(host_batch, start)  # batches are computed on a background thread, ahead of the step
     clock.switch("train")
     try:
@@ -348,11 +350,14 @@ def _train(cfg, run_dir, ds, fns, optimizer, state, ckpt, mesh, micro, clock, pr
             if pending is not None:  # fetch the previous step's metrics while this one runs
                 reporter(*pending)
             pending = (step + 1, metrics)
+            if synchronous:  # this step has already run: log it now, so its time is its own
+                reporter(*pending)
+                pending = None
             done = step + 1
             eval_due = cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < steps
             save_due = cfg.train.save_every and done % cfg.train.save_every == 0 and done < steps
-            if eval_due or save_due:  # log step `done` (and halt on a non-finite one) before evaluating/saving it
-                reporter(*pending)
+            if (eval_due or save_due) and pending is not None:  # log step `done` (and halt on a non-finite one)
+                reporter(*pending)                                  # before evaluating/saving it
                 pending = None
             if eval_due:
                 ev = run_eval(done)
