@@ -14,8 +14,8 @@ reused instead:
   from the heap rather than mapped, and freed memory stays in the heap for the next step instead of being handed
   back to the kernel.
 
-Both are needed (docs/LOG.md, session 8): either alone leaves the step at ~1,080 ms; together 870 ms (cpu-bench,
-+24% tokens/s; tiny 403 -> 307 ms, +31%), with 9x fewer page faults. The process keeps its peak heap (about the
+Both are needed (docs/LOG.md, session 8): either alone leaves the cpu-bench step at ~1,080 ms, together ~870 ms,
+with 9x fewer page faults; paired runs of `jaxchat bench`: tiny +26-31% tokens/s, cpu-bench +28-45%. The process keeps its peak heap (about the
 step's temporaries) for its lifetime, which is what a training run needs anyway.
 
 Applied by `jaxchat train|eval|sample|bench` (cli.py) before JAX starts, only where JAX will run on the CPU (no
