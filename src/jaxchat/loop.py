@@ -356,8 +356,8 @@ def _train(cfg, run_dir, ds, fns, optimizer, state, ckpt, mesh, micro, clock, pr
             done = step + 1
             eval_due = cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < steps
             save_due = cfg.train.save_every and done % cfg.train.save_every == 0 and done < steps
-            if (eval_due or save_due) and pending is not None:  # log step `done` (and halt on a non-finite one)
-                reporter(*pending)                                  # before evaluating/saving it
+            if (eval_due or save_due) and pending is not None:
+                reporter(*pending)  # log step `done` (and halt on a non-finite one) before evaluating/saving it
                 pending = None
             if eval_due:
                 ev = run_eval(done)
