@@ -15,7 +15,7 @@ reused instead:
   back to the kernel.
 
 Both are needed (docs/LOG.md, session 8): either alone leaves the cpu-bench step at ~1,080 ms, together ~870 ms,
-with 9x fewer page faults; paired runs of `jaxchat bench`: tiny +26-31% tokens/s, cpu-bench +28-45%. The process
+with 9x fewer page faults; paired runs of `jaxchat bench`: tiny +26-31% tokens/s, cpu-bench +28-44%. The process
 keeps its peak heap (about the step's temporaries) for its lifetime, which is what a training run needs anyway.
 
 Applied by `jaxchat train|eval|sample|bench` (cli.py) before JAX starts, only where JAX will run on the CPU (no
