@@ -14,7 +14,7 @@ reused instead:
   from the heap rather than mapped, and freed memory stays in the heap for the next step instead of being handed
   back to the kernel.
 
-Both are needed (docs/LOG.md, session 8): either alone leaves the cpu-bench step at ~1,080 ms, together ~870 ms,
+Both are needed (docs/LOG.md, session 8): either alone leaves the cpu-bench step at ~1,060-1,080 ms, together ~870,
 with 9x fewer page faults; paired runs of `jaxchat bench`: tiny +26-31% tokens/s, cpu-bench +28-44%. The process
 keeps its peak heap (about the step's temporaries) for its lifetime, which is what a training run needs anyway.
 
