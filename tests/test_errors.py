@@ -21,8 +21,10 @@ import pytest
 from jaxchat.checkpoint import Checkpointer
 from jaxchat.cli import main
 from jaxchat.config import ConfigError, apply_overrides
+from jaxchat.fileio import read_jsonl
 from jaxchat.plan import resolve
 from jaxchat.presets import get_preset
+from jaxchat.rundir import mark_run_dir
 from jaxchat.train import ModelFns, abstract_state, build_optimizer, check_batch_fits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +58,7 @@ def ref_cfg():
 def fake_run_template(tmp_path_factory, ref_cfg):
     run = tmp_path_factory.mktemp("template") / "run"
     run.mkdir()
+    mark_run_dir(run, "test")
     (run / "config.json").write_text(json.dumps(ref_cfg.to_dict()))
     fns = ModelFns(ref_cfg)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_state(fns, build_optimizer(ref_cfg, None)))
@@ -90,17 +93,23 @@ def test_resume_without_a_run(tmp_path, capsys):
     assert not (tmp_path / "nothing").exists()
 
 
-def test_resume_before_the_first_save_committed(fake_run, capsys):
-    """A run killed during its first save: config.json and a temporary step directory, nothing committed."""
+def test_resume_before_the_first_save_committed_trains_from_step_0(fake_run, capsys):
+    """A run killed during its first save (marker, config.json, a temporary step directory; no tokenizer.json,
+    data.json or committed step): --resume trains it from step 0 with its recorded config, writes what it lacked,
+    and counts the restart."""
     ckpts = fake_run / "checkpoints"
     for step in (4, 8):
         (ckpts / str(step)).rename(ckpts / f"{step}.orbax-checkpoint-tmp-1")
-    (ckpts / "4.orbax-checkpoint-tmp-1").rename(fake_run / "elsewhere")
-    before = snapshot(fake_run)
-    assert train(fake_run, flags=["--resume"], preset=False) == 2
-    msg = one_paragraph(capsys.readouterr().err)
-    assert "no committed checkpoint" in msg and "8.orbax-checkpoint-tmp-1" in msg and "--force" in msg
-    assert snapshot(fake_run) == before
+    (fake_run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 9.9, "time": 12.0, "proc": 10.0}) + "\n")
+    assert train(fake_run, flags=["--resume"], preset=False) == 0
+    out = capsys.readouterr().out
+    assert "from step 0 with its recorded config.json: it has no committed checkpoint" in out
+    assert "removed 2 incomplete checkpoint(s)" in out
+    assert not list(ckpts.glob("*tmp*")) and (fake_run / "tokenizer.json").is_file()
+    losses = [r["loss"] for r in read_jsonl(fake_run / "metrics.jsonl")[0] if "loss" in r]
+    np.testing.assert_allclose(losses, REF["losses"], rtol=1e-4)  # the recorded config's run (exact: test_resume)
+    summary = json.loads((fake_run / "summary.json").read_text())
+    assert (summary["restarts"], summary["lost_steps"], summary["time_s"]["restarts"]) == (1, 1, 2.0)
 
 
 def test_eval_of_a_run_without_checkpoints(tmp_path, ref_cfg, capsys):

@@ -178,10 +178,11 @@ def test_import_force_never_deletes_a_run_in_use(flaxchat, tmp_path):
     import fcntl
     import os
 
-    from jaxchat.rundir import lock_run_dir
+    from jaxchat.rundir import lock_run_dir, mark_run_dir
 
     run = tmp_path / "busy"
     run.mkdir()
+    mark_run_dir(run, "test")
     (run / "config.json").write_text("{}")
     fd = os.open(run, os.O_RDONLY)  # another open file description: flock conflicts even within one process
     fcntl.flock(fd, fcntl.LOCK_EX)

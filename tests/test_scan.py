@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from jaxchat.config import REMAT_POLICIES, Config, ConfigError, DataConfig, ModelConfig
-from jaxchat.loop import check_resume_config
+from jaxchat.resume import check_resume_config
 from jaxchat.model.gpt import GPT, param_dict
 from jaxchat.model.scan import describe, scan_layout
 from jaxchat.presets import get_preset

@@ -11,16 +11,25 @@ directory behind; `remove_debris` deletes it on the next start and says so. Save
 continues while a step is written; the next save or `close()` waits for it). Retention keeps the last
 `keep_last` steps plus every step divisible by `keep_every` (Orbax's max_to_keep / keep_period); Orbax deletes
 an old step only after the new one is committed.
+
+Integrity (integrity.py): each save records a checksum of every array and of the metadata; every restore
+recomputes them and refuses a damaged step, naming the array and the latest step that is intact. A save that
+fails (a full disk, say) is reported at that save's step: free space is checked before it starts, and the
+loop `poll`s the background write every step.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
+import jax
 import orbax.checkpoint as ocp
+
+from jaxchat.integrity import array_problems, meta_problem, seal
 
 TMP_MARK = ".orbax-checkpoint-tmp"  # Orbax's suffix for a step directory still being written
 # Test hook: "SECONDS" or "SECONDS@STEP" makes an async save sleep after all its files are written and before
@@ -92,12 +101,44 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: dict, meta: dict) -> None:
-        """Start saving `step`: returns once the arrays are copied off the device; files are written in the
-        background. Waits first for the previous save, if it is still being written."""
-        self.manager.wait_until_finished()
+        """Start saving `step`, its metadata sealed with the state's checksums: returns once the arrays are copied
+        off the device; files are written in the background. Waits first for the previous save, if it is still
+        being written, and refuses to start when the disk cannot hold the new step."""
+        self.wait()
+        self._check_space(step, state)
         self._saving = step
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        self.manager.save(step, args=args, force=True)
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(seal(meta, state)))
+        try:
+            self.manager.save(step, args=args, force=True)
+        except OSError as e:
+            raise self._save_failed(step, e) from None
+
+    def _check_space(self, step: int, state: dict) -> None:
+        need = sum(x.nbytes for x in jax.tree.leaves(state))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.dir).free
+        if free < need * 1.05 + (64 << 20):
+            raise CheckpointError(
+                f"cannot save checkpoint step {step}: it needs about {need / 2**20:,.0f} MiB and {self.dir} has "
+                f"{free / 2**20:,.0f} MiB free. The committed checkpoints {self.all_steps()} are intact: free disk "
+                f"space (or lower train.keep_last), then resume with `jaxchat train --run-dir {self.dir.parent} "
+                f"--resume`.")
+
+    def _save_failed(self, step, e: BaseException) -> CheckpointError:
+        detail = " ".join(str(e).split())[:300]
+        return CheckpointError(
+            f"saving checkpoint step {step} failed: {type(e).__name__}: {detail}. That step was not committed; the "
+            f"committed checkpoints {self.all_steps()} are intact. Fix the cause (disk space, permissions), then "
+            f"resume with `jaxchat train --run-dir {self.dir.parent} --resume`.")
+
+    def poll(self) -> None:
+        """Raise now if the save being written in the background has failed (the loop calls this every step)."""
+        if self._saving is None:
+            return
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:  # orbax re-raises whatever the writer thread hit
+            raise self._save_failed(self._saving, e) from None
 
     def _check_step(self, step: int | None) -> int:
         steps = self.all_steps()
@@ -107,8 +148,8 @@ class Checkpointer:
                 why = (f" (only an interrupted save, {debris[0].name}, never committed)" if debris else "")
                 raise CheckpointError(
                     f"no committed checkpoint in {self.dir}{why}: the run stopped before its first save finished. "
-                    f"Start it again with --force (its config.json is kept in the new run), or without --resume "
-                    f"under another --run-dir.")
+                    f"`jaxchat train --run-dir {self.dir.parent} --resume` trains it from step 0 with its recorded "
+                    f"config.json.")
             return steps[-1]
         if step not in steps:
             raise CheckpointError(f"step {step} is not among the committed checkpoints in {self.dir}: available "
@@ -120,35 +161,70 @@ class Checkpointer:
             return self.manager.restore(step, args=args)
         except Exception as e:  # orbax / tensorstore raise many types for unreadable or mismatched trees
             detail = " ".join(str(e).split())[:300]
-            older = [s for s in self.all_steps() if s < step]
-            fallback = (f"move {self.dir / str(step)} aside (e.g. `mv {self.dir / str(step)} "
-                        f"{self.dir / str(step)}.bad`) and resume again from step {older[-1]}"
-                        if older else "no older checkpoint is left; start the run again with --force")
-            raise CheckpointError(
-                f"could not read the {what} of checkpoint step {step} in {self.dir}: {type(e).__name__}: {detail}. "
-                f"If the run's config.json or code changed since that save, restore them; if the files are damaged, "
-                f"{fallback}. Nothing was deleted.") from None
+            raise self._damaged(step, f"could not read the {what}: {type(e).__name__}: {detail}",
+                                "If the run's config.json or code changed since that save, restore them; if the "
+                                "files are damaged, ") from None
+
+    def _damaged(self, step: int, what: str, hint: str = "", abstract_state: dict | None = None) -> CheckpointError:
+        """The error for a damaged step: names it and the latest older step that is intact (verified in full when
+        the state's structure is known, else by its metadata)."""
+        intact = None
+        for older in reversed([s for s in self.all_steps() if s < step]):
+            try:
+                if abstract_state is not None:
+                    self.restore(abstract_state, older)
+                else:
+                    self.read_meta(older)
+                intact = older
+                break
+            except CheckpointError:
+                continue
+        where = self.dir / str(step)
+        fallback = (f"move {where} aside (e.g. `mv {where} {where}.bad`) and resume again from step {intact}, the "
+                    f"latest intact checkpoint" if intact is not None
+                    else "no older intact checkpoint is left; start the run again with --force")
+        return CheckpointError(f"checkpoint step {step} in {self.dir} is damaged: {what}. {hint}{fallback}. Nothing "
+                               f"was deleted.")
 
     def read_meta(self, step: int | None = None) -> tuple[int, dict]:
-        """(step, meta) of `step` (default: the latest committed one), without reading the arrays."""
+        """(step, meta) of `step` (default: the latest committed one), without reading the arrays; the metadata
+        is checked against its own checksum."""
         step = self._check_step(step)
-        out = self._restore(step, ocp.args.Composite(meta=ocp.args.JsonRestore()), "metadata")
-        return step, out["meta"]
+        meta = self._restore(step, ocp.args.Composite(meta=ocp.args.JsonRestore()), "metadata")["meta"]
+        problem = meta_problem(meta) if isinstance(meta, dict) else "its metadata is not a JSON object"
+        if problem:
+            raise self._damaged(step, problem)
+        return step, meta
 
     def restore(self, abstract_state: dict, step: int | None = None) -> tuple[dict, dict]:
         """Restore `step` (default: the latest committed one) into the structure (and shardings) of
-        `abstract_state`, a pytree of jax.ShapeDtypeStruct."""
-        step = self._check_step(step)
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
-        out = self._restore(step, args, "state")
-        return out["state"], out["meta"]
+        `abstract_state`, a pytree of jax.ShapeDtypeStruct, and verify every array against its checksum."""
+        step, meta = self.read_meta(step)
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        state = self._restore(step, args, "state")["state"]
+        if "integrity" not in meta:
+            print(f"note: checkpoint step {step} in {self.dir} was saved without checksums (by an older jaxchat or "
+                  f"an import); its arrays are not verified", file=sys.stderr)
+            return state, meta
+        bad = array_problems(meta, state)
+        if bad:
+            raise self._damaged(step, f"{len(bad)} array(s) differ from the checksums recorded at save time: "
+                                      f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}",
+                                abstract_state=abstract_state)
+        return state, meta
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Block until the save in flight is written; a failure is reported with its step."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # orbax re-raises whatever the writer thread hit
+            raise self._save_failed(self._saving, e) from None
+        finally:
+            self._saving = None
 
     def close(self) -> None:
         try:
-            self.manager.wait_until_finished()
+            self.wait()
         finally:
             self.manager.close()
 

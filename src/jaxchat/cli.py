@@ -1,7 +1,8 @@
 """`jaxchat train | eval | sample | params | presets`.
 
 Errors a user can fix (bad config, missing run, wrong checkpoint) print one message and exit with status 2;
-anything else is a bug and keeps its traceback.
+Ctrl-C prints where the command stopped and exits with 130; anything else is a bug and keeps its traceback.
+Arguments are checked by their argparse types before a command reads or writes anything.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from jaxchat.argtypes import count_int, finite_non_negative, positive_int
 from jaxchat.checkpoint import CheckpointError
 from jaxchat.config import ConfigError, all_keys, apply_overrides
 from jaxchat.distributed import JobError
@@ -23,12 +25,15 @@ USER_ERRORS = (ConfigError, CheckpointError, InteropError, FileNotFoundError, Jo
 
 def cmd_train(args) -> None:
     from jaxchat.distributed import initialize
-    from jaxchat.loop import run_training
+    from jaxchat.loop import Interrupted, run_training
 
     if args.dry_run and (args.distributed or args.coordinator):
         raise ConfigError("--dry-run compiles from shapes in one process: run it without --distributed/--coordinator "
                           "(pass --memory-limit for the device you will train on)")
     initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)  # before any device use
+    if args.run_dir is not None and not args.run_dir.strip():
+        raise ConfigError(f"--run-dir {args.run_dir!r} is empty: pass a directory, e.g. --run-dir runs/tiny (or omit "
+                          f"it for runs/<preset>)")
     run_dir = Path(args.run_dir or f"runs/{args.preset or 'tiny'}")
     if args.resume and not args.preset:
         cfg = load_run_config(run_dir)  # continue the run with its own config (plus any --set)
@@ -47,6 +52,9 @@ def cmd_train(args) -> None:
     except NonFiniteError as e:
         print(f"jaxchat train: halted: {e}", file=sys.stderr)
         raise SystemExit(3) from None
+    except Interrupted as e:
+        print(f"jaxchat train: {e}", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def cmd_eval(args) -> None:
@@ -157,16 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="validation loss and bits per byte of a run's checkpoint")
     e.add_argument("--run", required=True, help="run directory")
     e.add_argument("--step", type=int, help="checkpoint step (default: latest)")
-    e.add_argument("--tokens", type=int, default=0, help="validation tokens (default: the run's eval_tokens)")
-    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--tokens", type=count_int, default=0, help="validation tokens (default: the run's eval_tokens)")
+    e.add_argument("--batch-size", type=positive_int, default=8)
     e.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("sample", help="generate text from a run's checkpoint")
     s.add_argument("--run", required=True, help="run directory")
     s.add_argument("--prompt", default="def ")
-    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    s.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens (0 = all)")
-    s.add_argument("--max-tokens", type=int, default=128)
+    s.add_argument("--temperature", type=finite_non_negative, default=0.8, help="0 = greedy")
+    s.add_argument("--top-k", type=count_int, default=50, help="keep the k most likely tokens (0 = all)")
+    s.add_argument("--max-tokens", type=positive_int, default=128)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     s.set_defaults(fn=cmd_sample)
@@ -212,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"jaxchat {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # (train says more: loop.Interrupted)
+        print(f"jaxchat {args.cmd}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

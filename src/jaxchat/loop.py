@@ -27,6 +27,7 @@ checkpoint (from its metrics records) as `restarts`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import time
 from pathlib import Path
@@ -35,8 +36,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxchat.checkpoint import Checkpointer, CheckpointError, remove_debris
-from jaxchat.config import EXECUTION_FIELDS, Config, ConfigError, resolve_compute_dtype
+from jaxchat.checkpoint import Checkpointer, CheckpointError
+from jaxchat.config import Config, ConfigError
 from jaxchat.cpu_runtime import synchronous_dispatch
 from jaxchat.data import Prefetcher, check_manifest, get_batch, load_for_training
 from jaxchat.distributed import global_array, is_primary, local_positions, over_processes, together
@@ -46,7 +47,8 @@ from jaxchat.model.accounting import count, device_peak_flops, mfu
 from jaxchat.model.gpt import resolved_kernels
 from jaxchat.model.scan import describe as describe_layers
 from jaxchat.plan import resolve
-from jaxchat.rundir import check_run_dir, load_run_config, lock_run_dir, prepare_run_dir, reconcile_metrics
+from jaxchat.resume import check_resume_config, check_run_tokenizer, load_run_tokenizer, repair, restore_latest
+from jaxchat.rundir import check_run_dir, is_marked, load_run_config, lock_run_dir, start_run_dir
 from jaxchat.sample import Sampler
 from jaxchat.train import (ModelFns, NonFiniteError, Progress, abstract_state, batch_sharding, build_optimizer,
                            check_batch_fits, fmt_time, format_mfu, init_state, make_mesh, make_train_step,
@@ -124,84 +126,13 @@ def check_data_inputs(cfg: Config) -> None:
     check_vocab(cfg, tok, where=f"data.tokenizer_path={path!r}")
 
 
-def check_resume_config(cfg: Config, saved: Config, batch: bool = True) -> None:
-    """The model, optimizer and data of a resumed run must be the checkpoint's; so must the global batch (a
-    batch is a function of (seed, step, batch size): another size would repeat or skip data), unless `batch` is
-    False (a checkpoint imported from elsewhere, whose data order was never jaxchat's)."""
-    same = lambda sec, k, a, b: (a == b or (sec == "model" and k in EXECUTION_FIELDS)
-                                  or (k == "compute_dtype" and resolve_compute_dtype(a) == resolve_compute_dtype(b)))
-    diffs = [f"{sec}.{k}: checkpoint has {v!r}, now {getattr(getattr(cfg, sec), k)!r}"
-             for sec in ("model", "optim", "data") for k, v in getattr(saved, sec).__dict__.items()
-             if not same(sec, k, getattr(getattr(cfg, sec), k), v)]
-    if batch and cfg.train.batch_size != saved.train.batch_size:
-        diffs.append(f"train.batch_size: checkpoint has {saved.train.batch_size}, now {cfg.train.batch_size}")
-    if diffs:
-        raise ConfigError("--resume with a config that does not fit the run's checkpoint:\n  " + "\n  ".join(diffs)
-                          + "\nFix: resume with the run's own config (omit --preset and those --set), or start a "
-                            "new run under another --run-dir. Nothing was changed.")
+class Interrupted(Exception):
+    """Ctrl-C during a run: raised with the step inside the loop, then with the message that says how to
+    continue."""
 
-
-def check_run_tokenizer(run_dir: Path, tokenizer) -> None:
-    from jaxchat.data import Tokenizer
-    path = run_dir / "tokenizer.json"
-    if path.is_file() and Tokenizer.load(path).fingerprint() != tokenizer.fingerprint():
-        raise CheckpointError(f"the data config now yields a different tokenizer than the run's {path}: its token "
-                              f"ids would mean other text. Resume with the run's own data config (and Python "
-                              f"version, for the stdlib corpus), or set data.tokenizer_path={str(path)!r}.")
-
-
-def _restore(cfg: Config, ckpt: Checkpointer, abstract: dict, clock: Clock):
-    """The latest committed step, checked against this config first (from its metadata, before the arrays)."""
-    step, meta = ckpt.read_meta()
-    check_resume_config(cfg, Config.from_dict(meta["config"]), batch="imported_from" not in meta)
-    with clock("checkpoint"):
-        return ckpt.restore(abstract, step)
-
-
-def _repair(run_dir: Path, step: int, meta: dict, ckpt: Checkpointer, log, write: bool = True) -> tuple[dict, dict]:
-    """Remove the debris of interrupted saves, make metrics.jsonl end at `step`, and account the lost progress.
-    Returns (prior, history): the run's wall-time split up to the checkpoint plus the lost time, and counts.
-    Every process reads metrics.jsonl for them; then the one that `write`s (process 0) changes the run
-    directory while the others wait."""
-    with together("reading the run's metrics"):
-        rec = reconcile_metrics(run_dir, step, meta, write=False)
-        prior, history = _resumed_totals(meta, rec)
-    with together("repairing the run directory"):
-        if write:
-            _write_repair(run_dir, step, meta, ckpt, rec, history, log)
-    return prior, history
-
-
-def _write_repair(run_dir: Path, step: int, meta: dict, ckpt: Checkpointer, rec: dict, history: dict, log) -> None:
-    """Process 0's part of a resume: remove the debris, rewrite metrics.jsonl, log and record the restart."""
-    removed = remove_debris(run_dir)
-    if removed:
-        log(f"resume: removed {len(removed)} incomplete checkpoint(s) left by an interrupted save: "
-            f"{', '.join(removed)} (never committed; Orbax renames a step into place only when it is complete)")
-    reconcile_metrics(run_dir, step, meta)
-    if rec["dropped"]:
-        lost = rec["lost_steps"]
-        span = f"steps {lost[0]}-{lost[-1]}" if len(lost) > 1 else (f"step {lost[0]}" if lost else "no steps")
-        log(f"resume: metrics.jsonl had {rec['dropped']} record(s) after step {step} ({span}), logged by a "
-            f"process that died after its last checkpoint; moved them to metrics.discarded.jsonl (they are "
-            f"recomputed now)")
-    if rec["unreadable_lines"] or rec["duplicates"]:
-        log(f"resume: metrics.jsonl: dropped {rec['unreadable_lines']} unreadable line(s) and "
-            f"{rec['duplicates']} duplicate record(s)")
-    lost = (f"; the interrupted process lost {len(rec['lost_steps'])} step(s), {rec['lost_s']:.1f}s of work, "
-            f"since that checkpoint" if rec["dropped"] else "")
-    log(f"resumed {run_dir} at step {step} (the latest committed checkpoint of {ckpt.all_steps()}){lost}")
-    append_jsonl(run_dir / "restarts.jsonl", [{"time": round(time.time(), 3), "step": step, "removed": removed,
-                                               **rec, "history": history}])
-
-
-def _resumed_totals(meta: dict, rec: dict) -> tuple[dict, dict]:
-    """(prior, history) of a resumed run: the checkpoint's wall-time split plus the lost time, and counts."""
-    history = dict(meta.get("history") or {"restarts": 0, "lost_steps": 0})
-    history = {"restarts": history["restarts"] + 1, "lost_steps": history["lost_steps"] + len(rec["lost_steps"])}
-    prior = {k: float(v) for k, v in (meta.get("time_s") or {}).items()}
-    prior["restarts"] = prior.get("restarts", 0.0) + rec["lost_s"]
-    return prior, history
+    def __init__(self, what):
+        super().__init__(what)
+        self.step = what if isinstance(what, int) else None
 
 
 def run_training(cfg: Config, run_dir: str | Path, resume: bool = False, force: bool = False,
@@ -227,16 +158,19 @@ def run_training(cfg: Config, run_dir: str | Path, resume: bool = False, force: 
     optimizer = build_optimizer(cfg, None)
     replicated = NamedSharding(mesh, P())  # params and moments replicated over the mesh
     abstract = abstract_state(fns, optimizer, replicated)
-    lock, ckpt = None, None
+    with jax.set_mesh(mesh):  # the forward traced on shapes, no compute: a backend this machine cannot run (splash
+        x = jax.ShapeDtypeStruct((micro, cfg.model.sequence_len), jax.numpy.int32)  # off TPU) fails before any write
+        jax.eval_shape(lambda params, x: fns.module(params)(x, targets=x), abstract["params"], x)
+    lock, ckpt, state = None, None, None
     try:
         # 2. an existing run is locked from here on (no second job resumes or deletes it meanwhile); --resume: the
         # checkpoint (a missing, damaged or mismatched one fails here, before any work)
         with together("locking the run directory"):
             lock = lock_run_dir(run_dir) if primary and run_dir.is_dir() else None
         if resume:
-            with together("restoring the checkpoint"):
+            with together("restoring the checkpoint"), clock("checkpoint"):
                 ckpt = Checkpointer(run_dir, keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every)
-                state, meta = _restore(cfg, ckpt, abstract, clock)
+                state, meta = restore_latest(cfg, ckpt, abstract)
 
         # 3. data (process 0 prepares it first; the others then find it in the cache)
         with clock("data"):
@@ -249,31 +183,78 @@ def run_training(cfg: Config, run_dir: str | Path, resume: bool = False, force: 
                     check_run_tokenizer(run_dir, ds.tokenizer)
                     check_manifest(run_dir, ds)  # the same dataset (and packing) as the run's data.json records
 
-        # 4. only now, the run directory changes (process 0 alone writes; the others wait for it)
+        # 4. only now, the run directory changes (process 0 alone writes; the others wait for it). A new run is
+        # marked first, then its config is written, so a run killed at any later moment can be resumed.
         if resume:
-            prior, history = _repair(run_dir, int(state["step"]), meta, ckpt, log, write=primary)
+            prior, history = repair(run_dir, int(state["step"]) if state else 0, meta, ckpt, ds, log,
+                                    write=primary)
         else:
             with together("creating the run directory"):
                 if primary:
-                    prepare_run_dir(run_dir, resume, force)
-                    if lock is not None:
-                        os.close(lock)
-                    lock = lock_run_dir(run_dir)
+                    start_run_dir(run_dir, force, "train", log)
+                    if lock is None:
+                        lock = lock_run_dir(run_dir)
+                    write_json_atomic(run_dir / "config.json", cfg.to_dict())
                     ds.tokenizer.save(run_dir / "tokenizer.json")  # (atomic)
                     write_json_atomic(run_dir / "data.json", {k: v for k, v in ds.info.items() if k != "timings_s"})
             ckpt = Checkpointer(run_dir, keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every)
-            state = jax.jit(lambda: init_state(fns, optimizer, cfg.train.init_seed), out_shardings=replicated)()
             prior, history = {}, {"restarts": 0, "lost_steps": 0}
-        if primary:
-            write_json_atomic(run_dir / "config.json", cfg.to_dict())  # the concrete config the run uses
+        if state is None:  # a new run, or a resumed one that never committed a checkpoint
+            state = jax.jit(lambda: init_state(fns, optimizer, cfg.train.init_seed), out_shardings=replicated)()
+        if resume and primary:
+            write_json_atomic(run_dir / "config.json", cfg.to_dict())  # the concrete config the run goes on with
         with jax.set_mesh(mesh):  # traced under the mesh: kernels without a partitioning rule shard_map over it
             return _train(cfg, run_dir, ds, fns, optimizer, state, ckpt, mesh, micro, clock, prior, history, proc,
                           prompt, log, primary)
+    except (KeyboardInterrupt, Interrupted) as e:
+        raise Interrupted(_stopped(run_dir, ckpt, getattr(e, "step", None), "interrupted")) from None
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise ConfigError(_out_of_memory(cfg, micro, run_dir, ckpt, e)) from None
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        raise CheckpointError(_stopped(run_dir, ckpt, None, f"could not write {e.filename or 'a file'}: "
+                                                             f"{e.strerror}")) from None
     finally:
         if ckpt is not None:
             ckpt.close()  # an in-flight save of a good state completes even when training failed
         if lock is not None:
             os.close(lock)
+
+
+def _resume_hint(run_dir: Path, ckpt: Checkpointer | None) -> str:
+    """What the run directory now holds and the command that continues it."""
+    if not is_marked(run_dir):
+        return "nothing was written; run the same command again"
+    steps = ckpt.all_steps() if ckpt is not None else []
+    at = f"from its latest checkpoint, step {steps[-1]}" if steps else "from step 0 (it has no checkpoint yet)"
+    return f"`jaxchat train --run-dir {run_dir} --resume` continues it {at} with its recorded config"
+
+
+def _stopped(run_dir: Path, ckpt: Checkpointer | None, step: int | None, what: str) -> str:
+    if ckpt is not None:
+        with contextlib.suppress(Exception):  # a save in flight commits first, so the hint names it
+            ckpt.wait()
+    at = f" at step {step}" if step is not None else ""
+    return f"{what}{at}; {_resume_hint(run_dir, ckpt)}"
+
+
+def _out_of_memory(cfg: Config, micro: int, run_dir: Path, ckpt: Checkpointer | None, e: Exception) -> str:
+    B, A, T = cfg.train.batch_size, cfg.train.grad_accum, cfg.model.sequence_len
+    first = str(e).strip().splitlines()[0][:200]
+    steps = ckpt.all_steps() if ckpt is not None else []
+    if steps:
+        fix = (f"resume with the same batch in smaller pieces: `jaxchat train --run-dir {run_dir} --resume --set "
+               f"train.grad_accum={2 * A}` (continues from step {steps[-1]})")
+    else:
+        fix = (f"rerun with a smaller batch: `jaxchat train --run-dir {run_dir} --resume --set "
+               f"train.batch_size={max(B // 2, 1)}` (the run has no checkpoint yet, so it starts from step 0 with its "
+               f"recorded config and the new batch), or --set train.grad_accum={2 * A} to keep the batch")
+    return (f"out of memory running the train step (batch {B} x {T}, micro-batch {micro} per step over "
+            f"{jax.device_count()} {jax.devices()[0].device_kind} device(s)): {first}. Fix: {fix}; "
+            f"`jaxchat train --dry-run` finds the largest batch that fits.")
 
 
 def _quiet(*args, **kwargs) -> None:
@@ -333,7 +314,7 @@ def _train(cfg, run_dir, ds, fns, optimizer, state, ckpt, mesh, micro, clock, pr
     def save(step):
         with clock("checkpoint"):
             ckpt.save(step, state, {"config": cfg.to_dict(), "time_s": totals(), "saved_at": time.time(),
-                                    "proc": proc, "history": history})
+                                    "proc": proc})
 
     progress = Progress(steps, start, cfg.train.log_every, shown=primary)
     reporter = Reporter(cfg, counts, peak, mesh.size, clock, log_metrics, progress)
@@ -342,11 +323,13 @@ def _train(cfg, run_dir, ds, fns, optimizer, state, ckpt, mesh, micro, clock, pr
     synchronous = synchronous_dispatch()  # (cpu_runtime.py)
     prefetch = Prefetcher(host_batch, start)  # batches are computed on a background thread, ahead of the step
     clock.switch("train")
+    step = start
     try:
         for step in range(start, steps):
             with clock("data"):  # the wait for the prefetched batch, and its copy to the devices
                 batch = tuple(global_array(a, sharding, shape) for a in prefetch.get(step))
             state, metrics = step_fn(state, batch)
+            ckpt.poll()  # a background save that failed is reported now, with its step
             if pending is not None:  # fetch the previous step's metrics while this one runs
                 reporter(*pending)
             pending = (step + 1, metrics)
@@ -366,6 +349,8 @@ def _train(cfg, run_dir, ds, fns, optimizer, state, ckpt, mesh, micro, clock, pr
                 save(done)
         if pending is not None:
             reporter(*pending)
+    except KeyboardInterrupt:
+        raise Interrupted(step) from None
     finally:
         prefetch.close()
     progress.close()
@@ -443,24 +428,19 @@ class Reporter:
 
 def load_run(run_dir: str | Path, step: int | None = None):
     """(cfg, fns, params, tokenizer, step) of a run directory's checkpoint, for eval and sample."""
-    from jaxchat.data import Tokenizer
-
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    fns = ModelFns(cfg)
-    optimizer = build_optimizer(cfg, None)
-    # onto one local device, whatever mesh the run was trained on: without a target sharding Orbax refuses a
-    # checkpoint saved on another topology (e.g. trained on 8 devices, evaluated on 1)
-    abstract = abstract_state(fns, optimizer, one_device())
     ckpt = Checkpointer(run_dir, async_save=False, read_only=True)
     try:
-        state, _ = ckpt.restore(abstract, step)
+        step, _ = ckpt.read_meta(step)  # (a missing step fails first, then a missing or damaged tokenizer,
+        tokenizer = load_run_tokenizer(run_dir)  # before any array is read)
+        fns = ModelFns(cfg)
+        # onto one local device, whatever mesh the run was trained on: without a target sharding Orbax refuses a
+        # checkpoint saved on another topology (e.g. trained on 8 devices, evaluated on 1)
+        state, _ = ckpt.restore(abstract_state(fns, build_optimizer(cfg, None), one_device()), step)
     finally:
         ckpt.close()
-    tok_path = run_dir / "tokenizer.json"
-    if not tok_path.is_file():
-        raise CheckpointError(f"{tok_path} is missing: copy the tokenizer the run trained with there")
-    return cfg, fns, state["params"], Tokenizer.load(tok_path), int(state["step"])
+    return cfg, fns, state["params"], tokenizer, int(state["step"])
 
 
-__all__ = ["run_training", "load_run", "load_dataset", "cache_dir", "Clock", "check_run_dir", "check_data_inputs"]
+__all__ = ["run_training", "load_run", "load_dataset", "cache_dir", "Clock", "Interrupted", "check_data_inputs"]

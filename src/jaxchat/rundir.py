@@ -1,14 +1,17 @@
-"""Run directories: what a run writes, the rules that keep a run from being destroyed by accident, and the
-metrics a resumed run must reconcile.
+"""Run directories: what a run writes, the rules that keep a run (or anything else) from being destroyed by
+accident, and the metrics a resumed run must reconcile.
 
 A run directory holds:
-    config.json             the full, resolved Config of the run
+    .jaxchat-run            the marker: written first (atomically) when jaxchat creates a run; only a directory
+                            with it is ever cleared by --force, and then only of the names below
+    config.json             the full, resolved Config of the run (written right after the marker)
     tokenizer.json          the tokenizer the run trained with
     data.json               what the data pipeline built
     metrics.jsonl           one JSON object per logged step / evaluation, each step once
     metrics.discarded.jsonl records a killed process logged after its last checkpoint (moved here on resume)
     restarts.jsonl          one record per resume: debris removed, steps and seconds lost
     summary.json            the final numbers and the wall-time split
+    import.json             what `jaxchat import` mapped (imported runs)
     checkpoints/N/          Orbax checkpoint of step N (checkpoint.py)
 """
 
@@ -18,16 +21,59 @@ import fcntl
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 from jaxchat.checkpoint import CheckpointError
 from jaxchat.config import Config, ConfigError
-from jaxchat.fileio import append_jsonl, read_jsonl, write_jsonl_atomic
+from jaxchat.fileio import append_jsonl, read_jsonl, write_json_atomic, write_jsonl_atomic
+
+MARKER = ".jaxchat-run"
+# Every name jaxchat writes at the top of a run directory (and their atomic-write temporaries, NAME.tmpPID):
+# --force deletes these and nothing else.
+OWNED = (MARKER, "config.json", "tokenizer.json", "data.json", "metrics.jsonl", "metrics.discarded.jsonl",
+         "restarts.jsonl", "summary.json", "import.json", "checkpoints")
+
+
+def is_marked(run_dir: Path) -> bool:
+    return (Path(run_dir) / MARKER).is_file()
+
+
+def mark_run_dir(run_dir: Path, created_by: str) -> None:
+    """Write the marker that makes `run_dir` a jaxchat run (atomically: it exists whole or not at all)."""
+    write_json_atomic(Path(run_dir) / MARKER, {"jaxchat_run": 1, "created_by": created_by,
+                                               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+def _owned(name: str) -> bool:
+    return name in OWNED or any(name.startswith(o + ".tmp") for o in OWNED)
+
+
+def clear_run_dir(run_dir: Path) -> list[str]:
+    """Delete what jaxchat wrote in a marked run directory (the marker last, so a kill midway leaves it a run);
+    returns the names of the entries it kept (files jaxchat did not write)."""
+    run_dir = Path(run_dir)
+    if not is_marked(run_dir):
+        raise CheckpointError(f"{run_dir} has no {MARKER} marker, so jaxchat did not create it: refusing to "
+                              f"delete anything there")
+    kept = []
+    for p in sorted(run_dir.iterdir(), key=lambda p: p.name == MARKER):
+        if not _owned(p.name):
+            kept.append(p.name)
+        elif p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    return kept
 
 
 def load_run_config(run_dir: str | Path) -> Config:
     run_dir = Path(run_dir)
     path = run_dir / "config.json"
+    if not path.is_file() and is_marked(run_dir):
+        raise CheckpointError(f"{run_dir} was created by jaxchat ({MARKER}) but stopped before writing its "
+                              f"config.json: start it again with the same command and --force instead of --resume "
+                              f"(nothing else is there to read)")
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a jaxchat run directory: {path} does not exist. Pass the "
                               f"directory of an existing run (one `jaxchat train` wrote, e.g. runs/tiny), or start a "
@@ -54,34 +100,50 @@ def lock_run_dir(run_dir: Path) -> int:
 
 
 def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
-    """Never destroys a run by accident: an existing run needs --resume (continue) or --force (start over).
-    Only looks; `run_training` acts later, once every other check has passed."""
+    """Never destroys a run, or anything else, by accident: an existing run needs --resume (continue it with its
+    recorded config) or --force (clear jaxchat's files and start over); a directory jaxchat did not mark is never
+    cleared. Only looks; `start_run_dir` acts later, once every other check has passed."""
+    if not str(run_dir) or str(run_dir) != str(run_dir).strip():
+        raise ConfigError(f"--run-dir {str(run_dir)!r} is empty or padded with spaces: pass a directory name, "
+                          f"e.g. --run-dir runs/tiny")
     if resume and force:
         raise ConfigError("--resume and --force contradict each other: --resume continues the run in --run-dir, "
                           "--force deletes it and starts over. Pass one.")
-    if resume:
-        if not (run_dir / "config.json").is_file():
-            raise CheckpointError(f"--resume: {run_dir} holds no run (no config.json); start it without --resume")
-        return
     if run_dir.exists() and not run_dir.is_dir():
         raise CheckpointError(f"--run-dir {run_dir} is a file, not a directory: choose another --run-dir")
+    if resume:
+        if not (run_dir / "config.json").is_file():
+            why = (f"it was created by jaxchat ({MARKER}) but stopped before writing its config.json: start it "
+                   f"again with the same command and --force instead of --resume" if is_marked(run_dir)
+                   else "start it without --resume")
+            raise CheckpointError(f"--resume: {run_dir} holds no run (no config.json); {why}")
+        return
     if run_dir.exists() and any(run_dir.iterdir()):
         if not force:
-            raise CheckpointError(f"run directory {run_dir} already exists: pass --resume to continue that run, "
-                                  f"--force to delete it and start over, or choose another --run-dir")
-        if not (run_dir / "config.json").is_file():
-            raise CheckpointError(f"--force: {run_dir} is not empty and is not a jaxchat run (no config.json); "
-                                  f"refusing to delete it. Choose another --run-dir.")
+            what = "already exists (a jaxchat run)" if is_marked(run_dir) else "already exists and is not empty"
+            raise CheckpointError(f"run directory {run_dir} {what}: pass --resume to continue that run with its "
+                                  f"recorded config, --force to delete its jaxchat files and start over with this "
+                                  f"command's config, or choose another --run-dir")
+        if not is_marked(run_dir):
+            legacy = (f"; if it is a run an older jaxchat made, `jaxchat train --run-dir {run_dir} --resume` "
+                      f"adopts it (and marks it)" if (run_dir / "checkpoints").is_dir() else "")
+            raise CheckpointError(f"--force: {run_dir} is not a jaxchat run (it has no {MARKER} marker, which "
+                                  f"jaxchat writes first in every run it creates): refusing to delete anything "
+                                  f"there. Choose another --run-dir{legacy}.")
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
-    """check_run_dir, then (without --resume) delete an old run under --force and create the directory. The
-    caller holds the old run's lock (`lock_run_dir`), so a run another process is training is never deleted."""
-    check_run_dir(run_dir, resume, force)
-    if not resume:
-        if run_dir.exists() and any(run_dir.iterdir()):
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+def start_run_dir(run_dir: Path, force: bool, created_by: str, log=print) -> None:
+    """check_run_dir, then clear an old run under --force (only jaxchat's files), create the directory and mark
+    it. The caller holds the old run's lock (`lock_run_dir`), so a run another process is training is never
+    cleared."""
+    check_run_dir(run_dir, resume=False, force=force)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        kept = clear_run_dir(run_dir)
+        log(f"--force: deleted the jaxchat run in {run_dir}"
+            + (f"; kept {len(kept)} entr{'y' if len(kept) == 1 else 'ies'} jaxchat did not write: "
+               f"{', '.join(kept[:5])}{' ...' if len(kept) > 5 else ''}" if kept else ""))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    mark_run_dir(run_dir, created_by)
 
 
 def reconcile_metrics(run_dir: Path, step: int, meta: dict, write: bool = True) -> dict:

@@ -10,6 +10,8 @@ import itertools
 import json
 from pathlib import Path
 
+from jaxchat.argtypes import count_int, positive_int
+
 from .shards import DataError
 
 
@@ -118,6 +120,10 @@ def cmd_verify(args) -> None:
 def cmd_tokenizer_train(args) -> None:
     from .tokenizer import SPECIAL_TOKENS, Tokenizer
 
+    out = Path(args.out)
+    target = out / "tokenizer.json" if out.is_dir() else out
+    if target.exists() and not args.force:
+        raise DataError(f"--out {target} already exists: choose another path, or pass --force to overwrite it")
     source = _open(args)
     try:
         tok = Tokenizer.train(_texts(source, args.max_docs, args.max_chars), args.vocab)
@@ -160,12 +166,12 @@ def add_parsers(sub) -> None:
     _source_args(p)
     p.add_argument("--tokenizer", required=True, help="tokenizer.json (or a directory holding one)")
     p.add_argument("--out", required=True, help="the dataset directory to write (train with data.source=DIR)")
-    p.add_argument("--val-docs", type=int, default=None,
+    p.add_argument("--val-docs", type=count_int, default=None,
                    help="validation = the first N documents (default 1000; stdlib: its own file-hash split)")
     p.add_argument("--val", nargs="+", default=None, metavar="SOURCE", help="a separate validation source")
-    p.add_argument("--seq", type=int, default=None, help="also pack rows of SEQ+1 tokens (training sequence length)")
-    p.add_argument("--max-docs", type=int, default=0, help="stop after N train documents (0 = all)")
-    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default 100M, prepare.DEFAULT_SHARD_TOKENS)")
+    p.add_argument("--seq", type=positive_int, default=None, help="also pack rows of SEQ+1 tokens (training sequence length)")
+    p.add_argument("--max-docs", type=count_int, default=0, help="stop after N train documents (0 = all)")
+    p.add_argument("--shard-tokens", type=positive_int, default=100_000_000, help="tokens per shard (default 100M, prepare.DEFAULT_SHARD_TOKENS)")
     p.add_argument("--no-split-long", action="store_true",
                    help="let best-fit crop documents longer than a row instead of cutting them into row-sized pieces")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -173,7 +179,7 @@ def add_parsers(sub) -> None:
 
     p = dsub.add_parser("pack", help="pack a prepared directory into rows for another sequence length")
     p.add_argument("dir")
-    p.add_argument("--seq", type=int, required=True)
+    p.add_argument("--seq", type=positive_int, required=True)
     p.add_argument("--no-split-long", action="store_true")
     p.set_defaults(fn=cmd_pack)
 
@@ -190,15 +196,16 @@ def add_parsers(sub) -> None:
 
     p = tsub.add_parser("train", help="train a byte-level BPE (SPEC regex and specials) into tokenizer.json")
     _source_args(p)
-    p.add_argument("--vocab", type=int, required=True, help="total vocab size, 9 specials included")
+    p.add_argument("--vocab", type=positive_int, required=True, help="total vocab size, 9 specials included")
     p.add_argument("--out", required=True, help="where to write tokenizer.json")
-    p.add_argument("--max-chars", type=int, default=2_000_000_000, help="train on at most this many characters")
-    p.add_argument("--max-docs", type=int, default=0, help="and at most this many documents (0 = no cap)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+    p.add_argument("--max-chars", type=count_int, default=2_000_000_000, help="train on at most this many characters")
+    p.add_argument("--max-docs", type=count_int, default=0, help="and at most this many documents (0 = no cap)")
     p.set_defaults(fn=cmd_tokenizer_train)
 
     p = tsub.add_parser("eval", help="bytes per token of one or more tokenizers on a source, side by side")
     _source_args(p)
     p.add_argument("--tokenizer", action="append", required=True, help="a tokenizer.json (repeat to compare)")
-    p.add_argument("--max-chars", type=int, default=20_000_000, help="evaluate on at most this many characters")
-    p.add_argument("--max-docs", type=int, default=0, help="and at most this many documents (0 = no cap)")
+    p.add_argument("--max-chars", type=count_int, default=20_000_000, help="evaluate on at most this many characters")
+    p.add_argument("--max-docs", type=count_int, default=0, help="and at most this many documents (0 = no cap)")
     p.set_defaults(fn=cmd_tokenizer_eval)

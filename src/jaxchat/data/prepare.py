@@ -291,6 +291,8 @@ def pack(dataset_dir: Path, manifest: dict, seq: int, rows_dir: Path, split_long
     if info is not None:
         return info
     rows_dir.mkdir(parents=True, exist_ok=True)
+    for stale in rows_dir.glob("*.tmp*"):  # left by a writer killed while packing (this pack rewrites both splits)
+        stale.unlink()
     row_len, bos = seq + 1, manifest["params"]["bos_id"]
     dtype = np.dtype(manifest["params"]["dtype"])
     info = dict(sig)

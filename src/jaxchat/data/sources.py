@@ -60,6 +60,17 @@ def _kind(path: Path) -> str | None:
     return None
 
 
+def _text(path: Path, data: bytes) -> str:
+    """A text file's contents; a binary file (a NUL byte, or more than 1 in 1000 bytes not UTF-8) is refused."""
+    text = data.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd")
+    if b"\0" in data or bad > len(data) / 1000:
+        why = "holds NUL bytes" if b"\0" in data else f"has {bad:,} bytes that are not UTF-8"
+        raise DataError(f"{path} is not UTF-8 text: it {why}. Pass text files (convert other encodings with "
+                        f"`iconv -t utf-8`), or .bin token shards under a .bin name")
+    return text
+
+
 def _open_binary(path: Path):
     name = path.name.lower()
     if name.endswith(".gz"):
@@ -142,7 +153,7 @@ class FileSource(Source):
                     skip -= 1
                     continue
                 with _open_binary(path) as f:
-                    yield f.read().decode("utf-8", errors="replace")
+                    yield _text(path, f.read())
             elif kind == "jsonl":
                 skip = yield from self._jsonl(path, skip)
             elif kind == "parquet":

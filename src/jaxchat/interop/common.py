@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,24 +200,14 @@ def write_run(out: str | Path, model_cfg: ModelConfig, params: dict, opt_moments
     `opt_moments` is (moments, adam_count) to fill the AdamW state, or None for a fresh optimizer state.
     data.tokenizer_path points at the run's own tokenizer.json, so eval and `train --resume` re-tokenize the
     corpus with the checkpoint's tokenizer; without --tokenizer that file is absent and they say so."""
-    from jaxchat.checkpoint import Checkpointer, CheckpointError
-    from jaxchat.rundir import lock_run_dir
+    from jaxchat.checkpoint import Checkpointer
+    from jaxchat.rundir import check_run_dir, lock_run_dir, start_run_dir
     from jaxchat.fileio import write_json_atomic
     from jaxchat.config import apply_overrides
     from jaxchat.optim import build_optimizer
 
     out = Path(out).absolute()
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise CheckpointError(f"--out {out} already exists and is not empty: choose another directory, or "
-                                  f"pass --force to replace a jaxchat run there")
-        if not (out / "config.json").is_file():
-            raise CheckpointError(f"--force: {out} is not a jaxchat run (no config.json); refusing to delete it")
-        lock = lock_run_dir(out)  # a run another process is training is never deleted (it holds this lock)
-        try:
-            shutil.rmtree(out)
-        finally:
-            os.close(lock)
+    check_run_dir(out, resume=False, force=force)
     tok_file = out / "tokenizer.json"
     data = DataConfig(tokenizer_path=str(tok_file),
                       tokenizer_vocab=tokenizer.vocab_size if tokenizer else model_cfg.vocab_size)
@@ -240,7 +229,12 @@ def write_run(out: str | Path, model_cfg: ModelConfig, params: dict, opt_moments
         opt_state = map_adam_state(opt_state, moments, count, step, report)
     state = {"params": params, "opt_state": opt_state, "step": jnp.int32(step), "skipped": jnp.int32(0)}
 
-    out.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_dir(out) if out.is_dir() else None  # a run another process is training is never cleared
+    try:
+        start_run_dir(out, force, "import", log)
+    finally:
+        if lock is not None:
+            os.close(lock)
     write_json_atomic(out / "config.json", cfg.to_dict())
     if tokenizer is not None:
         tokenizer.save(tok_file)

@@ -66,6 +66,8 @@ def export_safetensors(run_dir: str | Path, out: str | Path, step: int | None = 
     from safetensors.numpy import save_file  # a base dependency (pyproject.toml)
 
     run_dir, out = Path(run_dir), Path(out)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out} is a file, not a directory: choose a directory for the export")
     if out.exists() and any(out.iterdir()) and not force:
         raise CheckpointError(f"--out {out} exists and is not empty: choose another directory or pass --force")
     cfg, params, step = read_params(run_dir, step)
