@@ -338,3 +338,68 @@ def test_a_killed_pack_leaves_no_temporary_file_after_the_rerun(run, tmp_path):
     (rows / "val.bin.tmp4242").write_bytes(b"")
     assert main(argv) == 0
     assert not list(rows.glob("*.tmp*")) and (rows / "pack.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the whole of it: killed at random moments, resumed by the command each message names, bitwise exact
+
+def _committed(run: Path) -> int:
+    steps = sorted(int(p.name) for p in (run / "checkpoints").glob("*") if p.name.isdigit()) \
+        if (run / "checkpoints").is_dir() else []
+    return steps[-1] if steps else 0
+
+
+def _logged(run: Path) -> int:
+    recs = read_jsonl(run / "metrics.jsonl")[0]
+    return max([r["step"] for r in recs if "loss" in r], default=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_killed_at_random_moments_then_resumed_is_bitwise_exact(tmp_path, seed):
+    """SIGKILL at five random moments (starting up or compiling, a step, a save in flight, right after an eval,
+    a later step), each restart by the command the run's state calls for (plain, --force, --resume), then to
+    the end: the curve, the evaluations, the final params and optimizer state equal an uninterrupted run's, and
+    summary.json counts every restart and every lost step."""
+    from jaxchat.checkpoint import SAVE_DELAY_ENV, SAVE_MARKER_ENV
+    from test_resume import assert_same_state
+
+    rng = np.random.default_rng(seed)
+    ref = tmp_path / "ref"
+    assert main(["train", "--preset", "tiny", "--run-dir", str(ref)] + sets()) == 0
+    run, held = tmp_path / "run", tmp_path / "save-held"
+    kills = [("startup", float(rng.uniform(0.5, 3.0))), ("step", int(rng.integers(3, 8))),
+             ("save", int(rng.choice([8, 12]))), ("eval", 16), ("step", int(rng.integers(17, 20)))]
+    restarts, lost = 0, 0
+    for kind, at in kills + [("finish", None)]:
+        if (run / "config.json").is_file():
+            flags, restarts = ["--resume"], restarts + 1
+        else:
+            flags = ["--force"] if (run / MARKER).is_file() else []
+        env = child_env(**({SAVE_DELAY_ENV: f"60@{at}", SAVE_MARKER_ENV: held} if kind == "save" else {}))
+        held.unlink(missing_ok=True)
+        p = subprocess.Popen([sys.executable, "-m", "jaxchat.cli", "train", "--preset", "tiny", "--run-dir",
+                              str(run)] + flags + sets(), env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+        due = {"startup": lambda: time.time() - t0 >= at, "step": lambda: _logged(run) >= at,
+               "save": lambda: held.exists(), "eval": lambda: any(r.get("step") == at and "val_loss" in r
+                                                                  for r in read_jsonl(run / "metrics.jsonl")[0]),
+               "finish": lambda: False}[kind]
+        t0 = time.time()
+        while p.poll() is None and not due():
+            assert time.time() - t0 < 300, f"{kind} {at} never came"
+            time.sleep(0.02)
+        if kind == "finish" or p.poll() is not None:
+            assert p.wait(300) == 0 and kind == "finish", p.stderr.read()[-3000:]
+            break
+        p.kill()
+        p.wait(60)
+        if (run / "config.json").is_file():
+            lost += max(0, _logged(run) - _committed(run))
+    assert curve(run) == curve(ref)
+    assert [e for e in read_jsonl(run / "metrics.jsonl")[0] if "val_loss" in e] and \
+        [(r["step"], r["val_loss"]) for r in read_jsonl(run / "metrics.jsonl")[0] if "val_loss" in r] == \
+        [(r["step"], r["val_loss"]) for r in read_jsonl(ref / "metrics.jsonl")[0] if "val_loss" in r]
+    assert_same_state(run, ref, 20)
+    summary = json.loads((run / "summary.json").read_text())
+    assert restarts >= 3 and (summary["restarts"], summary["lost_steps"]) == (restarts, lost)
