@@ -120,16 +120,20 @@ class Checkpointer:
         if free < need * 1.05 + (64 << 20):
             raise CheckpointError(
                 f"cannot save checkpoint step {step}: it needs about {need / 2**20:,.0f} MiB and {self.dir} has "
-                f"{free / 2**20:,.0f} MiB free. The committed checkpoints {self.all_steps()} are intact: free disk "
-                f"space (or lower train.keep_last), then resume with `jaxchat train --run-dir {self.dir.parent} "
-                f"--resume`.")
+                f"{free / 2**20:,.0f} MiB free; {self._committed()}. Free disk space (or lower train.keep_last), "
+                f"then resume with `jaxchat train --run-dir {self.dir.parent} --resume`.")
+
+    def _committed(self) -> str:
+        steps = self.all_steps()
+        return f"the committed checkpoints {steps} are intact" if steps else "no checkpoint had been committed yet"
 
     def _save_failed(self, step, e: BaseException) -> CheckpointError:
-        detail = " ".join(str(e).split())[:300]
+        detail = " ".join(str(e).split())
+        detail = detail if len(detail) <= 400 else f"{detail[:200]} ... {detail[-200:]}"  # (the cause is last)
         return CheckpointError(
-            f"saving checkpoint step {step} failed: {type(e).__name__}: {detail}. That step was not committed; the "
-            f"committed checkpoints {self.all_steps()} are intact. Fix the cause (disk space, permissions), then "
-            f"resume with `jaxchat train --run-dir {self.dir.parent} --resume`.")
+            f"saving checkpoint step {step} failed: {type(e).__name__}: {detail}. That step was not committed; "
+            f"{self._committed()}. Fix the cause (disk space, file size limit, permissions), then resume with "
+            f"`jaxchat train --run-dir {self.dir.parent} --resume`.")
 
     def poll(self) -> None:
         """Raise now if the save being written in the background has failed (the loop calls this every step)."""

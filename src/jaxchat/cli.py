@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -209,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Orbax logs a failed background save (and the asyncio teardown after it) as pages of tracebacks through
+    # absl; jaxchat reports such failures itself, in one message with the cause (checkpoint.py)
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     try:
         if args.cmd in ("train", "eval", "sample", "bench"):
             from jaxchat.compilation import enable_compilation_cache

@@ -243,7 +243,7 @@ def _stopped(run_dir: Path, ckpt: Checkpointer | None, step: int | None, what: s
 
 def _out_of_memory(cfg: Config, micro: int, run_dir: Path, ckpt: Checkpointer | None, e: Exception) -> str:
     B, A, T = cfg.train.batch_size, cfg.train.grad_accum, cfg.model.sequence_len
-    first = str(e).strip().splitlines()[0][:200]
+    first = str(e).strip().splitlines()[0][:200].rstrip(".")
     steps = ckpt.all_steps() if ckpt is not None else []
     if steps:
         fix = (f"resume with the same batch in smaller pieces: `jaxchat train --run-dir {run_dir} --resume --set "

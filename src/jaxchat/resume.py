@@ -5,9 +5,10 @@ step 0 with the run's recorded config), checks that this command's config, datas
 then repairs the run directory: debris of interrupted saves removed, metrics.jsonl cut back to the checkpoint,
 files a run killed early never wrote written now, and one record appended to restarts.jsonl.
 
-restarts.jsonl is the run's history of restarts: every resume appends one record (steps and seconds lost since
-the checkpoint it resumed from), so the counts in summary.json stay true when a resume is itself killed before
-its first checkpoint (the checkpoint's metadata cannot know of it).
+restarts.jsonl is the run's history of restarts: every resume that continues the run appends one record (steps
+and seconds lost since the checkpoint it resumed from), so the counts in summary.json stay true when a resume is
+itself killed before its first checkpoint (the checkpoint's metadata cannot know of it). A process killed before
+its repair (while loading) changed and lost nothing, and is not counted: the next resume does the same work.
 """
 
 from __future__ import annotations
