@@ -54,8 +54,8 @@ PLANS: dict[str, list[tuple[str, list[str]]]] = {
 
 
 def run_one(note: str, args: list[str], out: Path, timeout: float, log) -> dict:
-    cmd = [sys.executable, "-m", "jaxchat.bench", *args, "--json", str(out / "results.jsonl"),
-           "--record-to", str(out / "rows.md"), "--note", note]
+    cmd = [sys.executable, "-m", "jaxchat.cli", "bench", *args, "--json", str(out / "results.jsonl"),
+           "--record", str(out / "rows.md"), "--note", note]
     log(f"\n=== {note}: {' '.join(args)}")
     t0 = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
