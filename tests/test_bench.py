@@ -56,7 +56,7 @@ def test_bench_prints_every_field(ran):
 
 
 def test_bench_result_is_sane(ran):
-    _, r, tmp = ran
+    _, r, _ = ran
     assert r["tokens_per_s"] > 0 and r["tokens_per_step"] == 256 and r["timed_steps"] == 3
     assert len(r["step_s_windows"]) == 3 and min(r["step_s_windows"]) <= r["step_s"] <= max(r["step_s_windows"])
     assert abs(r["tokens_per_s"] - 256 / r["step_s"]) < 1e-6 * r["tokens_per_s"]
