@@ -1,14 +1,19 @@
-"""`jaxchat bench` on a micro config (CPU, a few seconds): the fields it prints, the JSON it writes, and the
-BENCHMARKS.md row format."""
+"""`jaxchat bench` on a micro config (CPU, a few seconds): the fields it prints, the JSON it writes, that it
+writes a row only when asked (`--record FILE`), and the BENCHMARKS.md row format."""
 
 import argparse
 import contextlib
 import io
 import json
+import re
+import subprocess
+import sys
 
 import pytest
+from conftest import ROOT, child_env
 
-from jaxchat import bench
+from jaxchat import bench, cli
+from jaxchat.config import ConfigError
 
 MICRO = ["--preset", "tiny", "--set", "model.n_layer=2", "--set", "model.n_embd=64", "--set", "model.n_kv_head=1",
          "--set", "model.n_head=1", "--set", "model.vocab_size=512", "--set", "data.tokenizer_vocab=512",
@@ -21,14 +26,23 @@ def parse(argv):
     return p.parse_args(argv)
 
 
-@pytest.fixture(scope="module")
-def ran(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("bench")
-    args = parse(["bench", *MICRO, "--no-record", "--record-to", str(tmp / "B.md"), "--json", str(tmp / "r.jsonl")])
+def run(argv) -> str:
+    """`jaxchat bench ARGV` in this process; what it printed."""
+    args = parse(["bench", *argv])
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         args.fn(args)
-    return out.getvalue(), json.loads((tmp / "r.jsonl").read_text()), tmp
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory):
+    """One real run without --record, standing in an empty folder: (printed text, JSON result, that folder)."""
+    cwd, json_dir = tmp_path_factory.mktemp("cwd"), tmp_path_factory.mktemp("json")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        text = run([*MICRO, "--json", str(json_dir / "r.jsonl")])
+    return text, json.loads((json_dir / "r.jsonl").read_text()), cwd
 
 
 def test_bench_prints_every_field(ran):
@@ -42,7 +56,7 @@ def test_bench_prints_every_field(ran):
 
 
 def test_bench_result_is_sane(ran):
-    _, r, tmp = ran
+    _, r, _ = ran
     assert r["tokens_per_s"] > 0 and r["tokens_per_step"] == 256 and r["timed_steps"] == 3
     assert len(r["step_s_windows"]) == 3 and min(r["step_s_windows"]) <= r["step_s"] <= max(r["step_s_windows"])
     assert abs(r["tokens_per_s"] - 256 / r["step_s"]) < 1e-6 * r["tokens_per_s"]
@@ -51,7 +65,25 @@ def test_bench_result_is_sane(ran):
     assert r["flops_per_token"]["total"] > 6 * (r["params"]["mlp"] + r["params"]["attention"])
     assert 0 < r["loss"] < 10 and r["compile_s"] > 0
     assert r["xla_mem_estimate_bytes"] > 0
-    assert not (tmp / "B.md").exists()  # --no-record
+
+
+def test_bench_without_record_writes_no_file(ran):
+    _, _, cwd = ran
+    assert [str(p) for p in cwd.rglob("*")] == []
+
+
+def test_record_appends_one_row_to_the_file_named(ran, tmp_path, monkeypatch):
+    _, r, _ = ran
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: r)  # the measured result above, not a second run
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "rows" / "B.md"
+    path.parent.mkdir()
+    for i in (1, 2):
+        text = run([*MICRO, "--record", str(path), "--note", f"run {i}"])
+        assert f"recorded in {path}" in text and "tokens/s:" in text
+        rows = [line for line in path.read_text().splitlines() if line.startswith("| 20")]
+        assert len(rows) == i and f"run {i}" in rows[-1]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["B.md", "rows"]  # nothing else, no ./BENCHMARKS.md
 
 
 def test_rows_append_under_one_header(ran, tmp_path):
@@ -84,8 +116,6 @@ def test_config_deltas_leave_out_own_columns():
 
 
 def test_accum_makes_a_step_of_several_micro_batches():
-    from jaxchat.config import ConfigError
-
     base, cfg = bench.bench_config("tiny", [], batch=4, seq=64, dtype="float32", accum=3)
     assert cfg.train.batch_size == 12 and cfg.train.grad_accum == 3
     assert bench.config_deltas(base, cfg) == []
@@ -101,36 +131,37 @@ def test_commit_label_can_be_given(monkeypatch):
 
 
 def test_bad_preset_is_a_user_error(capsys):
-    assert bench.main(["--preset", "nope", "--no-record"]) == 2
+    assert cli.main(["bench", "--preset", "nope"]) == 2
     assert "unknown preset" in capsys.readouterr().err
 
 
 def test_cli_registers_bench():
-    from jaxchat import cli
-    try:
-        args = cli.build_parser().parse_args(["bench", "--preset", "tiny", "--no-record"])
-    except SystemExit:
-        pytest.skip("cli.py does not register `bench` yet (add bench.add_parsers(sub) to build_parser)")
-    assert args.fn is bench.cmd_bench
+    args = cli.build_parser().parse_args(["bench", "--preset", "tiny", "--record", "B.md"])
+    assert args.fn is bench.cmd_bench and args.record == "B.md"
+
+
+def test_every_suite_plan_parses(monkeypatch):
+    """benchmarks/suite.py's plans are bench arguments run on another machine; each must parse here."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import suite
+
+    assert {"cpu", "micro", "d12-gpu"} <= set(suite.PLANS)
+    for plan in suite.PLANS.values():
+        for _, args in plan:
+            assert parse(["bench", *args, "--record", "rows.md"]).fn is bench.cmd_bench
 
 
 def test_cpu_profile_is_summarised_per_scope(tmp_path):
     """trace_summary attributes a CPU profile's time to the model's named scopes: XLA:CPU's ops are host events
     labelled with their HLO names (before, the summary read only GPU/TPU planes and said a CPU trace had none)."""
-    import re
-    import subprocess
-    import sys
-
-    from conftest import ROOT, child_env
-
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import trace_summary
 
     prof = tmp_path / "prof"
     env = child_env(JAXCHAT_COMPILE_CACHE="off")
     env.pop("XLA_FLAGS", None)
-    subprocess.run([sys.executable, "-m", "jaxchat.bench", *MICRO, "--no-record", "--profile", str(prof)], env=env,
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "jaxchat.cli", "bench", *MICRO, "--profile", str(prof)], env=env,
+                   cwd=tmp_path, check=True, capture_output=True, timeout=300)
     text = trace_summary.summarise(str(prof), steps=3, top=5, ops=5)
     assert "CPU op events" in text, text
     ops = text.split("top 5 HLO ops", 1)[1].split("memsets by HLO op")[0].strip().splitlines()[1:]
@@ -140,27 +171,3 @@ def test_cpu_profile_is_summarised_per_scope(tmp_path):
     assert {"attention", "mlp", "lm_head", "loss", "optimizer"} <= set(rows), text
     assert all(float(v) > 0 for v in rows.values()), text
 
-
-def test_every_patch_a_plan_runs_still_applies(tmp_path):
-    """A suite plan entry with PATCH runs from a patched scratch copy on the GPU machine; a patch that no longer
-    applies to the code would only fail there, after the device time is spent. Each one must apply to src/ and
-    tests/ now (on a scratch copy, as suite.py does)."""
-    import re
-    import sys
-
-    from conftest import ROOT as root
-
-    sys.path.insert(0, str(root / "benchmarks"))
-    try:
-        import suite
-    finally:
-        sys.path.remove(str(root / "benchmarks"))
-    patches = {env["PATCH"] for plan in suite.PLANS.values() for _, _, env in plan if "PATCH" in env}
-    assert patches, "no plan runs a patch: this test checks nothing"
-    for patch in sorted(patches):
-        work = suite.patched_src(patch, tmp_path).parent  # raises CalledProcessError if the patch does not apply
-        touched = re.findall(r"^\+\+\+ b/(\S+)", (root / patch).read_text(), re.M)
-        assert touched, patch
-        for path in touched:  # the scratch copy carries the change (a file the patch creates exists there only)
-            original = (root / path).read_text() if (root / path).exists() else None
-            assert (work / path).read_text() != original, (patch, path)

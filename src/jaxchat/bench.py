@@ -1,4 +1,5 @@
-"""`jaxchat bench`: the training step's speed, MFU and memory on random tokens, one row in BENCHMARKS.md.
+"""`jaxchat bench`: the training step's speed, MFU and memory on random tokens, printed; `--record FILE` also
+appends them as one row to FILE's results table (BENCHMARKS.md's format).
 
 It builds a preset's model and optimizer exactly as training does (`ModelFns`, `build_optimizer`,
 `make_train_step`, `init_state`), compiles the step (timed on its own), runs warm-up steps, then times the
@@ -24,12 +25,25 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from jaxchat.config import ATTENTION_BACKENDS, ConfigError
+import flax
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxchat import cpu_runtime
+from jaxchat.config import ATTENTION_BACKENDS, ConfigError, apply_overrides
+from jaxchat.dryrun import peak_bytes
+from jaxchat.model.accounting import count, device_peak_flops, mfu
+from jaxchat.model.gpt import resolved_kernels
+from jaxchat.model.scan import describe as describe_layers
+from jaxchat.plan import resolve
+from jaxchat.presets import get_preset
+from jaxchat.train import (ModelFns, batch_sharding, build_optimizer, check_batch_fits, init_state, make_mesh,
+                           make_train_step, shaped_batch, step_compiler_options)
 
 HEADER = ("| date | commit | device | jax / flax | preset | config deltas | batch | seq | dtype | backend | "
           "tok/s | MFU | peak mem | compile s | step ms | notes |")
@@ -70,19 +84,8 @@ def bench_config(preset: str, sets: list[str], batch: int | None = None, seq: in
     accumulation; batch defaults to the preset's micro-batch) and the seq/backend/dtype choices (defaults: the
     preset's, i.e. `auto`: cuDNN/splash attention and bf16 compute on accelerators, blocked (or xla) attention
     and fp32 on CPU)."""
-    import jax
-
-    from jaxchat.config import apply_overrides
-    from jaxchat.presets import get_preset
-
     base = get_preset(preset)
-    cfg = apply_overrides(base, sets)
-    try:
-        from jaxchat.plan import resolve
-    except ImportError:  # older trees: configs are always concrete
-        resolve = None
-    if resolve is not None:
-        cfg = resolve(cfg, jax.device_count())
+    cfg = resolve(apply_overrides(base, sets), jax.device_count())
     micro = batch or cfg.train.batch_size // cfg.train.grad_accum
     if not (isinstance(accum, int) and accum >= 1):
         raise ConfigError(f"--accum {accum!r}: micro-batches per step must be an integer >= 1")
@@ -109,8 +112,6 @@ def cpu_vector_isa() -> str:
 
 
 def device_label() -> str:
-    import jax
-
     devs = jax.devices()
     kind = devs[0].device_kind
     if devs[0].platform == "cpu":
@@ -120,16 +121,12 @@ def device_label() -> str:
 
 
 def peak_device_memory() -> int | None:
-    import jax
-
     stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
     return (stats or {}).get("peak_bytes_in_use")
 
 
 def compiled_memory_estimate(compiled) -> int | None:
     """XLA's peak-memory figure for the compiled step, the same as `--dry-run` reports (dryrun.peak_bytes)."""
-    from jaxchat.dryrun import peak_bytes
-
     try:
         return peak_bytes(compiled.memory_analysis())
     except Exception:  # not every backend or version implements it
@@ -139,18 +136,6 @@ def compiled_memory_estimate(compiled) -> int | None:
 def run_bench(preset: str, cfg, base=None, *, steps: int = 10, warmup: int = 2, profile_dir: str | None = None,
               seed: int = 0, log=print) -> dict:
     """Compile and time cfg's training step; returns every reported field as a dict."""
-    import flax
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from jaxchat import cpu_runtime
-    from jaxchat.model.accounting import count, device_peak_flops, mfu
-    from jaxchat.model.gpt import resolved_kernels
-    from jaxchat.model.scan import describe as describe_layers
-    from jaxchat.train import (ModelFns, batch_sharding, build_optimizer, check_batch_fits, init_state, make_mesh,
-                               make_train_step, shaped_batch, step_compiler_options)
-
     m, B, T = cfg.model, cfg.train.batch_size, cfg.model.sequence_len
     mesh = make_mesh()
     check_batch_fits(cfg, mesh.size)
@@ -330,9 +315,9 @@ def cmd_bench(args) -> None:
     if args.json:
         with open(args.json, "a") as fh:
             fh.write(json.dumps({**r, "note": args.note}) + "\n")
-    if not args.no_record:
-        append_row(args.record_to, r, args.note)
-        print(f"recorded in {args.record_to}")
+    if args.record:
+        append_row(args.record, r, args.note)
+        print(f"recorded in {args.record}")
 
 
 def add_parsers(subparsers) -> None:
@@ -352,19 +337,10 @@ def add_parsers(subparsers) -> None:
                    help="compute dtype (default: bfloat16 on GPU/TPU, the preset's on CPU)")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
     b.add_argument("--profile", metavar="DIR", help="also write a jax.profiler trace of 3 steps to DIR")
-    b.add_argument("--no-record", action="store_true", help="do not append a row to BENCHMARKS.md")
-    b.add_argument("--record-to", default="BENCHMARKS.md", help="the file rows are appended to (default ./BENCHMARKS.md)")
+    b.add_argument("--record", metavar="FILE",
+                   help="also append the result as one row to FILE's results table, e.g. BENCHMARKS.md "
+                        "(default: print only, write nothing)")
     b.add_argument("--json", metavar="FILE", help="also append the full result as one JSON line to FILE")
     b.add_argument("--note", default="", help="free text for the row's notes column")
     b.set_defaults(fn=cmd_bench)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m jaxchat.bench ...` (same arguments as `jaxchat bench`)."""
-    from jaxchat.cli import main as cli_main
-
-    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
