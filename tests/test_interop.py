@@ -166,7 +166,7 @@ def test_wrong_depth_is_refused_by_the_tensor_check(tmp_path):
 
 def test_existing_out_is_never_overwritten(flaxchat, tmp_path):
     (tmp_path / "keep.txt").write_text("x")
-    with pytest.raises(CheckpointError, match="not empty"):
+    with pytest.raises(CheckpointError, match="not a jaxchat run"):
         run_cmd("import", "flaxchat", flaxchat["step_dir"], "--mlp", "gelu", "--out", tmp_path)
     with pytest.raises(CheckpointError, match="refusing"):
         run_cmd("import", "flaxchat", flaxchat["step_dir"], "--mlp", "gelu", "--out", tmp_path, "--force")

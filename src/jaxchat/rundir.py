@@ -99,7 +99,7 @@ def lock_run_dir(run_dir: Path) -> int:
     return fd
 
 
-def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
+def check_run_dir(run_dir: Path, resume: bool, force: bool, flag: str = "--run-dir") -> None:
     """Never destroys a run, or anything else, by accident: an existing run needs --resume (continue it with its
     recorded config) or --force (clear jaxchat's files and start over); a directory jaxchat did not mark is never
     cleared. Only looks; `start_run_dir` acts later, once every other check has passed."""
@@ -110,7 +110,7 @@ def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
         raise ConfigError("--resume and --force contradict each other: --resume continues the run in --run-dir, "
                           "--force deletes it and starts over. Pass one.")
     if run_dir.exists() and not run_dir.is_dir():
-        raise CheckpointError(f"--run-dir {run_dir} is a file, not a directory: choose another --run-dir")
+        raise CheckpointError(f"{flag} {run_dir} is a file, not a directory: choose another {flag}")
     if resume:
         if not (run_dir / "config.json").is_file():
             why = (f"it was created by jaxchat ({MARKER}) but stopped before writing its config.json: start it "
@@ -119,24 +119,24 @@ def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
             raise CheckpointError(f"--resume: {run_dir} holds no run (no config.json); {why}")
         return
     if run_dir.exists() and any(run_dir.iterdir()):
-        if not force:
-            what = "already exists (a jaxchat run)" if is_marked(run_dir) else "already exists and is not empty"
-            raise CheckpointError(f"run directory {run_dir} {what}: pass --resume to continue that run with its "
-                                  f"recorded config, --force to delete its jaxchat files and start over with this "
-                                  f"command's config, or choose another --run-dir")
         if not is_marked(run_dir):
             legacy = (f"; if it is a run an older jaxchat made, `jaxchat train --run-dir {run_dir} --resume` "
                       f"adopts it (and marks it)" if (run_dir / "checkpoints").is_dir() else "")
-            raise CheckpointError(f"--force: {run_dir} is not a jaxchat run (it has no {MARKER} marker, which "
-                                  f"jaxchat writes first in every run it creates): refusing to delete anything "
-                                  f"there. Choose another --run-dir{legacy}.")
+            raise CheckpointError(f"{flag} {run_dir} already exists and is not a jaxchat run (it has no {MARKER} "
+                                  f"marker, which jaxchat writes first in every run it creates): refusing to "
+                                  f"write or delete anything there. Choose another {flag}{legacy}.")
+        if not force:
+            resume_hint = "--resume to continue that run with its recorded config, " if flag == "--run-dir" else ""
+            raise CheckpointError(f"run directory {run_dir} already exists (a jaxchat run): pass {resume_hint}"
+                                  f"--force to delete its jaxchat files and start over with this command's config, "
+                                  f"or choose another {flag}")
 
 
-def start_run_dir(run_dir: Path, force: bool, created_by: str, log=print) -> None:
+def start_run_dir(run_dir: Path, force: bool, created_by: str, log=print, flag: str = "--run-dir") -> None:
     """check_run_dir, then clear an old run under --force (only jaxchat's files), create the directory and mark
     it. The caller holds the old run's lock (`lock_run_dir`), so a run another process is training is never
     cleared."""
-    check_run_dir(run_dir, resume=False, force=force)
+    check_run_dir(run_dir, resume=False, force=force, flag=flag)
     if run_dir.exists() and any(run_dir.iterdir()):
         kept = clear_run_dir(run_dir)
         log(f"--force: deleted the jaxchat run in {run_dir}"

@@ -122,6 +122,8 @@ def prepare_source(source: Source, tok: Tokenizer, out: str | os.PathLike, val_d
     """Tokenize `source` into shards under `out` (resuming an interrupted run), write the manifest, and pack
     rows of seq+1 tokens if `seq` is given. Returns the manifest."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a directory: choose a new directory for the dataset")
     if val_docs is None and val_source is None:
         if isinstance(source, StdlibSource) and source.spec == "stdlib":
             val_source = StdlibSource("val")

@@ -207,7 +207,7 @@ def write_run(out: str | Path, model_cfg: ModelConfig, params: dict, opt_moments
     from jaxchat.optim import build_optimizer
 
     out = Path(out).absolute()
-    check_run_dir(out, resume=False, force=force)
+    check_run_dir(out, resume=False, force=force, flag="--out")
     tok_file = out / "tokenizer.json"
     data = DataConfig(tokenizer_path=str(tok_file),
                       tokenizer_vocab=tokenizer.vocab_size if tokenizer else model_cfg.vocab_size)
@@ -231,7 +231,7 @@ def write_run(out: str | Path, model_cfg: ModelConfig, params: dict, opt_moments
 
     lock = lock_run_dir(out) if out.is_dir() else None  # a run another process is training is never cleared
     try:
-        start_run_dir(out, force, "import", log)
+        start_run_dir(out, force, "import", log, flag="--out")
     finally:
         if lock is not None:
             os.close(lock)
