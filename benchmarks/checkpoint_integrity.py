@@ -19,7 +19,8 @@ import jax
 from jaxchat.checkpoint import Checkpointer
 from jaxchat.integrity import array_checksums
 from jaxchat.presets import get_preset
-from jaxchat.train import ModelFns, abstract_state, build_optimizer, init_state
+from jaxchat.optim import build_optimizer
+from jaxchat.train import ModelFns, abstract_state, init_state
 
 
 def timed(fn, repeat: int) -> float:

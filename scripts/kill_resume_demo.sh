@@ -44,10 +44,11 @@ echo "== 4. compare"
 $PY - "$OUT/straight" "$OUT/killed" "$STEPS" <<'EOF'
 import json, sys
 import jax, numpy as np
-from jaxchat.loop import load_run
+from jaxchat.run import load_run
 from jaxchat.checkpoint import Checkpointer
 from jaxchat.rundir import load_run_config
-from jaxchat.train import ModelFns, abstract_state, build_optimizer
+from jaxchat.optim import build_optimizer
+from jaxchat.train import ModelFns, abstract_state
 
 a, b, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 def curve(run):

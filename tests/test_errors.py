@@ -25,7 +25,8 @@ from jaxchat.fileio import read_jsonl
 from jaxchat.plan import resolve
 from jaxchat.presets import get_preset
 from jaxchat.rundir import mark_run_dir
-from jaxchat.train import ModelFns, abstract_state, build_optimizer, check_batch_fits
+from jaxchat.optim import build_optimizer
+from jaxchat.train import ModelFns, abstract_state, check_batch_fits
 
 ROOT = Path(__file__).resolve().parents[1]
 REF = json.loads((ROOT / "tests" / "golden" / "tiny-micro-20.json").read_text())

@@ -23,7 +23,7 @@ from jaxchat.interop import common
 from jaxchat.interop.commands import add_parsers
 from jaxchat.interop.common import InteropError, flatten_tree
 from jaxchat.interop.flaxchat import read_checkpoint
-from jaxchat.loop import load_run
+from jaxchat.run import load_run
 from jaxchat.optim import build_optimizer
 from jaxchat.rundir import load_run_config
 from jaxchat.sample import Sampler

@@ -123,7 +123,7 @@ json.dump(result, open(out_path, "w"))
 def runs(tmp_path_factory):
     """Both children, started together; the dataset is prepared here first (into the session's cache)."""
     from jaxchat.config import apply_overrides
-    from jaxchat.loop import load_dataset
+    from jaxchat.run import load_dataset
     from jaxchat.presets import get_preset
 
     load_dataset(apply_overrides(get_preset("tiny"), SETS), log=lambda *a: None)
@@ -209,12 +209,12 @@ def test_resume_on_eight_devices_is_exact(runs):
 
 
 def test_eight_device_run_evaluates_and_samples_on_one_device(runs, capsys):
-    """`jaxchat eval`, `sample` and `export` read a run trained on 8 devices in this 1-device process (loop.load_run restores
+    """`jaxchat eval`, `sample` and `export` read a run trained on 8 devices in this 1-device process (run.Run.load restores
     onto one device; Orbax refuses a checkpoint saved on another topology without a target sharding), and the
     restored params give the run's own final evaluation (same rows, rtol 1e-5 as above)."""
     from jaxchat.cli import main
     from jaxchat.evaluate import eval_rows, evaluate, make_eval_step
-    from jaxchat.loop import load_dataset, load_run
+    from jaxchat.run import load_dataset, load_run
 
     tmp, _, _ = runs
     cfg, fns, params, tok, step = load_run(tmp / "a")

@@ -47,7 +47,8 @@ def train_args(run_dir, *sets, preset=True, base=REF["set"]):
 
 def state_leaves(run_dir, step):
     from jaxchat.rundir import load_run_config
-    from jaxchat.train import ModelFns, abstract_state, build_optimizer
+    from jaxchat.optim import build_optimizer
+    from jaxchat.train import ModelFns, abstract_state
 
     cfg = load_run_config(run_dir)
     fns = ModelFns(cfg)
@@ -72,17 +73,18 @@ def assert_same_state(run_a, run_b, step):
 def reference(tmp_path_factory):
     """The uninterrupted golden run, with a spy on the batches and seeds the loop asks for."""
     import jaxchat.loop as loop
+    import jaxchat.run as run_module
 
     run = tmp_path_factory.mktemp("ref") / "run"
     calls, inits = [], []
-    real_batch, real_init = loop.get_batch, loop.init_state
+    real_batch, real_init = loop.get_batch, run_module.init_state
     loop.get_batch = lambda rows, step, bs, seed, **kw: calls.append((step, seed)) or real_batch(rows, step, bs,
                                                                                                  seed, **kw)
-    loop.init_state = lambda fns, opt, seed: inits.append(seed) or real_init(fns, opt, seed)
+    run_module.init_state = lambda fns, opt, seed: inits.append(seed) or real_init(fns, opt, seed)
     try:
         assert main(train_args(run)) == 0
     finally:
-        loop.get_batch, loop.init_state = real_batch, real_init
+        loop.get_batch, run_module.init_state = real_batch, real_init
     return run, calls, inits
 
 
@@ -125,7 +127,8 @@ def test_seeds_are_independent(reference):
     own consumer, and changing one leaves the other's effect bitwise unchanged."""
     from jaxchat.rundir import load_run_config
     from jaxchat.data import get_batch as gb
-    from jaxchat.train import ModelFns, build_optimizer, init_state
+    from jaxchat.optim import build_optimizer
+    from jaxchat.train import ModelFns, init_state
 
     run, calls, inits = reference
     cfg = load_run_config(run)
@@ -157,10 +160,12 @@ def test_sample_does_not_touch_training(reference):
 
     from jaxchat.rundir import load_run_config
     from jaxchat.data import Tokenizer
-    from jaxchat.loop import DEFAULT_PROMPT, load_dataset
+    from jaxchat.loop import DEFAULT_PROMPT
+    from jaxchat.optim import build_optimizer
+    from jaxchat.run import load_dataset
     from jaxchat.sample import Sampler
-    from jaxchat.train import (ModelFns, abstract_state, batch_sharding, build_optimizer, make_mesh,
-                               make_train_step, shaped_batch)
+    from jaxchat.train import (ModelFns, abstract_state, batch_sharding, make_mesh, make_train_step,
+                               shaped_batch)
 
     run, _, _ = reference
     cfg = load_run_config(run)

@@ -42,8 +42,8 @@ from jaxchat.model.gpt import resolved_kernels
 from jaxchat.model.scan import describe as describe_layers
 from jaxchat.plan import resolve
 from jaxchat.presets import get_preset
-from jaxchat.train import (ModelFns, batch_sharding, build_optimizer, check_batch_fits, init_state, make_mesh,
-                           make_train_step, shaped_batch, step_compiler_options)
+from jaxchat.run import Run
+from jaxchat.train import batch_sharding, init_state, make_train_step, shaped_batch, step_compiler_options
 
 HEADER = ("| date | commit | device | jax / flax | preset | config deltas | batch | seq | dtype | backend | "
           "tok/s | MFU | peak mem | compile s | step ms | notes |")
@@ -136,15 +136,13 @@ def compiled_memory_estimate(compiled) -> int | None:
 def run_bench(preset: str, cfg, base=None, *, steps: int = 10, warmup: int = 2, profile_dir: str | None = None,
               seed: int = 0, log=print) -> dict:
     """Compile and time cfg's training step; returns every reported field as a dict."""
+    run = Run.build(cfg)  # the model and optimizer exactly as `jaxchat train` builds them
+    cfg, mesh, fns, optimizer = run.cfg, run.mesh, run.fns, run.optimizer
     m, B, T = cfg.model, cfg.train.batch_size, cfg.model.sequence_len
-    mesh = make_mesh()
-    check_batch_fits(cfg, mesh.size)
     counts = count(m)
     peak = device_peak_flops()
     kernels = resolved_kernels(m)
 
-    fns = ModelFns(cfg)
-    optimizer = build_optimizer(cfg)
     t0 = time.perf_counter()
     state = jax.device_put(init_state(fns, optimizer, seed), NamedSharding(mesh, P()))
     tokens = jax.random.randint(jax.random.key(seed + 1), (B, T + 1), 0, m.vocab_size, jnp.int32)

@@ -13,21 +13,31 @@ import logging
 import sys
 from pathlib import Path
 
+from jaxchat import bench
 from jaxchat.argtypes import count_int, finite_non_negative, positive_int
 from jaxchat.checkpoint import CheckpointError
+from jaxchat.compilation import enable_compilation_cache
 from jaxchat.config import ConfigError, all_keys, apply_overrides
-from jaxchat.distributed import JobError
+from jaxchat.cpu_runtime import tune_cpu_runtime
+from jaxchat.data.commands import add_parsers as add_data_parsers
+from jaxchat.distributed import JobError, initialize
+from jaxchat.dryrun import dry_run, parse_bytes
+from jaxchat.evaluate import compressor_bpb, eval_rows, evaluate, make_eval_step, target_bytes
+from jaxchat.interop.commands import add_parsers as add_interop_parsers
 from jaxchat.interop.common import InteropError
+from jaxchat.loop import Interrupted, run_training
+from jaxchat.model.accounting import count
+from jaxchat.plan import make_plan
 from jaxchat.presets import PRESETS, get_preset
+from jaxchat.run import Run, load_dataset
 from jaxchat.rundir import load_run_config
+from jaxchat.sample import Sampler
+from jaxchat.train import NonFiniteError
 
 USER_ERRORS = (ConfigError, CheckpointError, InteropError, FileNotFoundError, JobError)
 
 
 def cmd_train(args) -> None:
-    from jaxchat.distributed import initialize
-    from jaxchat.loop import Interrupted, run_training
-
     if args.dry_run and (args.distributed or args.coordinator):
         raise ConfigError("--dry-run compiles from shapes in one process: run it without --distributed/--coordinator "
                           "(pass --memory-limit for the device you will train on)")
@@ -44,10 +54,8 @@ def cmd_train(args) -> None:
         [f"train.keep_every={args.keep_every}"] * (args.keep_every is not None)
     cfg = apply_overrides(cfg, args.set + keep)
     if args.dry_run:
-        from jaxchat.dryrun import dry_run, parse_bytes
         dry_run(cfg, memory_limit=parse_bytes(args.memory_limit) if args.memory_limit else None)
         return
-    from jaxchat.train import NonFiniteError
     try:
         run_training(cfg, run_dir, resume=args.resume, force=args.force, prompt=args.prompt)
     except NonFiniteError as e:
@@ -59,35 +67,29 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from jaxchat.evaluate import compressor_bpb, eval_rows, evaluate, make_eval_step, target_bytes
-    from jaxchat.loop import load_dataset, load_run
-
-    cfg, fns, params, tok, step = load_run(args.run, args.step)
-    ds = load_dataset(cfg, log=lambda *a: None)
+    run = Run.load(args.run, args.step)
+    tok = run.tokenizer
+    ds = load_dataset(run.cfg, log=lambda *a: None)
     if ds.tokenizer.fingerprint() != tok.fingerprint():
         raise CheckpointError(f"the dataset's tokenizer differs from {args.run}/tokenizer.json: the run's data "
                               f"config no longer reproduces its tokenizer (different Python stdlib?)")
-    rows = eval_rows(ds.val_rows, args.batch_size, args.tokens or cfg.train.eval_tokens)
-    out = evaluate(make_eval_step(fns, tok.token_bytes()), params, rows, args.batch_size)
+    rows = eval_rows(ds.val_rows, args.batch_size, args.tokens or run.cfg.train.eval_tokens)
+    out = evaluate(make_eval_step(run.fns, tok.token_bytes()), run.params, rows, args.batch_size)
     ref = compressor_bpb(target_bytes(tok, rows))
-    print(f"{args.run} step {step}: val loss {out['val_loss']:.4f} | val bpb {out['val_bpb']:.4f} | "
+    print(f"{args.run} step {int(run.state['step'])}: val loss {out['val_loss']:.4f} | val bpb {out['val_bpb']:.4f} | "
           f"gzip -9 {ref['gzip_bpb']:.3f} | xz -9e {ref['xz_bpb']:.3f} bits/byte "
           f"({out['val_tokens']:,} tokens, {out['val_bytes']:,} bytes)")
 
 
 def cmd_sample(args) -> None:
-    from jaxchat.loop import load_run
-    from jaxchat.sample import Sampler
-
-    cfg, fns, params, tok, step = load_run(args.run, args.step)
+    run = Run.load(args.run, args.step)
+    tok = run.tokenizer
     ids = [tok.bos_id] + tok.encode(args.prompt)
-    out = Sampler(fns).generate(params, ids, args.max_tokens, args.temperature, args.top_k, args.seed)
+    out = Sampler(run.fns).generate(run.params, ids, args.max_tokens, args.temperature, args.top_k, args.seed)
     print(args.prompt + tok.decode(out))
 
 
 def cmd_params(args) -> None:
-    from jaxchat.model.accounting import count
-
     cfg = apply_overrides(get_preset(args.preset), args.set)
     c = count(cfg.model)
     total = c.params["total"]
@@ -105,8 +107,6 @@ def cmd_params(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    from jaxchat.plan import make_plan
-
     cfg = apply_overrides(get_preset(args.preset), args.set)
     p = make_plan(cfg, args.devices)
     print(f"{args.preset} on {p['devices']} device(s), optimizer {p['optimizer']}")
@@ -196,14 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--keys", action="store_true", help="list every config key --set accepts")
     pr.set_defaults(fn=cmd_presets)
 
-    from jaxchat.interop.commands import add_parsers as add_interop_parsers
-
     add_interop_parsers(sub)  # import flaxchat|nanochat, export
-    from jaxchat.data.commands import add_parsers as add_data_parsers
-
     add_data_parsers(sub)  # data prepare|pack|info|verify, tokenizer train|eval
-    from jaxchat import bench
-
     bench.add_parsers(sub)  # bench
     return p
 
@@ -215,8 +209,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.CRITICAL)
     try:
         if args.cmd in ("train", "eval", "sample", "bench"):
-            from jaxchat.compilation import enable_compilation_cache
-            from jaxchat.cpu_runtime import tune_cpu_runtime
 
             tune_cpu_runtime()  # on a CPU: the step reuses its memory (cpu_runtime.py)
             enable_compilation_cache()  # compiled steps are reused across runs (compilation.py)

@@ -3,7 +3,7 @@
 Compiling the train step of a d12 model takes tens of seconds (more with unrolled layers); the second run of the
 same program (same model, shapes, backend, jax version, XLA flags) loads it from disk instead. jaxchat turns
 JAX's persistent cache on for every command that compiles (train, eval, sample, bench), in the user's cache
-dir: `$JAXCHAT_CACHE/xla` (default `~/.cache/jaxchat/xla`, see loop.cache_dir).
+dir: `$JAXCHAT_CACHE/xla` (default `~/.cache/jaxchat/xla`, see cache.py).
 
 Control it with `JAXCHAT_COMPILE_CACHE`: unset = that default, `off` = no cache, any other value = the cache
 directory. A `JAX_COMPILATION_CACHE_DIR` the user set for JAX itself is respected as is. Programs that compile in
@@ -17,6 +17,9 @@ import os
 import sys
 from pathlib import Path
 
+import jax
+
+from jaxchat.cache import cache_dir
 from jaxchat.config import ConfigError
 
 OFF = ("0", "off", "false", "no", "none")
@@ -31,16 +34,12 @@ def compilation_cache_dir() -> Path | None:
         return Path(choice).expanduser()
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return Path(os.environ["JAX_COMPILATION_CACHE_DIR"]).expanduser()
-    from jaxchat.loop import cache_dir
-
     return cache_dir() / "xla"
 
 
 def enable_compilation_cache() -> Path | None:
     """Point JAX's persistent compilation cache at `compilation_cache_dir()` (idempotent). Returns the directory,
     or None when the cache is off. A directory that cannot be created is not fatal: a warning, then no cache."""
-    import jax
-
     path = compilation_cache_dir()
     if path is None:
         return None

@@ -33,6 +33,8 @@ import os
 import platform
 import sys
 
+import jax
+
 from jaxchat.config import ConfigError
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
@@ -53,8 +55,6 @@ def choice() -> str:
 def runs_on_cpu() -> bool:
     """Whether JAX will start on the CPU, decided without starting it: JAX_PLATFORMS (jax_platforms) names cpu
     first, or neither a PJRT plugin (CUDA, ROCm, ...) nor libtpu is installed."""
-    import jax
-
     platforms = jax.config.jax_platforms
     if platforms:
         return platforms.split(",")[0].strip() == "cpu"
@@ -68,7 +68,7 @@ def backends_started() -> bool:
     dispatch mode can no longer change then, so nothing is applied. Read from JAX's internals, where it lives;
     should they move, the answer is False and the settings are applied as for a fresh process."""
     try:
-        from jax._src.xla_bridge import backends_are_initialized
+        from jax._src.xla_bridge import backends_are_initialized  # (private: may move; imported where it is used)
     except ImportError:
         return False
     return backends_are_initialized()
@@ -81,8 +81,6 @@ def is_glibc() -> bool:
 def tune_cpu_runtime() -> str:
     """Apply the settings above when they apply; returns what the process runs with ("default" or TUNED), for
     `jaxchat bench` to print. Call before JAX starts its backends (the dispatch mode is read then)."""
-    import jax
-
     if choice() == "default" or backends_started() or not runs_on_cpu() or not is_glibc():
         return "default"
     libc = ctypes.CDLL(None)
@@ -102,6 +100,4 @@ def current() -> str:
 def synchronous_dispatch() -> bool:
     """Whether a jitted call returns only once its result is computed: on the CPU with async dispatch off (as set
     here, or by the user). The train loop then logs each step's metrics at once instead of one step later."""
-    import jax
-
     return jax.default_backend() == "cpu" and not jax.config.values.get("jax_cpu_enable_async_dispatch", True)

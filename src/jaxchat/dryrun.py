@@ -27,12 +27,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxchat.config import Config, ConfigError
-from jaxchat.plan import resolve
-from jaxchat.train import (ModelFns, abstract_state, batch_sharding, build_optimizer, check_batch_fits, make_mesh,
-                           make_train_step)
+from jaxchat.run import Run
+from jaxchat.train import batch_sharding, make_train_step
 
 MAX_DEVICE_BATCH = 4096  # the search stops here (report "at least")
 
@@ -143,14 +141,9 @@ def dry_run(cfg: Config, memory_limit: int | None = None, max_probes: int = 8, s
             log=print) -> dict:
     """Compile the train step of `cfg` from shapes only and report its memory; see the module docstring."""
     t_start = time.perf_counter()
-    mesh = make_mesh()
-    cfg = resolve(cfg, mesh.size)
-    micro = check_batch_fits(cfg, mesh.size)
+    run = Run.build(cfg)  # (shapes only: nothing is allocated)
+    cfg, mesh, micro, fns, optimizer, abstract = run.cfg, run.mesh, run.micro, run.fns, run.optimizer, run.abstract
     n, T, A = mesh.size, cfg.model.sequence_len, cfg.train.grad_accum
-    fns = ModelFns(cfg)
-    optimizer = build_optimizer(cfg, None)
-    rep = NamedSharding(mesh, P())
-    abstract = abstract_state(fns, optimizer, rep)
     param_bytes, opt_bytes = tree_bytes(abstract["params"]), tree_bytes(abstract["opt_state"])
     step = make_train_step(fns, optimizer)
 

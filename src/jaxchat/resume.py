@@ -16,6 +16,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import jax
+
 from jaxchat.checkpoint import Checkpointer, CheckpointError, remove_debris
 from jaxchat.config import EXECUTION_FIELDS, Config, ConfigError, resolve_compute_dtype
 from jaxchat.data import Tokenizer
@@ -128,3 +130,34 @@ def resumed_totals(run_dir: Path, meta: dict, rec: dict) -> tuple[dict, dict]:
     prior = {k: float(v) for k, v in (meta.get("time_s") or {}).items()}
     prior["restarts"] = sum(float(r.get("lost_s", 0.0)) for r in earlier) + rec["lost_s"]
     return prior, history
+
+
+def committed_steps(run_dir: Path) -> list[int]:
+    """The checkpoint steps committed in a run directory (Orbax renames a step into place only when complete)."""
+    ckpts = Path(run_dir) / "checkpoints"
+    return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.is_dir() else []
+
+
+def continue_hint(run_dir: Path) -> str:
+    """What a stopped run's directory holds now, and the command that continues it."""
+    if not is_marked(run_dir):
+        return "nothing was written; run the same command again"
+    steps = committed_steps(run_dir)
+    at = f"from its latest checkpoint, step {steps[-1]}" if steps else "from step 0 (it has no checkpoint yet)"
+    return f"`jaxchat train --run-dir {run_dir} --resume` continues it {at} with its recorded config"
+
+
+def out_of_memory_message(cfg: Config, micro: int, run_dir: Path, error: Exception) -> str:
+    B, A, T = cfg.train.batch_size, cfg.train.grad_accum, cfg.model.sequence_len
+    first = str(error).strip().splitlines()[0][:200].rstrip(".")
+    steps = committed_steps(run_dir)
+    if steps:
+        fix = (f"resume with the same batch in smaller pieces: `jaxchat train --run-dir {run_dir} --resume --set "
+               f"train.grad_accum={2 * A}` (continues from step {steps[-1]})")
+    else:
+        fix = (f"rerun with a smaller batch: `jaxchat train --run-dir {run_dir} --resume --set "
+               f"train.batch_size={max(B // 2, 1)}` (the run has no checkpoint yet, so it starts from step 0 with its "
+               f"recorded config and the new batch), or --set train.grad_accum={2 * A} to keep the batch")
+    return (f"out of memory running the train step (batch {B} x {T}, micro-batch {micro} per step over "
+            f"{jax.device_count()} {jax.devices()[0].device_kind} device(s)): {first}. Fix: {fix}; "
+            f"`jaxchat train --dry-run` finds the largest batch that fits.")

@@ -1,4 +1,4 @@
-"""The jitted train step and the training loop.
+"""The math of training: the jitted train step, the train state, the mesh and shardings.
 
 `make_train_step` builds a pure `step(state, batch) -> (state, metrics)`: state = {params, opt_state, step} (plain
 pytrees of arrays), batch = (inputs, targets) of shape (grad_accum, micro_batch, T). Gradients of the summed
@@ -6,15 +6,13 @@ token NLL are accumulated over micro-batches with `lax.scan` and divided by the 
 accumulation equals the large batch. A non-finite loss or gradient never reaches the params or the optimizer
 moments: the update is discarded inside the step (no host sync) and the loop acts on it one step later.
 
-The loop (`run_training`) dispatches step n, then fetches step n-1's metrics, so the host never waits on the
-device in the hot path.
+The loop (loop.py) dispatches step n, then fetches step n-1's metrics, so the host never waits on the device in
+the hot path.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-import time
 from dataclasses import dataclass, field
 
 import jax
@@ -25,8 +23,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxchat.config import Config, ConfigError
+from jaxchat.model.attention import cuda_compute_capability
 from jaxchat.model.gpt import GPT, param_dict
-from jaxchat.optim import build_optimizer
 
 
 global_norm = optax.tree.norm if hasattr(optax, "tree") and hasattr(optax.tree, "norm") else optax.global_norm
@@ -40,8 +38,6 @@ def step_compiler_options(capability: tuple[int, int] | None | str = "detect") -
     sees; None: no CUDA GPU). From 9.0 up (H100 measured), XLA's Triton emitter for every fusion: +0.8-1.9% on all
     four MLPs' d12 steps, and the GPU tests pass under it (BENCHMARKS.md, session 6). Nothing elsewhere. An
     XLA_FLAGS entry naming the option wins: `XLA_FLAGS=--xla_gpu_experimental_all_fusions_with_triton=false`."""
-    from jaxchat.model.attention import cuda_compute_capability
-
     cc = cuda_compute_capability() if capability == "detect" else capability
     if cc is None or cc < (9, 0) or TRITON_FUSIONS in os.environ.get("XLA_FLAGS", ""):
         return {}
@@ -154,48 +150,3 @@ def one_device():
 def shaped_batch(inputs: np.ndarray, targets: np.ndarray, grad_accum: int):
     B, T = inputs.shape
     return inputs.reshape(grad_accum, B // grad_accum, T), targets.reshape(grad_accum, B // grad_accum, T)
-
-
-class Progress:
-    """A live progress line on a terminal (tqdm: step, loss, tokens/s, MFU, ETA); plain log lines otherwise;
-    nothing at all when not `shown` (the processes other than 0 of a multi-process run)."""
-
-    def __init__(self, total: int, initial: int, log_every: int, shown: bool = True):
-        self.shown = shown
-        self.tty = shown and sys.stderr.isatty()
-        self.log_every = log_every
-        self.total = total
-        self.t0 = time.perf_counter()
-        self.initial = initial
-        if self.tty:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
-
-    def update(self, step: int, text: str) -> None:
-        if self.tty:
-            self.bar.n = step
-            self.bar.set_postfix_str(text, refresh=True)
-        elif self.shown and (step % self.log_every == 0 or step == self.total):
-            done = step - self.initial
-            el = time.perf_counter() - self.t0
-            eta = el / max(done, 1) * (self.total - step)
-            print(f"step {step:>6}/{self.total} | {text} | eta {fmt_time(eta)}", flush=True)
-
-    def write(self, text: str) -> None:
-        if self.tty:
-            self.bar.write(text)
-        elif self.shown:
-            print(text, flush=True)
-
-    def close(self):
-        if self.tty:
-            self.bar.close()
-
-
-def fmt_time(sec: float) -> str:
-    sec = int(max(sec, 0))
-    return f"{sec // 3600}:{sec % 3600 // 60:02d}:{sec % 60:02d}" if sec >= 3600 else f"{sec // 60}:{sec % 60:02d}"
-
-
-def format_mfu(m: float | None) -> str:
-    return "n/a (unknown peak)" if m is None else f"{100 * m:.1f}%"

@@ -12,7 +12,11 @@ from pathlib import Path
 
 from jaxchat.argtypes import count_int, positive_int
 
-from .shards import DataError
+from .prepare import pack, prepare_source, rows_dir_name
+from .prepared import read_manifest, verify
+from .shards import DataError, read_header
+from .sources import open_source
+from .tokenizer import SPECIAL_TOKENS, Tokenizer
 
 
 def _source_args(p) -> None:
@@ -26,13 +30,11 @@ def _source_args(p) -> None:
 
 
 def _open(args, spec=None):
-    from .sources import open_source
     return open_source(spec if spec is not None else args.source, text_field=args.text_field,
                        hf_config=args.hf_config, split=args.split, data_files=args.data_files)
 
 
 def _load_tokenizer(path):
-    from .tokenizer import Tokenizer
     try:
         return Tokenizer.load(path)
     except ValueError as e:
@@ -54,7 +56,6 @@ def _texts(source, max_docs: int = 0, max_chars: int = 0):
 
 
 def cmd_prepare(args) -> None:
-    from .prepare import prepare_source
 
     tok = _load_tokenizer(args.tokenizer)
     source = _open(args)
@@ -66,7 +67,6 @@ def cmd_prepare(args) -> None:
           f"{m['val']['tokens']:,} tokens ({m['val']['docs']:,} docs), {m['params']['dtype']}; "
           f"dataset_id {m['dataset_id'][:16]}")
     if args.seq:
-        from .prepare import rows_dir_name
         name = rows_dir_name(args.seq, not args.no_split_long)
         info = json.loads((Path(args.out) / name / "pack.json").read_text())
         for split in ("train", "val"):
@@ -77,8 +77,6 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_pack(args) -> None:
-    from .prepare import pack, rows_dir_name
-    from .prepared import read_manifest
 
     path = Path(args.dir)
     split_long = not args.no_split_long
@@ -86,8 +84,6 @@ def cmd_pack(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from .prepared import read_manifest
-    from .shards import read_header
 
     path = Path(args.path)
     if path.is_file():
@@ -111,14 +107,12 @@ def cmd_info(args) -> None:
 
 
 def cmd_verify(args) -> None:
-    from .prepared import verify
 
     if not verify(args.dir):
         raise DataError(f"{args.dir} failed verification: prepare it again (delete it first)")
 
 
 def cmd_tokenizer_train(args) -> None:
-    from .tokenizer import SPECIAL_TOKENS, Tokenizer
 
     out = Path(args.out)
     target = out / "tokenizer.json" if out.is_dir() else out

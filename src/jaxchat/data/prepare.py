@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from jaxchat.fileio import write_json_atomic
 
@@ -99,7 +100,6 @@ def token_batches(source: Source, tok: Tokenizer, skip: int, limit: int | None, 
 
 
 def _progress(total, initial, desc, enabled):
-    from tqdm import tqdm
     return tqdm(total=total, initial=initial, desc=desc, unit="doc", dynamic_ncols=True,
                 smoothing=0.1, disable=None if enabled else True)
 

@@ -21,15 +21,18 @@ from __future__ import annotations
 
 import glob
 import gzip
+import importlib
 import io
 import itertools
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
+from .corpus import corpus_fingerprint, hash_order, split_train_val, stdlib_documents
 from .shards import DataError, iter_shard_documents, read_header
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -38,7 +41,6 @@ COMPRESSED = (".gz", ".zst")
 
 def require(module: str, extra: str, what: str):
     """Import an optional dependency, or fail saying which pip extra brings it."""
-    import importlib
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -117,7 +119,6 @@ class StdlibSource(Source):
 
     def __init__(self, split: str = "train", val_fraction: float = 0.05):
         super().__init__("stdlib" if split == "train" else f"stdlib:{split}")
-        from .corpus import hash_order, split_train_val, stdlib_documents
         train, val = split_train_val(stdlib_documents(), val_fraction)
         self._docs = hash_order(train) if split == "train" else val
         self.val_fraction = val_fraction
@@ -129,9 +130,6 @@ class StdlibSource(Source):
         return len(self._docs)
 
     def describe(self) -> dict:
-        import sys
-
-        from .corpus import corpus_fingerprint
         return {**super().describe(), "python": sys.version.split()[0], "val_fraction": self.val_fraction,
                 "fingerprint": corpus_fingerprint(self._docs)}
 

@@ -23,10 +23,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxchat.checkpoint import Checkpointer, CheckpointError
+from jaxchat.checkpoint import CheckpointError
 from jaxchat.fileio import write_json_atomic
 from jaxchat.interop.common import path_str
-from jaxchat.rundir import load_run_config
+from jaxchat.run import Run
 
 FORMAT = "jaxchat-safetensors"
 FORMAT_VERSION = 1
@@ -48,17 +48,9 @@ def flat_params(params) -> dict[str, np.ndarray]:
 
 
 def read_params(run_dir: str | Path, step: int | None = None) -> tuple[object, dict, int]:
-    """(Config, params, step) of a run's checkpoint (the tokenizer is not needed)."""
-    from jaxchat.optim import build_optimizer
-    from jaxchat.train import ModelFns, abstract_state, one_device
-
-    cfg = load_run_config(run_dir)
-    ckpt = Checkpointer(run_dir, async_save=False, read_only=True)
-    try:  # onto one device, whatever device count the run was trained on (as loop.load_run)
-        state, _ = ckpt.restore(abstract_state(ModelFns(cfg), build_optimizer(cfg, None), one_device()), step)
-    finally:
-        ckpt.close()
-    return cfg, state["params"], int(state["step"])
+    """(Config, params, step) of a run's checkpoint, on one device (the tokenizer is not needed)."""
+    run = Run.load(run_dir, step, tokenizer=False)
+    return run.cfg, run.params, int(run.state["step"])
 
 
 def export_safetensors(run_dir: str | Path, out: str | Path, step: int | None = None, force: bool = False,
