@@ -48,7 +48,7 @@ DTYPES = ("auto", "float32", "bfloat16")  # auto: bfloat16 on a GPU/TPU, float32
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The GPT of SPEC §1; every architectural feature is a field."""
+    """The GPT of docs/architecture.md §Forward; every architectural feature is a field."""
 
     vocab_size: int = 32768
     sequence_len: int = 2048

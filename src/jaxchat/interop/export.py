@@ -36,9 +36,10 @@ LAYOUT = {
     "embedding": "(padded_vocab_size, dim); rows >= vocab_size are padding",
     "attention": "c_q (C, H*D), c_k/c_v (C, K*D), head-major columns; c_proj (H*D, C)",
     "norm": "parameter-free RMSNorm x * rsqrt(mean(x^2) + norm_eps); there are no norm weights",
-    "forward": "SPEC section 1 (nanochat architecture): smear, x0/resid lambdas, value embeddings on "
-               "value_embed_layers, RoPE then QK-norm * qk_scale, sliding windows, backout at n_layer//2, "
-               "logits = logit_softcap * tanh(x @ W_out / logit_softcap), W_out = wte.T when tied",
+    "forward": "jaxchat's docs/architecture.md §Forward (nanochat architecture): smear, x0/resid lambdas, "
+               "value embeddings on value_embed_layers, RoPE then QK-norm * qk_scale, sliding windows, "
+               "backout at n_layer//2, logits = logit_softcap * tanh(x @ W_out / logit_softcap), "
+               "W_out = wte.T when tied",
 }
 
 

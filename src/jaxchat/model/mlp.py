@@ -1,4 +1,4 @@
-"""MLP variants, chosen by name through a small registry (SPEC §2).
+"""MLP variants, chosen by name through a small registry (docs/architecture.md §MLP).
 
 | name            | y =                                                           | params per layer          |
 |-----------------|---------------------------------------------------------------|---------------------------|
