@@ -1,4 +1,5 @@
-"""Shared fixtures: the reference fixtures folder, a private dataset cache, a session-wide XLA compilation cache."""
+"""Shared fixtures: the reference fixtures folder (tests/fixtures), a private dataset cache, a session-wide XLA
+compilation cache."""
 
 import json
 import os
@@ -7,14 +8,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / "shared" / "fixtures"
+FIXTURES = ROOT / "tests" / "fixtures"  # the reference implementations' own outputs (tests/fixtures/README.md)
 CACHE_MIN_COMPILE_S = 0.1  # tests compile many small programs more than once (the CLI's own threshold is 1 s)
 
 
 def fixture_path(name: str) -> Path:
+    """A reference fixture. They are part of the repository, so a missing one fails the test: skipping would let
+    a parity check silently stop checking."""
     path = FIXTURES / name
     if not path.exists():
-        pytest.skip(f"reference fixture {path} is absent (it lives in ../shared/fixtures beside the project)")
+        pytest.fail(f"reference fixture {path} is missing: it is committed under tests/fixtures/ (see the README "
+                    f"there for what made it); restore it with `git checkout -- tests/fixtures`", pytrace=False)
     return path
 
 
