@@ -16,8 +16,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxchat.config import Config, DataConfig, ModelConfig, TrainConfig
+from jaxchat.checkpoint import Checkpointer, CheckpointError
+from jaxchat.config import Config, DataConfig, ModelConfig, TrainConfig, apply_overrides
+from jaxchat.data import Tokenizer
+from jaxchat.fileio import write_json_atomic
 from jaxchat.model.gpt import GPT, assign
+from jaxchat.optim import build_optimizer
+from jaxchat.rundir import lock_run_dir
 
 
 class InteropError(ValueError):
@@ -111,7 +116,7 @@ def flatten_tree(tree, strip=("value", "raw_value")) -> dict[str, np.ndarray]:
 
 def download_from_hub(repo: str, revision: str | None = None) -> Path:
     """Download a Hugging Face Hub repo snapshot and return its local directory."""
-    try:
+    try:  # imported here: huggingface_hub is optional (the jaxchat[hub] extra), needed only for --from-hub
         from huggingface_hub import snapshot_download
     except ImportError:
         raise InteropError("--from-hub needs the huggingface_hub package: pip install huggingface_hub "
@@ -179,7 +184,6 @@ def load_user_tokenizer(path: str | None, vocab_size: int, report: ImportReport)
     """Load --tokenizer (a HF tokenizer.json) and check it fits the model's vocab; None when not given."""
     if not path:
         return None
-    from jaxchat.data import Tokenizer
     try:
         tok = Tokenizer.load(path)
     except (OSError, ValueError) as e:
@@ -201,12 +205,6 @@ def write_run(out: str | Path, model_cfg: ModelConfig, params: dict, opt_moments
     `opt_moments` is (moments, adam_count) to fill the AdamW state, or None for a fresh optimizer state.
     data.tokenizer_path points at the run's own tokenizer.json, so eval and `train --resume` re-tokenize the
     corpus with the checkpoint's tokenizer; without --tokenizer that file is absent and they say so."""
-    from jaxchat.checkpoint import Checkpointer, CheckpointError
-    from jaxchat.rundir import lock_run_dir
-    from jaxchat.fileio import write_json_atomic
-    from jaxchat.config import apply_overrides
-    from jaxchat.optim import build_optimizer
-
     out = Path(out).absolute()
     if out.exists() and any(out.iterdir()):
         if not force:

@@ -22,11 +22,14 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from safetensors.numpy import save_file
 
 from jaxchat.checkpoint import Checkpointer, CheckpointError
 from jaxchat.fileio import write_json_atomic
 from jaxchat.interop.common import path_str
+from jaxchat.optim import build_optimizer
 from jaxchat.rundir import load_run_config
+from jaxchat.train import ModelFns, abstract_state, one_device
 
 FORMAT = "jaxchat-safetensors"
 FORMAT_VERSION = 1
@@ -50,9 +53,6 @@ def flat_params(params) -> dict[str, np.ndarray]:
 
 def read_params(run_dir: str | Path, step: int | None = None) -> tuple[object, dict, int]:
     """(Config, params, step) of a run's checkpoint (the tokenizer is not needed)."""
-    from jaxchat.optim import build_optimizer
-    from jaxchat.train import ModelFns, abstract_state, one_device
-
     cfg = load_run_config(run_dir)
     ckpt = Checkpointer(run_dir, async_save=False, read_only=True)
     try:  # onto one device, whatever device count the run was trained on (as loop.load_run)
@@ -64,8 +64,6 @@ def read_params(run_dir: str | Path, step: int | None = None) -> tuple[object, d
 
 def export_safetensors(run_dir: str | Path, out: str | Path, step: int | None = None, force: bool = False,
                        log=print) -> Path:
-    from safetensors.numpy import save_file  # a base dependency (pyproject.toml)
-
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise CheckpointError(f"--out {out} exists and is not empty: choose another directory or pass --force")
