@@ -29,9 +29,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxchat.config import ModelConfig, resolve_compute_dtype
+from jaxchat.dtypes import F32
 from jaxchat.model.attention import attend, resolve_backend
 from jaxchat.model.head import head_nll
-from jaxchat.model.mlp import F32, Dense, YatNMN, make_mlp
+from jaxchat.model.mlp import Dense, YatNMN, make_mlp
 from jaxchat.model.remat import checkpoint_name, remat
 from jaxchat.model.rotary import Positions, positions, resolve_impl as resolve_rope_norm, rope_norm
 from jaxchat.model.scan import GroupLayer, scan_groups

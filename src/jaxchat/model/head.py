@@ -28,7 +28,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-F32 = jnp.float32
+from jaxchat.dtypes import F32
 
 
 def _capped(z, cap: float):

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-F32 = jnp.float32
+from jaxchat.dtypes import F32
 
 
 def _param(*shape):

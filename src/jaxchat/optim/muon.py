@@ -41,7 +41,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-F32 = jnp.float32
+from jaxchat.dtypes import F32
+
 
 # Polar Express (Amsel, Persson, Musco, Gower 2025; num_iters=5, safety 2e-2, cushion 2), as in nanochat.
 POLAR_EXPRESS_COEFFS = (

@@ -31,7 +31,8 @@ import math
 
 import jax.numpy as jnp
 
-F32 = jnp.float32
+from jaxchat.dtypes import F32
+
 
 WARMUP_STEPS = 40
 WARMDOWN_RATIO = 0.65
