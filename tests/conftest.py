@@ -5,7 +5,11 @@ import json
 import os
 from pathlib import Path
 
+import jax
 import pytest
+from jax._src import compilation_cache as cc  # JAX's own switch to re-read the cache settings (private API)
+
+from jaxchat.compilation import enable_compilation_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"  # the reference implementations' own outputs (tests/fixtures/README.md)
@@ -40,11 +44,6 @@ def compile_cache(private_cache):
     is CACHE_MIN_COMPILE_S, not the CLI's 1 s: the tests' small programs compile in less. JAX decides once per
     process whether the cache is in use (at the first compile, which may come before any test), hence the reset.
     Restored afterwards."""
-    import jax
-    from jax._src import compilation_cache as cc
-
-    from jaxchat.compilation import enable_compilation_cache
-
     keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
     old = {k: getattr(jax.config, k) for k in keys}
     old_env = os.environ.get("JAXCHAT_COMPILE_CACHE_MIN_SECONDS")
@@ -63,8 +62,6 @@ def compile_cache(private_cache):
 
 def child_env(**extra) -> dict:
     """Environment for a child `python -m jaxchat.cli ...`: CPU, this checkout's sources, the session's XLA cache."""
-    import jax
-
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT / "src"))
     if jax.config.jax_compilation_cache_dir:
         env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir

@@ -4,17 +4,18 @@ import math
 import tempfile
 from dataclasses import replace
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+import orbax.checkpoint as ocp
+import pytest
 from flax import nnx
 
 from jaxchat.config import Config, ConfigError, ModelConfig
 from jaxchat.model.accounting import param_shapes
 from jaxchat.model.gpt import GPT, cross_entropy
+from jaxchat.optim import groups as G
 from jaxchat.optim import schedules as S
 from jaxchat.optim.groups import (ParamGroupError, assign_groups, describe_groups, group_hparams,
                                   nanochat_optimizer, param_path)
@@ -208,8 +209,6 @@ def test_jitted_recipe_reduces_the_loss(trained):
 
 
 def test_optimizer_state_is_checkpointable(trained):
-    import orbax.checkpoint as ocp
-
     state = trained["state"]
     leaves = jax.tree.leaves(state)
     assert leaves and all(isinstance(x, jax.Array) for x in leaves)
@@ -263,8 +262,6 @@ def test_first_update_of_every_group_uses_its_hyperparameters(trained):
 def test_muon_receives_the_nanochat_schedules(monkeypatch):
     """nanochat_optimizer hands Muon lr 0.02 x sqrt(B/2^19) x lr_multiplier, the momentum schedule and
     0.28 x sqrt(B/2^19) x D_d12/D x cosine (muon() itself is checked against numpy in test_muon.py)."""
-    import jaxchat.optim.groups as G
-
     seen = {}
     monkeypatch.setattr(G, "muon", lambda **kw: seen.update(kw) or optax.identity())
     cfg, n, B = tiny(mlp="yatnmn"), 1000, 2**21
