@@ -266,7 +266,7 @@ def assign(var: nnx.Variable, value) -> None:
 
 
 def init_weights(model: GPT, rngs: nnx.Rngs) -> None:
-    """Every tensor's initial value, in one place (s = sqrt(3) / sqrt(C), U = uniform):
+    """Every tensor's initial value, in one place (docs/architecture.md §Init; s = sqrt(3) / sqrt(C), U = uniform):
 
     | tensor                         | init                         |
     |--------------------------------|------------------------------|
