@@ -43,7 +43,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj", "sav
 # Fields that choose how the step is computed, not what it computes: the parameters and their layout do not depend
 # on them, so a run may resume with other values (results then differ only by rounding).
 EXECUTION_FIELDS = ("attention", "rope_norm", "scan_layers", "remat", "loss_chunk")
-COMPUTE_DTYPES = ("auto", "float32", "bfloat16")  # auto: bfloat16 on a GPU/TPU, float32 on CPU (resolve_compute_dtype)
+DTYPES = ("auto", "float32", "bfloat16")  # auto: bfloat16 on a GPU/TPU, float32 on CPU (resolve_compute_dtype)
 
 
 @dataclass(frozen=True)
@@ -98,8 +98,8 @@ class ModelConfig:
         _check(isinstance(self.loss_chunk, int) and self.loss_chunk >= 0,
                f"model.loss_chunk={self.loss_chunk!r} must be an integer >= 0 (tokens per chunk of the fused "
                f"lm_head + loss; 0 computes it for the whole batch at once)")
-        _check(self.compute_dtype in COMPUTE_DTYPES,
-               f"model.compute_dtype={self.compute_dtype!r}: choose one of {', '.join(COMPUTE_DTYPES)}")
+        _check(self.compute_dtype in DTYPES,
+               f"model.compute_dtype={self.compute_dtype!r}: choose one of {', '.join(DTYPES)}")
         _check(len(self.window_pattern) > 0 and set(self.window_pattern.upper()) <= {"S", "L"},
                f"model.window_pattern={self.window_pattern!r} must be letters S (short) and L (long), e.g. SSSL")
         _check(self.norm_eps > 0, f"model.norm_eps={self.norm_eps} must be > 0")
