@@ -14,11 +14,10 @@ from flax import nnx
 
 from jaxchat.config import Config, ConfigError, ModelConfig
 from jaxchat.model.accounting import param_shapes
-from jaxchat.model.gpt import GPT, cross_entropy
+from jaxchat.model.gpt import GPT, cross_entropy, param_path
 from jaxchat.optim import groups as G
 from jaxchat.optim import schedules as S
-from jaxchat.optim.groups import (ParamGroupError, assign_groups, describe_groups, group_hparams,
-                                  nanochat_optimizer, param_path)
+from jaxchat.optim.groups import ParamGroupError, assign_groups, describe_groups, group_hparams, nanochat_optimizer
 from jaxchat.optim.muon import POLAR_EXPRESS_COEFFS, lr_factor
 from jaxchat.optim.scaling import nanochat_config, nanochat_shape, reference_config, scaling_params
 from jaxchat.plan import make_plan

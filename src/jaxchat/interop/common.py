@@ -20,7 +20,7 @@ from jaxchat.checkpoint import Checkpointer, CheckpointError
 from jaxchat.config import Config, DataConfig, ModelConfig, TrainConfig, apply_overrides
 from jaxchat.data import Tokenizer
 from jaxchat.fileio import write_json_atomic
-from jaxchat.model.gpt import GPT, assign
+from jaxchat.model.gpt import GPT, assign, param_path
 from jaxchat.optim import build_optimizer
 from jaxchat.rundir import lock_run_dir
 
@@ -30,7 +30,8 @@ class InteropError(ValueError):
 
 
 def path_str(path: tuple) -> str:
-    return ".".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+    """A parameter's path as one dotted name, e.g. blocks.0.attn.c_q.kernel."""
+    return ".".join(param_path(path))
 
 
 def model_from_lookup(cfg: ModelConfig, lookup: Callable[[tuple], np.ndarray | None], source: str,
@@ -107,7 +108,7 @@ def flatten_tree(tree, strip=("value", "raw_value")) -> dict[str, np.ndarray]:
     """A restored pytree (nested dicts/lists) -> {dotted path: array}; nnx Variable wrappers (`.value`) dropped."""
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        keys = [str(getattr(p, "key", getattr(p, "idx", p))) for p in path]
+        keys = list(param_path(path))
         while keys and keys[-1] in strip:
             keys.pop()
         out[".".join(keys)] = np.asarray(leaf)

@@ -257,6 +257,22 @@ def param_dict(model: nnx.Module) -> dict:
     return nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
 
 
+def key_name(k) -> str:
+    """One step of a path: a dict key, a sequence index, an attribute name, or (nnx flat state paths) itself."""
+    for attr in ("key", "idx", "name"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def param_path(keypath) -> tuple[str, ...]:
+    """A parameter's path as strings (a jax key path or an nnx flat state path), without the trailing `.value`
+    of an nnx Variable."""
+    if keypath and isinstance(keypath[-1], jax.tree_util.GetAttrKey) and keypath[-1].name == "value":
+        keypath = keypath[:-1]
+    return tuple(key_name(k) for k in keypath)
+
+
 def assign(var: nnx.Variable, value) -> None:
     """Set a Variable's value (flax 0.12 `set_value`, older flax `.value =`)."""
     if hasattr(var, "set_value"):

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxchat.config import ModelConfig
+from jaxchat.model.gpt import param_path
 from jaxchat.optim import schedules
 from jaxchat.optim.muon import muon
 from jaxchat.optim.scaling import DEFAULT_RATIO, lr_scale, weight_decay_scale
@@ -65,20 +66,6 @@ _TOP_KEYS = ("warmup_steps", "warmdown_ratio", "final_lr_frac", "ratio", "tied_w
 
 class ParamGroupError(ValueError):
     """A parameter matches no optimizer group."""
-
-
-def _key(k) -> str:
-    for attr in ("key", "idx", "name"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
-def param_path(keypath) -> tuple[str, ...]:
-    """A jax key path as a tuple of strings, without the trailing `.value` of an nnx Variable."""
-    if keypath and isinstance(keypath[-1], jax.tree_util.GetAttrKey) and keypath[-1].name == "value":
-        keypath = keypath[:-1]
-    return tuple(_key(k) for k in keypath)
 
 
 def group_of(path: tuple[str, ...], shape: tuple[int, ...]) -> str:
@@ -196,4 +183,4 @@ def describe_groups(params_state, model_cfg: ModelConfig, num_steps: int, batch_
 
 
 __all__ = ["GROUPS", "ADAMW_GROUPS", "ParamGroupError", "assign_groups", "group_of", "group_hparams",
-           "nanochat_optimizer", "describe_groups", "param_path"]
+           "nanochat_optimizer", "describe_groups"]
