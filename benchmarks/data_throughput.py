@@ -150,7 +150,7 @@ def main() -> None:
         f"{loader[True][1] / 1e6:,.0f}M tokens/s |",
         "",
         f"`data prepare` runs at {(tokens / t_tok) / (bare / t_bare):.0%} of the bare encode rate: tokenization (the "
-        f"SPEC split regex in HF's pre-tokenizer, mostly) is the bound, and scales with the cores the machine gives "
+        f"split regex in HF's pre-tokenizer, mostly) is the bound, and scales with the cores the machine gives "
         f"(HF encode_batch is parallel over documents). The loader target is 5M tokens/s on CPU (10x a 500K "
         f"tokens/s training step); the rows were in the page cache.",
         "",

@@ -39,7 +39,7 @@ MICRO = ["--preset", "tiny", "--set", "model.n_layer=2", "--set", "model.n_embd=
 PLANS: dict[str, list[tuple[str, list[str]]]] = {
     # a smoke test of the suite itself (seconds on a CPU), one run profiled
     "micro": [("micro smoke test", MICRO), ("micro smoke test, profiled", MICRO + ["--profile", "/tmp/jaxchat-prof"])],
-    # the shared CPU benchmark config (SPEC: 4 layers, 256 wide, vocab 8192, seq 512, batch 8, fp32)
+    # the shared CPU benchmark config (4 layers, 256 wide, vocab 8192, seq 512, batch 8, fp32)
     "cpu": [("shared CPU config", ["--preset", "cpu-bench", "--batch", "8", "--seq", "512", "--dtype", "float32",
                                    "--steps", "6", "--warmup", "1"])],
     # d12 throughput per MLP on one NVIDIA GPU (about 40 s a run on an H100): relu2 (nanochat-d12, Muon), gelu,

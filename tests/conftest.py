@@ -1,20 +1,28 @@
-"""Shared fixtures: the reference fixtures folder, a private dataset cache, a session-wide XLA compilation cache."""
+"""Shared fixtures: the reference fixtures folder (tests/fixtures), a private dataset cache, a session-wide XLA
+compilation cache."""
 
 import json
 import os
 from pathlib import Path
 
+import jax
 import pytest
+from jax._src import compilation_cache as cc  # JAX's own switch to re-read the cache settings (private API)
+
+from jaxchat.compilation import enable_compilation_cache
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / "shared" / "fixtures"
+FIXTURES = ROOT / "tests" / "fixtures"  # the reference implementations' own outputs (tests/fixtures/README.md)
 CACHE_MIN_COMPILE_S = 0.1  # tests compile many small programs more than once (the CLI's own threshold is 1 s)
 
 
 def fixture_path(name: str) -> Path:
+    """A reference fixture. They are part of the repository, so a missing one fails the test: skipping would let
+    a parity check silently stop checking."""
     path = FIXTURES / name
     if not path.exists():
-        pytest.skip(f"reference fixture {path} is absent (it lives in ../shared/fixtures beside the project)")
+        pytest.fail(f"reference fixture {path} is missing: it is committed under tests/fixtures/ (see the README "
+                    f"there for what made it); restore it with `git checkout -- tests/fixtures`", pytrace=False)
     return path
 
 
@@ -36,11 +44,6 @@ def compile_cache(private_cache):
     is CACHE_MIN_COMPILE_S, not the CLI's 1 s: the tests' small programs compile in less. JAX decides once per
     process whether the cache is in use (at the first compile, which may come before any test), hence the reset.
     Restored afterwards."""
-    import jax
-    from jax._src import compilation_cache as cc
-
-    from jaxchat.compilation import enable_compilation_cache
-
     keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
     old = {k: getattr(jax.config, k) for k in keys}
     old_env = os.environ.get("JAXCHAT_COMPILE_CACHE_MIN_SECONDS")
@@ -59,8 +62,6 @@ def compile_cache(private_cache):
 
 def child_env(**extra) -> dict:
     """Environment for a child `python -m jaxchat.cli ...`: CPU, this checkout's sources, the session's XLA cache."""
-    import jax
-
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT / "src"))
     if jax.config.jax_compilation_cache_dir:
         env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir

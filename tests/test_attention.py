@@ -4,6 +4,8 @@ xla reference (and the score blocks it skips), the real splash kernel in Pallas'
 off and GQA on and off."""
 
 import dataclasses
+import json
+import subprocess
 import sys
 from functools import partial
 
@@ -12,11 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxchat.config import ConfigError, ModelConfig
+from conftest import child_env
+from jaxchat.config import ATTENTION_BACKENDS, Config, ConfigError, DataConfig, ModelConfig, TrainConfig
 from jaxchat.model import attention
 from jaxchat.model.attention import (BACKENDS, attend, blocked_attention, cuda_compute_capability, resolve_backend,
                                      splash_kernel_attention, xla_attention)
-from jaxchat.model.gpt import GPT
+from jaxchat.model.gpt import GPT, cross_entropy
+from jaxchat.train import ModelFns
 
 HAS_CUDA = cuda_compute_capability() is not None
 HAS_TPU = jax.devices()[0].platform == "tpu"
@@ -35,7 +39,6 @@ def rel_err(a, b) -> float:
 
 
 def test_every_config_backend_is_registered():
-    from jaxchat.config import ATTENTION_BACKENDS
     assert set(ATTENTION_BACKENDS) == set(BACKENDS) == {"xla", "blocked", "cudnn", "splash", "auto"}
     with pytest.raises(ConfigError, match="choose one of xla, blocked, cudnn, splash, auto"):
         ModelConfig(attention="flash")
@@ -276,11 +279,6 @@ def test_splash_runs_per_batch_shard_under_a_mesh(tmp_path):
     the compiled forward+backward has no all-gather, dq stays batch-sharded, and values and gradients equal the
     xla reference's. The same program traced without the mesh (a bare pallas_call, which has no partitioning
     rule) gathers: that is what the mesh path prevents. A batch that does not split over the mesh is refused."""
-    import json
-    import subprocess
-
-    from conftest import child_env
-
     out = tmp_path / "r.json"
     env = child_env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
     subprocess.run([sys.executable, "-c", SPLASH_MESH_CHILD, str(out)], env=env, check=True, timeout=300)
@@ -366,10 +364,6 @@ def test_cudnn_matches_xla_forward_and_gradients(H, K, D, window):
 @needs_gpu
 def test_cudnn_model_loss_and_grads_match_xla():
     """A whole bf16 GPT (value embeddings, GQA, SSSL windows) with cuDNN vs xla: loss and gradients agree."""
-    from jaxchat.config import Config, DataConfig, TrainConfig
-    from jaxchat.model.gpt import cross_entropy
-    from jaxchat.train import ModelFns
-
     mc = ModelConfig(vocab_size=512, sequence_len=512, n_layer=4, n_embd=256, n_head=4, n_kv_head=2,
                      compute_dtype="bfloat16")
     idx = jax.random.randint(jax.random.key(3), (2, 513), 0, 512)

@@ -1,6 +1,8 @@
 """The fused training head (model/head.py) computes exactly token_nll(softcap(x @ W)) and its gradients, whole or
 in chunks of tokens (model.loss_chunk)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,11 +164,7 @@ def test_backward_shares_or_recomputes_the_softcap_as_told(monkeypatch, share):
     """On accelerators XLA must not share the forward's fp32 tanh(z / cap) with the backward's recomputation
     (common-subexpression elimination across the custom VJP would store it as an fp32 (N, V) tensor, twice z's
     bytes): the compiled grad then holds two tanh, one per direction. On CPU sharing is allowed: one tanh."""
-    import re
-
-    from jaxchat.model import head
-
-    monkeypatch.setattr(head, "share_softcap_with_forward", lambda: share)
+    monkeypatch.setattr("jaxchat.model.head.share_softcap_with_forward", lambda: share)
     x = jnp.ones((4, 64, 32), jnp.bfloat16)
     w = jnp.ones((32, 512), jnp.bfloat16)
     t = jnp.zeros((4, 64), jnp.int32)

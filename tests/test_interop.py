@@ -2,8 +2,10 @@
 
 import argparse
 import dataclasses
+import fcntl
 import functools
 import json
+import os
 import shutil
 import sys
 import types
@@ -14,18 +16,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import safetensors.numpy as safetensors  # a base dependency: its absence is a failure, not a skip
 
 from conftest import fixture_path
 from jaxchat.checkpoint import Checkpointer, CheckpointError
 from jaxchat.cli import main as cli_main
 from jaxchat.config import Config, DataConfig
+from jaxchat.data import Tokenizer
 from jaxchat.interop import common
 from jaxchat.interop.commands import add_parsers
 from jaxchat.interop.common import InteropError, flatten_tree
 from jaxchat.interop.flaxchat import read_checkpoint
+from jaxchat.interop.nanochat import model_from_state_dict
 from jaxchat.run import load_run
 from jaxchat.optim import build_optimizer
-from jaxchat.rundir import load_run_config
+from jaxchat.model.gpt import param_dict
+from jaxchat.rundir import load_run_config, lock_run_dir, mark_run_dir
 from jaxchat.sample import Sampler
 from jaxchat.train import ModelFns, abstract_state
 
@@ -69,7 +75,6 @@ def flaxchat(tmp_path_factory):
     """The flaxchat fixture imported with its config and a 512-token BPE trained here on stdlib sources."""
     step_dir = fixture_path(FLAXCHAT_STEP)
     expected = np.load(fixture_path("flaxchat_gelu_tiny/expected.npz"))
-    from jaxchat.data import Tokenizer
     texts = [Path(m.__file__).read_text() for m in (argparse, dataclasses, json.decoder, shutil, types)]
     base = tmp_path_factory.mktemp("flaxchat")
     tok_path = Tokenizer.train(texts, vocab_size=512).save(base / "tok.json")
@@ -175,11 +180,6 @@ def test_existing_out_is_never_overwritten(flaxchat, tmp_path):
 
 def test_import_force_never_deletes_a_run_in_use(flaxchat, tmp_path):
     """A run another process holds (as `jaxchat train` does) survives `import --force` onto it."""
-    import fcntl
-    import os
-
-    from jaxchat.rundir import lock_run_dir, mark_run_dir
-
     run = tmp_path / "busy"
     run.mkdir()
     mark_run_dir(run, "test")
@@ -209,9 +209,6 @@ def test_nanochat_npz_import(tmp_path, capsys):
 
 def test_nanochat_pt_import(tmp_path):
     torch = pytest.importorskip("torch", reason="torch is an optional extra; the .pt reader needs it")
-    from jaxchat.interop.nanochat import model_from_state_dict
-    from jaxchat.model.gpt import param_dict
-
     d = np.load(fixture_path("nanochat_tiny.npz"))
     sd = {k.removeprefix("param/"): d[k] for k in d.files if k.startswith("param/")}
     wte = "transformer.wte.weight"  # stored in bf16, as nanochat does for embeddings
@@ -232,7 +229,6 @@ def test_nanochat_pt_import(tmp_path):
 
 
 def test_safetensors_export_round_trip(flaxchat, tmp_path):
-    import safetensors.numpy as safetensors  # a base dependency: its absence is a failure, not a skip
     run_cmd("export", flaxchat["run"], "--format", "safetensors", "--out", tmp_path)
     tensors = safetensors.load_file(str(tmp_path / "model.safetensors"))
     _, state = restore_state(flaxchat["run"])

@@ -8,13 +8,15 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax._src.ad_checkpoint import saved_residuals  # JAX's own account of what a backward keeps (private API)
 
 from jaxchat.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from jaxchat.model.accounting import count
 from jaxchat.model.attention import window_mask
 from jaxchat.model.gpt import GPT, param_dict
-from jaxchat.model.mlp import MLPS, swiglu_hidden
+from jaxchat.model.mlp import MLPS, gelu_tanh, swiglu_hidden
 from jaxchat.model.rotary import positions
+from jaxchat.optim import build_optimizer
 from jaxchat.presets import PRESETS, get_preset
 from jaxchat.train import ModelFns, init_state, make_train_step, shaped_batch
 
@@ -220,7 +222,6 @@ def test_every_mlp_trains(mlp):
                  optim=OptimConfig(lr=1e-2, warmup_steps=2), data=DataConfig(tokenizer_vocab=320),
                  train=TrainConfig(num_steps=12, batch_size=4))
     fns = ModelFns(cfg)
-    from jaxchat.optim import build_optimizer
     opt = build_optimizer(cfg, None)
     state = init_state(fns, opt, 0)
     step = make_train_step(fns, opt)
@@ -238,10 +239,6 @@ def test_gelu_backward_keeps_only_its_input_and_is_the_exact_derivative():
     """gelu_tanh is jax.nn.gelu forward for forward (bitwise, fp32 and bf16); its hand-written backward equals the
     float64 derivative of jax.nn.gelu to fp32 rounding and, under bf16, is closer to it than autodiff's chain of
     bf16 roundings; and it saves one (tokens, 4C) tensor for the backward, where autodiff saves five."""
-    from jax._src.ad_checkpoint import saved_residuals
-
-    from jaxchat.model.mlp import gelu_tanh
-
     x64 = np.linspace(-6.0, 6.0, 4001)
     with jax.enable_x64():
         exact = np.asarray(jax.grad(lambda x: jnp.sum(jax.nn.gelu(x)))(jnp.asarray(x64, jnp.float64)))
@@ -265,9 +262,7 @@ def test_gelu_backward_keeps_only_its_input_and_is_the_exact_derivative():
 def test_gelu_mlp_backward_follows_the_device_choice(monkeypatch, by_hand):
     """GeluMLP differentiates through gelu_tanh where `gelu_backward_by_hand()` says so (accelerators) and through
     autodiff of jax.nn.gelu elsewhere (CPU); both give the same fp32 gradients."""
-    from jaxchat.model import mlp
-
-    monkeypatch.setattr(mlp, "gelu_backward_by_hand", lambda: by_hand)
+    monkeypatch.setattr("jaxchat.model.mlp.gelu_backward_by_hand", lambda: by_hand)
     cfg = ModelConfig(vocab_size=64, sequence_len=16, n_layer=2, n_embd=32, n_head=2, n_kv_head=2, mlp="gelu")
     model = GPT(cfg)
     idx = jax.random.randint(jax.random.key(3), (2, 16), 0, 64)
@@ -276,7 +271,7 @@ def test_gelu_mlp_backward_follows_the_device_choice(monkeypatch, by_hand):
     calls = str(jax.make_jaxpr(loss)(params)).count("custom_vjp_call[")  # the fused head is one
     assert calls == 1 + (cfg.n_layer if by_hand else 0), calls
     grads = jax.jit(jax.grad(loss))(params)
-    monkeypatch.setattr(mlp, "gelu_backward_by_hand", lambda: not by_hand)
+    monkeypatch.setattr("jaxchat.model.mlp.gelu_backward_by_hand", lambda: not by_hand)
     other = jax.jit(jax.grad(loss))(params)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(other)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

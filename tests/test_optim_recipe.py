@@ -2,23 +2,26 @@
 
 import math
 import tempfile
-
-import numpy as np
-import pytest
+from dataclasses import replace
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+import orbax.checkpoint as ocp
+import pytest
 from flax import nnx
 
-from jaxchat.config import ModelConfig
-from jaxchat.model.gpt import GPT, cross_entropy
+from jaxchat.config import Config, ConfigError, ModelConfig
+from jaxchat.model.accounting import param_shapes
+from jaxchat.model.gpt import GPT, cross_entropy, param_path
+from jaxchat.optim import groups as G
 from jaxchat.optim import schedules as S
-from jaxchat.optim.groups import (ParamGroupError, assign_groups, describe_groups, group_hparams,
-                                  nanochat_optimizer, param_path)
+from jaxchat.optim.groups import ParamGroupError, assign_groups, describe_groups, group_hparams, nanochat_optimizer
 from jaxchat.optim.muon import POLAR_EXPRESS_COEFFS, lr_factor
-from jaxchat.optim.scaling import (abstract_state, make_plan, nanochat_config, nanochat_shape, reference_config,
-                                   scaling_params)
+from jaxchat.optim.scaling import nanochat_config, nanochat_shape, reference_config, scaling_params
+from jaxchat.plan import make_plan
+from jaxchat.presets import get_preset
 
 
 def tiny(**kw) -> ModelConfig:
@@ -28,7 +31,7 @@ def tiny(**kw) -> ModelConfig:
 
 
 def expected_groups(cfg: ModelConfig) -> dict:
-    """Every parameter path of the model and its group, enumerated from SPEC §3 by hand."""
+    """Every parameter path of the model and its group, enumerated from docs/architecture.md §Optimizer by hand."""
     e = {("wte", "embedding"): "wte", ("resid_lambdas",): "resid_lambdas", ("x0_lambdas",): "x0_lambdas",
          ("smear_gate", "kernel"): "scalars", ("smear_lambda",): "scalars", ("backout_lambda",): "scalars"}
     if not cfg.tie_embeddings:
@@ -55,7 +58,7 @@ def expected_groups(cfg: ModelConfig) -> dict:
                                      {"tie_embeddings": True}, {"mlp": "gelu", "n_layer": 4}])
 def test_every_parameter_lands_in_its_group(variant):
     cfg = tiny(**variant)
-    state = abstract_state(cfg)
+    state = param_shapes(cfg)
     got = {param_path(kp): lab for kp, lab in jax.tree_util.tree_leaves_with_path(assign_groups(state))}
     flat = {tuple(str(k) for k in path) for path, _ in nnx.to_flat_state(state)}
     expected = expected_groups(cfg)
@@ -121,22 +124,29 @@ def test_depth_shapes_and_scaling_params():
     assert nanochat_shape(12) == dict(n_embd=768, n_head=6, n_kv_head=6)
     assert nanochat_shape(20)["n_embd"] == 1280 and nanochat_shape(26)["n_embd"] == 1664
     assert nanochat_shape(3) == dict(n_embd=256, n_head=2, n_kv_head=2)  # 192 rounded up to 256
-    # SPEC §1's d12 split: attention + MLP + ve gates + lm_head
+    # docs/architecture.md §Counts, the d12 split: attention + MLP + ve gates + lm_head
     assert scaling_params(nanochat_config(12)) == 28_311_552 + 56_623_104 + 432 + 25_165_824
     assert reference_config(tiny()).n_embd == 768
+
+
+def nanochat_run(depth: int, **train) -> Config:
+    """nanochat's recipe (the nanochat-* presets: Muon, batch and horizon from the scaling rules, seq 2048) at
+    `depth`, with `train` fields overridden."""
+    cfg = get_preset("nanochat-d12")
+    return replace(cfg, model=nanochat_config(depth, cfg.model), train=replace(cfg.train, **train))
 
 
 @pytest.mark.parametrize("depth,ratio,batch,steps,accum", [(12, 12, 524_288, 2_520, 1), (20, 12, 1_048_576, 4_980, 2),
                                                           (24, 8, 1_048_576, 5_568, 2)])
 def test_plan_reproduces_nanochat(depth, ratio, batch, steps, accum):
-    plan = make_plan(nanochat_config(depth), device_batch_size=32, seq_len=2048, devices=8, ratio=ratio)
-    assert (plan["total_batch_tokens"], plan["num_steps"], plan["grad_accum_steps"]) == (batch, steps, accum)
-    assert plan["total_tokens"] == batch * steps and plan["horizon"] == "ratio"
+    plan = make_plan(nanochat_run(depth, target_param_data_ratio=ratio, device_batch_size=32), devices=8)
+    assert (plan["batch_tokens"], plan["num_steps"], plan["grad_accum"]) == (batch, steps, accum)
+    assert plan["tokens"] == batch * steps
+    g = {row["group"]: row for row in plan["groups"]}
     if depth == 12:
-        assert round(plan["total_tokens"] / 1e9, 2) == 1.32 and plan["lr_scale"] == 1.0
+        assert round(plan["tokens"] / 1e9, 2) == 1.32 and g["muon"]["lr"] == 0.02  # lr scale sqrt(B / 2^19) = 1
     if depth == 24:
-        assert round(plan["total_tokens"] / 1e9, 2) == 5.84 and f"{plan['total_flops']:.2e}" == "2.79e+19"
-        g = {row["group"]: row for row in plan["groups"]}
+        assert round(plan["tokens"] / 1e9, 2) == 5.84 and f"{plan['total_flops']:.2e}" == "2.79e+19"
         assert g["muon"]["lr"] == pytest.approx(0.02 * math.sqrt(2))
         assert g["muon"]["wd"] == pytest.approx(0.28 * math.sqrt(2) * 110_100_912 / 729_810_624)
         assert g["lm_head"]["lr"] == pytest.approx(0.008 * (1536 / 768) ** -0.5 * math.sqrt(2))
@@ -144,13 +154,13 @@ def test_plan_reproduces_nanochat(depth, ratio, batch, steps, accum):
 
 
 def test_plan_horizon_precedence_and_errors():
-    cfg = nanochat_config(12)
-    p = make_plan(cfg, 16, 2048, 1, num_iterations=100, target_flops=1e18)
-    assert p["num_steps"] == 100 and p["grad_accum_steps"] == 16 and p["horizon"] == "num_iterations"
-    f = make_plan(cfg, 16, 2048, 1, target_flops=1e18)
-    assert f["num_steps"] == round(1e18 / (f["flops_per_token"] * 524_288)) and f["horizon"] == "target_flops"
-    with pytest.raises(ValueError, match="not a multiple"):
-        make_plan(cfg, 3, 2048, 1)
+    """num_steps > 0 wins over target_flops, which wins over the ratio; the batch still follows the ratio rule."""
+    p = make_plan(nanochat_run(12, num_steps=100, target_flops=1e18, device_batch_size=16))
+    assert p["num_steps"] == 100 and p["grad_accum"] == 16 and p["batch_tokens"] == 524_288
+    f = make_plan(nanochat_run(12, target_flops=1e18, device_batch_size=16))
+    assert f["num_steps"] == round(1e18 / (f["flops_per_token"] * 524_288)) != p["num_steps"]
+    with pytest.raises(ConfigError, match="not a multiple"):
+        make_plan(nanochat_run(12, device_batch_size=3))
 
 
 TRAIN_STEPS, TRAIN_BATCH = 30, 2**20
@@ -198,8 +208,6 @@ def test_jitted_recipe_reduces_the_loss(trained):
 
 
 def test_optimizer_state_is_checkpointable(trained):
-    import orbax.checkpoint as ocp
-
     state = trained["state"]
     leaves = jax.tree.leaves(state)
     assert leaves and all(isinstance(x, jax.Array) for x in leaves)
@@ -253,12 +261,10 @@ def test_first_update_of_every_group_uses_its_hyperparameters(trained):
 def test_muon_receives_the_nanochat_schedules(monkeypatch):
     """nanochat_optimizer hands Muon lr 0.02 x sqrt(B/2^19) x lr_multiplier, the momentum schedule and
     0.28 x sqrt(B/2^19) x D_d12/D x cosine (muon() itself is checked against numpy in test_muon.py)."""
-    import jaxchat.optim.groups as G
-
     seen = {}
     monkeypatch.setattr(G, "muon", lambda **kw: seen.update(kw) or optax.identity())
     cfg, n, B = tiny(mlp="yatnmn"), 1000, 2**21
-    G.nanochat_optimizer(abstract_state(cfg), cfg, n, B)
+    G.nanochat_optimizer(param_shapes(cfg), cfg, n, B)
     wd0 = 0.28 * 2 * scaling_params(reference_config(cfg)) / scaling_params(cfg)
     for c in (0, 39, 300, 500, 999):
         assert float(seen["learning_rate"](c)) == pytest.approx(0.02 * 2 * float(S.lr_multiplier(c, n)), rel=1e-6)
@@ -266,6 +272,6 @@ def test_muon_receives_the_nanochat_schedules(monkeypatch):
         assert float(seen["weight_decay"](c)) == pytest.approx(float(S.muon_weight_decay(c, n, wd0)), rel=1e-6)
     assert float(seen["momentum"](0)) == pytest.approx(0.85) and float(seen["weight_decay"](0)) > 0.1
     assert seen["beta2"] == 0.9 and seen["ns_steps"] == 5 and seen["ns_dtype"] == jnp.bfloat16
-    rows = {r["group"]: r for r in describe_groups(abstract_state(cfg), cfg, n, B)}
+    rows = {r["group"]: r for r in describe_groups(param_shapes(cfg), cfg, n, B)}
     assert rows["scalars"]["tensors"] == 3 + 2 * cfg.n_layer  # smear gate/lambda, backout + yatnmn bias, alpha
     assert rows["muon"]["wd"] == pytest.approx(wd0)

@@ -1,4 +1,4 @@
-"""Exactness against the reference implementations' own outputs (../shared/fixtures)."""
+"""Exactness against the reference implementations' own outputs (tests/fixtures)."""
 
 import json
 

@@ -2,11 +2,16 @@
 (rotate, then RMS-normalize, then scale), and the Pallas kernels (forward and hand-written backward) against the
 jnp op's autodiff, in Pallas's interpreter on CPU and compiled on a CUDA GPU."""
 
+import json
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import child_env
 from jaxchat.config import ConfigError
 from jaxchat.model.rotary import resolve_impl, rope_norm, rope_norm_pallas, rope_norm_xla, rope_tables
 
@@ -160,12 +165,6 @@ def test_pallas_kernels_run_per_batch_shard_on_a_mesh(tmp_path):
     equal the jnp op's, the gradient stays batch-sharded, and the compiled step gathers nothing. A second
     process finds the custom-partitioned programs in the persistent compilation cache (older JAX versions
     keyed them by a per-process pointer: jax-ml/jax#21159)."""
-    import json
-    import subprocess
-    import sys
-
-    from conftest import child_env
-
     out = tmp_path / "r.json"
     env = child_env(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAXCHAT_COMPILE_CACHE=tmp_path / "xla",
                     JAXCHAT_COMPILE_CACHE_MIN_SECONDS=0)

@@ -10,11 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax._src.ad_checkpoint import saved_residuals  # JAX's own account of what a backward keeps (private API)
 
-from jaxchat.config import REMAT_POLICIES, Config, ConfigError, DataConfig, ModelConfig
+from jaxchat.config import REMAT_POLICIES, Config, ConfigError, DataConfig, ModelConfig, resolve_compute_dtype
 from jaxchat.resume import check_resume_config
 from jaxchat.model.gpt import GPT, param_dict
 from jaxchat.model.scan import describe, scan_layout
+from jaxchat.plan import resolve
 from jaxchat.presets import get_preset
 
 # 9 layers of SSSL: two scanned groups of 4 (value embeddings on odd layers) + the forced-long last layer unrolled;
@@ -99,8 +101,6 @@ def test_remat_policies_equal_no_remat(reference, policy):
 def test_remat_policies_save_what_they_say():
     """The activations each policy keeps for the backward pass (JAX's own account of the residuals, the same on
     every backend; XLA:CPU's buffer statistics do not show remat, its scheduler recomputes early)."""
-    from jax._src.ad_checkpoint import saved_residuals
-
     cfg = replace(CFG, n_layer=4)
     params = random_params(cfg)
     idx, tgt = batch(cfg)
@@ -155,9 +155,6 @@ def test_resume_may_change_execution_options_only():
 def test_compute_dtype_auto_is_resolved_per_device_and_checked_on_resume():
     """`auto` is float32 on this CPU (bfloat16 on a GPU/TPU); plan.resolve makes it concrete, so a run directory
     records the dtype, and a resume that would change it is refused while `auto` meaning the saved one is not."""
-    from jaxchat.config import resolve_compute_dtype
-    from jaxchat.plan import resolve
-
     config = lambda **kw: Config(model=replace(CFG, **kw), data=DataConfig(tokenizer_vocab=CFG.vocab_size))
     here = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     other = "bfloat16" if here == "float32" else "float32"

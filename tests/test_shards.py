@@ -1,4 +1,4 @@
-"""The modded-nanogpt .bin token shard format (SPEC §4): byte-exact writing, strict reading, .bin as a source."""
+"""The modded-nanogpt .bin token shard format (docs/architecture.md §Data): byte-exact writing, strict reading, .bin as a source."""
 
 import struct
 

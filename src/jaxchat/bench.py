@@ -7,7 +7,7 @@ step in up to three windows (the device is synchronised at the end of each windo
 reports the median window. A step is one micro-batch by default; `--accum N` makes it N micro-batches with
 their gradients accumulated and one optimizer update, as `jaxchat train` runs a preset whose batch is larger
 than one device's (nanochat-d12 on one GPU: 8 x 32 sequences). Tokens are uniform random ids, so no data
-pipeline is measured: this is the ceiling a real run approaches. MFU follows SPEC §1 (`model.accounting`):
+pipeline is measured: this is the ceiling a real run approaches. MFU follows docs/architecture.md §Counts (`model.accounting`):
 FLOPs/token x tokens/s over the device's bf16 dense peak.
 
 Peak memory is the device's own `peak_bytes_in_use` where the runtime reports it (GPU, TPU: the whole process,

@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, get_type_hints
 
+import jax
+
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message says which one and how to fix it."""
@@ -31,8 +33,6 @@ def resolve_compute_dtype(name: str) -> str:
     silently changing the numerics. Asks JAX for its backend, so call it only once JAX may initialise."""
     if name != "auto":
         return name
-    import jax
-
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
@@ -48,7 +48,7 @@ DTYPES = ("auto", "float32", "bfloat16")  # auto: bfloat16 on a GPU/TPU, float32
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The GPT of SPEC §1; every architectural feature is a field."""
+    """The GPT of docs/architecture.md §Forward; every architectural feature is a field."""
 
     vocab_size: int = 32768
     sequence_len: int = 2048

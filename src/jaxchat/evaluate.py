@@ -1,4 +1,4 @@
-"""Validation loss and bits per byte (SPEC §4), next to what general-purpose compressors achieve.
+"""Validation loss and bits per byte (docs/architecture.md §Data), next to what general-purpose compressors achieve.
 
 bpb = sum(NLL over targets whose token has bytes > 0) / (ln 2 * sum(bytes of those targets)),
 where a token's bytes is the length of its UTF-8 decoding and special tokens count 0. The per-token NLL comes

@@ -1,4 +1,5 @@
-"""Turning a config's horizon and batch rules into concrete numbers, and the plan a user checks before paying.
+"""The planner: a config's horizon and batch rules turned into concrete numbers, and the plan a user checks before
+paying (`jaxchat plan`). The one place these rules are applied; optim/scaling.py holds nanochat's formulas.
 
 `resolve(cfg, devices)` returns a Config whose train.num_steps, batch_size and grad_accum are concrete:
 - batch_size -1: nanochat's rule B = 2^round(log2(2^19 (D/D_d12)^0.383)) tokens (optim/scaling.py), in sequences;
@@ -12,11 +13,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 from jaxchat.config import Config, ConfigError, resolve_compute_dtype
-from jaxchat.model.accounting import count
-from jaxchat.optim import build_optimizer, muon_overrides
-from jaxchat.optim import scaling
-
-DEFAULT_RATIO = 12
+from jaxchat.model.accounting import count, param_shapes
+from jaxchat.optim import build_optimizer, muon_overrides, scaling
+from jaxchat.optim.groups import describe_groups
+from jaxchat.optim.scaling import DEFAULT_RATIO
 
 
 def resolve(cfg: Config, devices: int = 1) -> Config:
@@ -63,9 +63,8 @@ def make_plan(cfg: Config, devices: int = 1) -> dict:
             "scaling_params": scaling.scaling_params(m), "optimizer": r.optim.optimizer}
     plan["tokens_per_scaling_param"] = plan["tokens"] / plan["scaling_params"]
     if r.optim.optimizer == "muon":
-        from jaxchat.optim.groups import describe_groups
         ratio = t.target_param_data_ratio if t.target_param_data_ratio > 0 else DEFAULT_RATIO
-        plan["groups"] = describe_groups(scaling.abstract_state(m), m, t.num_steps, batch_tokens,
+        plan["groups"] = describe_groups(param_shapes(m), m, t.num_steps, batch_tokens,
                                          {"ratio": ratio, **muon_overrides(r)})
     else:
         o = r.optim

@@ -10,10 +10,10 @@ C = ceil(64 * depth / 128) * 128, head_dim 128) and its Muon recipe, horizon and
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 from jaxchat.config import Config, ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from jaxchat.optim.scaling import nanochat_shape
 
 _SEED_CARD_MODEL = ModelConfig(vocab_size=32768, sequence_len=1024, n_layer=12, n_embd=768, n_head=12,
                                n_kv_head=12, tie_embeddings=True, norm_eps=1e-6, mlp="gelu")
@@ -29,9 +29,9 @@ def _seed_card(mlp: str, lr: float, steps: int) -> Config:
 
 
 def nanochat_model(depth: int, sequence_len: int = 2048, vocab_size: int = 32768) -> ModelConfig:
-    C = math.ceil(64 * depth / 128) * 128
-    return ModelConfig(vocab_size=vocab_size, sequence_len=sequence_len, n_layer=depth, n_embd=C,
-                       n_head=C // 128, n_kv_head=C // 128, mlp="relu2")
+    """nanochat's GPT at `depth`: the width from optim/scaling.py's `nanochat_shape`, ReLU^2, untied."""
+    return ModelConfig(vocab_size=vocab_size, sequence_len=sequence_len, n_layer=depth, **nanochat_shape(depth),
+                       mlp="relu2")
 
 
 def _nanochat(depth: int, ratio: float = 12) -> Config:

@@ -2,7 +2,7 @@
 jaxchat data pipeline: text source -> tokenizer -> packed token rows -> batch(step).
 
 - corpus.py    the embedded stdlib corpus and its stable train/val split by file
-- tokenizer.py byte-level BPE (HF tokenizers), SPEC §4 specials and split regex, token byte counts
+- tokenizer.py byte-level BPE (HF tokenizers), docs/architecture.md §Data: specials and split regex, token byte counts
 - packing.py   BOS best-fit packing into rows of sequence_len + 1 tokens
 - loader.py    batches as a pure function of (seed, step); sequential eval batches
 - dataset.py   prepare_dataset: all of the above for the stdlib corpus, cached on disk

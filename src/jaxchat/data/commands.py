@@ -188,7 +188,7 @@ def add_parsers(sub) -> None:
     t = sub.add_parser("tokenizer", help="train a BPE tokenizer on a source, or compare tokenizers on one")
     tsub = t.add_subparsers(dest="tokenizer_cmd", required=True)
 
-    p = tsub.add_parser("train", help="train a byte-level BPE (SPEC regex and specials) into tokenizer.json")
+    p = tsub.add_parser("train", help="train a byte-level BPE (nanochat's split regex and specials) into tokenizer.json")
     _source_args(p)
     p.add_argument("--vocab", type=positive_int, required=True, help="total vocab size, 9 specials included")
     p.add_argument("--out", required=True, help="where to write tokenizer.json")

@@ -1,5 +1,5 @@
 """
-BOS best-fit packing (SPEC §4, nanochat's `bos_bestfit` data loader, done once, offline).
+BOS best-fit packing (docs/architecture.md §Data, nanochat's `bos_bestfit` data loader, done once, offline).
 
 Every document is prefixed with BOS. Rows of `row_len` tokens are filled one at a time from a buffer of up to
 `buffer_size` documents:

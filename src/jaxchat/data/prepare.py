@@ -7,7 +7,7 @@
     DIR/manifest.json            source, tokenizer sha256, options, per-shard docs/tokens/sha256, totals and
                                  `dataset_id` (sha256 of the tokenizer and every shard's checksum); written last
     DIR/rows-t1024/{train,val}.bin + pack.json
-                                 rows of T+1 tokens packed offline by BOS best-fit (SPEC §4), so training only
+                                 rows of T+1 tokens packed offline by BOS best-fit (docs/architecture.md §Data), so training only
                                  memory-maps them; made by --seq T, or on first use by load_for_training
 
 Validation documents are the first `val_docs` documents of SOURCE (or all of `val_source`); the stdlib corpus

@@ -1,5 +1,5 @@
 """
-Token shards in the modded-nanogpt / llm.c / parameter-golf `.bin` format (SPEC §4), read and written.
+Token shards in the modded-nanogpt / llm.c / parameter-golf `.bin` format (docs/architecture.md §Data), read and written.
 
 Layout of one file (all little-endian):
     header  256 x int32: [0] magic 20240520, [1] version, [2] token count, [3:] zero

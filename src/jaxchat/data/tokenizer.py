@@ -1,8 +1,8 @@
 """
-Byte-level BPE tokenizer (SPEC §4), a thin wrapper around a HF `tokenizers.Tokenizer`.
+Byte-level BPE tokenizer (docs/architecture.md §Data), a thin wrapper around a HF `tokenizers.Tokenizer`.
 
 Design choices (same as nanochat's HuggingFaceTokenizer, with the specials moved to the end):
-- pre-tokenizer: Split on the GPT-4-style SPEC regex (digits grouped 1-2, behavior "isolated"), then
+- pre-tokenizer: Split on the GPT-4-style split regex (docs/architecture.md §Data) (digits grouped 1-2, behavior "isolated"), then
   ByteLevel(add_prefix_space=False, use_regex=False), which maps every byte to one printable character;
 - model: BPE trained by HF's BpeTrainer, initial alphabet = all 256 byte characters, so every string encodes
   and nothing is ever unknown; no normalizer, so decode(encode(s)) == s exactly;

@@ -9,7 +9,9 @@ from pathlib import Path
 
 from jaxchat.interop import common
 from jaxchat.interop.common import InteropError
-from jaxchat.interop.flaxchat import MLP_CHOICES
+from jaxchat.interop.export import export_safetensors
+from jaxchat.interop.flaxchat import MLP_CHOICES, find_step_dir, import_flaxchat
+from jaxchat.interop.nanochat_files import import_nanochat
 
 
 
@@ -29,8 +31,6 @@ def from_hub(repo: str, revision: str | None, args, use_config: bool, log=print)
 
 
 def cmd_import_flaxchat(args) -> None:
-    from jaxchat.interop.flaxchat import find_step_dir, import_flaxchat
-
     if args.from_hub:
         root = from_hub(args.from_hub, args.revision, args, use_config=True)
         path = find_step_dir(root / args.step_dir if args.step_dir else root)
@@ -43,8 +43,6 @@ def cmd_import_flaxchat(args) -> None:
 
 
 def cmd_import_nanochat(args) -> None:
-    from jaxchat.interop.nanochat_files import import_nanochat
-
     if args.from_hub:
         root = from_hub(args.from_hub, args.revision, args, use_config=False)
         path = root / args.checkpoint if args.checkpoint else root
@@ -57,8 +55,6 @@ def cmd_import_nanochat(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from jaxchat.interop.export import export_safetensors
-
     if args.format != "safetensors":
         raise InteropError(f"--format {args.format!r}: only safetensors is available")
     export_safetensors(args.run, args.out, step=args.step, force=args.force)

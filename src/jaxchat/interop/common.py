@@ -15,8 +15,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxchat.config import Config, DataConfig, ModelConfig, TrainConfig
-from jaxchat.model.gpt import GPT, assign
+from jaxchat.checkpoint import Checkpointer
+from jaxchat.config import Config, DataConfig, ModelConfig, TrainConfig, apply_overrides
+from jaxchat.data import Tokenizer
+from jaxchat.fileio import write_json_atomic
+from jaxchat.model.gpt import GPT, assign, param_path
+from jaxchat.optim import build_optimizer
+from jaxchat.rundir import check_run_dir, lock_run_dir, start_run_dir
 
 
 class InteropError(ValueError):
@@ -24,7 +29,8 @@ class InteropError(ValueError):
 
 
 def path_str(path: tuple) -> str:
-    return ".".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+    """A parameter's path as one dotted name, e.g. blocks.0.attn.c_q.kernel."""
+    return ".".join(param_path(path))
 
 
 def model_from_lookup(cfg: ModelConfig, lookup: Callable[[tuple], np.ndarray | None], source: str,
@@ -101,7 +107,7 @@ def flatten_tree(tree, strip=("value", "raw_value")) -> dict[str, np.ndarray]:
     """A restored pytree (nested dicts/lists) -> {dotted path: array}; nnx Variable wrappers (`.value`) dropped."""
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        keys = [str(getattr(p, "key", getattr(p, "idx", p))) for p in path]
+        keys = list(param_path(path))
         while keys and keys[-1] in strip:
             keys.pop()
         out[".".join(keys)] = np.asarray(leaf)
@@ -110,7 +116,7 @@ def flatten_tree(tree, strip=("value", "raw_value")) -> dict[str, np.ndarray]:
 
 def download_from_hub(repo: str, revision: str | None = None) -> Path:
     """Download a Hugging Face Hub repo snapshot and return its local directory."""
-    try:
+    try:  # imported here: huggingface_hub is optional (the jaxchat[hub] extra), needed only for --from-hub
         from huggingface_hub import snapshot_download
     except ImportError:
         raise InteropError("--from-hub needs the huggingface_hub package: pip install huggingface_hub "
@@ -178,7 +184,6 @@ def load_user_tokenizer(path: str | None, vocab_size: int, report: ImportReport)
     """Load --tokenizer (a HF tokenizer.json) and check it fits the model's vocab; None when not given."""
     if not path:
         return None
-    from jaxchat.data import Tokenizer
     try:
         tok = Tokenizer.load(path)
     except (OSError, ValueError) as e:
@@ -200,12 +205,6 @@ def write_run(out: str | Path, model_cfg: ModelConfig, params: dict, opt_moments
     `opt_moments` is (moments, adam_count) to fill the AdamW state, or None for a fresh optimizer state.
     data.tokenizer_path points at the run's own tokenizer.json, so eval and `train --resume` re-tokenize the
     corpus with the checkpoint's tokenizer; without --tokenizer that file is absent and they say so."""
-    from jaxchat.checkpoint import Checkpointer
-    from jaxchat.rundir import check_run_dir, lock_run_dir, start_run_dir
-    from jaxchat.fileio import write_json_atomic
-    from jaxchat.config import apply_overrides
-    from jaxchat.optim import build_optimizer
-
     out = Path(out).absolute()
     check_run_dir(out, resume=False, force=force, flag="--out")
     tok_file = out / "tokenizer.json"

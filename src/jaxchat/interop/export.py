@@ -22,6 +22,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from safetensors.numpy import save_file
 
 from jaxchat.checkpoint import CheckpointError
 from jaxchat.fileio import write_json_atomic
@@ -36,9 +37,10 @@ LAYOUT = {
     "embedding": "(padded_vocab_size, dim); rows >= vocab_size are padding",
     "attention": "c_q (C, H*D), c_k/c_v (C, K*D), head-major columns; c_proj (H*D, C)",
     "norm": "parameter-free RMSNorm x * rsqrt(mean(x^2) + norm_eps); there are no norm weights",
-    "forward": "SPEC section 1 (nanochat architecture): smear, x0/resid lambdas, value embeddings on "
-               "value_embed_layers, RoPE then QK-norm * qk_scale, sliding windows, backout at n_layer//2, "
-               "logits = logit_softcap * tanh(x @ W_out / logit_softcap), W_out = wte.T when tied",
+    "forward": "jaxchat's docs/architecture.md §Forward (nanochat architecture): smear, x0/resid lambdas, "
+               "value embeddings on value_embed_layers, RoPE then QK-norm * qk_scale, sliding windows, "
+               "backout at n_layer//2, logits = logit_softcap * tanh(x @ W_out / logit_softcap), "
+               "W_out = wte.T when tied",
 }
 
 
@@ -55,8 +57,6 @@ def read_params(run_dir: str | Path, step: int | None = None) -> tuple[object, d
 
 def export_safetensors(run_dir: str | Path, out: str | Path, step: int | None = None, force: bool = False,
                        log=print) -> Path:
-    from safetensors.numpy import save_file  # a base dependency (pyproject.toml)
-
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"--out {out} is a file, not a directory: choose a directory for the export")

@@ -12,7 +12,7 @@ Linear kernels (in, out) and embeddings (vocab, dim), so the mapping is name-for
     YatNMN MLPs (nmn): c_fc.kernel, c_fc.bias, c_fc.alpha (+ c_fc.epsilon_param for yatnmn_softplus).
 Conventions that differ from jaxchat's defaults: RMSNorm eps is 1e-6 (set in the config), the vocab is
 padded to a multiple of 64 (as ours). Everything else (RoPE base 1e5 split halves, QK norm x1.2, softcap 15,
-window sizes, value-embedding layers, smear, backout at L//2) matches SPEC §1.
+window sizes, value-embedding layers, smear, backout at L//2) matches docs/architecture.md §Forward.
 
 Optimizer. The seed cards' "plain AdamW" state is the optax chain tuple
     [ScaleByAdamState{count, mu, nu}, <add_decayed_weights: empty>, <scale_by_learning_rate: empty or count>]

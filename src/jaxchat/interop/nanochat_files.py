@@ -74,7 +74,7 @@ def read_state(file: Path) -> tuple[dict[str, np.ndarray], str | None]:
         raise InteropError(f"reading {file.name} needs PyTorch, which is not installed: pip install torch "
                            f"(the jaxchat[torch] extra), or convert the checkpoint to the npz form "
                            f"(numpy.savez(path, config=json, **{{'param/'+k: v.float().numpy()}}))")
-    import torch
+    import torch  # imported here: PyTorch is optional (the jaxchat[torch] extra), needed only for .pt files
 
     sd = torch.load(file, map_location="cpu", weights_only=True)
     sd = sd.get("model", sd) if isinstance(sd, dict) else sd

@@ -9,6 +9,8 @@ MFU = flops_per_token * tokens_per_second / (peak_flops * devices).
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import jax
@@ -17,7 +19,7 @@ from flax import nnx
 from jaxchat.config import ModelConfig
 from jaxchat.model.gpt import GPT
 
-# bf16 dense peak FLOP/s per device (SPEC §1).
+# bf16 dense peak FLOP/s per device (docs/architecture.md §Counts).
 PEAK_FLOPS = {
     "H100": 989.5e12, "H200": 989.5e12, "A100": 312e12,
     "TPU v6e": 918e12, "TPU v6 lite": 918e12, "TPU v5p": 459e12, "TPU v5e": 197e12, "TPU v5 lite": 197e12,
@@ -25,17 +27,11 @@ PEAK_FLOPS = {
 }
 
 
-def abstract_params(cfg: ModelConfig) -> list[tuple[tuple, tuple]]:
-    """(path, shape) of every parameter, from nnx.eval_shape: no memory is allocated."""
-    model = nnx.eval_shape(lambda: GPT(cfg))
-    return [(tuple(str(p) for p in path), tuple(v.shape)) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
-
-
-def _size(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+@functools.lru_cache(maxsize=32)
+def param_shapes(cfg: ModelConfig) -> nnx.State:
+    """The nnx.Param state of GPT(cfg) as ShapeDtypeStructs, from nnx.eval_shape: no memory is allocated. Cached:
+    a plan asks for the same config's shapes several times (counts, scaling, optimizer groups)."""
+    return nnx.state(nnx.eval_shape(lambda: GPT(cfg)), nnx.Param)
 
 
 def param_group(path: tuple) -> str:
@@ -62,9 +58,10 @@ class Counts:
 def count(cfg: ModelConfig) -> Counts:
     params: dict[str, int] = {}
     matmul = {"lm_head": 0, "mlp": 0, "attention": 0, "gates": 0}
-    for path, shape in abstract_params(cfg):
+    for path, v in nnx.to_flat_state(param_shapes(cfg)):
+        path, shape = tuple(str(p) for p in path), v.shape
         g = param_group(path)
-        n = _size(shape)
+        n = math.prod(shape)
         params[g] = params.get(g, 0) + n
         if g in ("mlp", "attention") and len(shape) == 2:
             matmul[g] += n

@@ -1,4 +1,4 @@
-"""The nanochat GPT in Flax NNX (SPEC §1). Every design choice, in forward order:
+"""The nanochat GPT in Flax NNX (docs/architecture.md §Forward). Every design choice, in forward order:
 
 - token embedding `wte`, then a parameter-free RMSNorm (`norm(x) = x * rsqrt(mean(x^2) + eps)`, no weight);
 - smear: each token mixes in the previous token's normed embedding through a sigmoid gate computed from its
@@ -14,6 +14,9 @@
 
 Shapes (einsum legend): B batch, T time, S key time, C model, H heads, K kv heads, D head dim, V vocab.
 Parameters are fp32; matmuls run in `config.compute_dtype`; logits and softmax are fp32.
+
+`GPT.__call__` is the forward, top to bottom; `GPT.layer` is one layer's work (x0 mix, value embedding, block,
+backout capture), written once and called by the training path, the scanned groups (model/scan.py) and decoding.
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxchat.config import ModelConfig, resolve_compute_dtype
+from jaxchat.dtypes import F32
 from jaxchat.model.attention import attend, resolve_backend
 from jaxchat.model.head import head_nll
-from jaxchat.model.mlp import F32, Dense, YatNMN, make_mlp
+from jaxchat.model.mlp import Dense, YatNMN, make_mlp
 from jaxchat.model.remat import checkpoint_name, remat
 from jaxchat.model.rotary import Positions, positions, resolve_impl as resolve_rope_norm, rope_norm
-from jaxchat.model.scan import scan_layout
+from jaxchat.model.scan import GroupLayer, scan_groups
 
 
 def norm(x, eps):
@@ -121,103 +125,99 @@ class GPT(nnx.Module):
         the per-token fp32 NLL instead, through the fused head (model/head.py): the logits are never stored."""
         cfg = self.config
         dt = jnp.dtype(resolve_compute_dtype(cfg.compute_dtype))
-        B, T = idx.shape
         start = 0 if cache is None else cache["pos"]
-        p = positions(start, T, cfg.head_dim, cfg.rope_base)  # with the rotary tables, shared by every layer
-        pos = p.pos
+        p = positions(start, idx.shape[1], cfg.head_dim, cfg.rope_base)  # with the rotary tables, for every layer
+        x = self.embed(idx, dt, p.pos, None if cache is None else cache["prev_x"])
+        x0, x_mid = x, jnp.zeros_like(x)  # x_mid: x after the middle layer, for the backout
 
-        with jax.named_scope("embed"):
-            x = norm(self.wte(idx), cfg.norm_eps).astype(dt)
-        if cfg.smear:  # mix in the previous token's normed embedding (from the cache when decoding)
-            first_prev = jnp.zeros_like(x[:, :1]) if cache is None else cache["prev_x"][:, None].astype(dt)
-            prev = jnp.concatenate([first_prev, x[:, :-1]], axis=1)
-            gate = jax.nn.sigmoid(self.smear_gate(x[..., : cfg.smear_channels], dt))
-            mix = self.smear_lambda[...].astype(dt) * gate * prev
-            x = x + jnp.where((pos > 0)[None, :, None], mix, 0)  # position 0 is never smeared
-        x0 = x
-
-        if cache is None:
-            x, x_backout = self.run_blocks(x, x0, idx, p)
+        if cache is None:  # training and evaluation: scanned groups (model/scan.py), then the rest unrolled
+            x, x_mid, first = scan_groups(self, x, x0, x_mid, idx, p)
+            for i in range(first, cfg.n_layer):
+                x, x_mid, _ = self.layer(i, self.train_block(i, p), x, x0, x_mid, idx)
         else:  # decoding: layer by layer, each with its slice of the KV cache
-            new_layers, x_backout = [], None
+            layer_caches = []
             for i, block in enumerate(self.blocks):
-                x = self.mix_x0(i, x, x0)
-                x, layer_cache = block(x, self.value_embed(i, idx), p, cache["layers"][i])
-                new_layers.append(layer_cache)
-                if i == cfg.n_layer // 2:
-                    x_backout = x
-        if cfg.backout:
-            x = x - self.backout_lambda[...].astype(dt) * x_backout
-        x = norm(x, cfg.norm_eps)
+                x, x_mid, layer_cache = self.layer(i, partial(block, p=p), x, x0, x_mid, idx, cache["layers"][i])
+                layer_caches.append(layer_cache)
 
+        if cfg.backout:
+            x = x - self.backout_lambda[...].astype(dt) * x_mid
+        x = norm(x, cfg.norm_eps)
         w_out = self.wte.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
         if targets is not None:
             return head_nll(x, w_out[:, : cfg.vocab_size].astype(dt), targets, cfg.logit_softcap, cfg.loss_chunk)
-        with jax.named_scope("lm_head"):
-            logits = jnp.matmul(x, w_out.astype(dt), preferred_element_type=F32)[..., : cfg.vocab_size]
-            if cfg.logit_softcap > 0:
-                logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
+        logits = self.logits(x, w_out)
         if cache is None:
             return logits
         prev_x = norm(self.wte(idx[:, -1]), cfg.norm_eps)
-        return logits, {"pos": start + T, "prev_x": prev_x, "layers": new_layers}
+        return logits, {"pos": start + idx.shape[1], "prev_x": prev_x, "layers": layer_caches}
 
-    def mix_x0(self, i, x, x0):
-        """Re-inject the block input x0 before layer i (resid_lambdas / x0_lambdas may be traced slices)."""
+    def layer(self, i: int | GroupLayer, block, x, x0, x_mid, idx, cache=None):
+        """Layer i's work, the one place it is written (training, scanned groups and decoding all call it):
+        re-inject the input x0, run the block (attention, with the layer's value embedding of the tokens idx
+        gated into v, then the MLP), keep x after the middle layer L//2 for the backout. Per-layer features
+        plug in here.
+
+        `block(x, ve, cache=) -> (x, cache)` is block i bound to this forward's positions: the Block itself when
+        decoding, its pure function under `model.remat` when training (`train_block`; model/scan.py in a
+        scanned group). `i` is a Python int, or inside the scan a `GroupLayer` (traced group, static position).
+        Returns (x, x_mid, the layer's new KV cache or None)."""
+        x = self.mix_x0(i, x, x0)
+        x, cache = block(x, self.value_embed(i, idx), cache=cache)
+        mid = self.config.n_layer // 2
+        at_mid = i.is_layer(mid) if isinstance(i, GroupLayer) else i == mid
+        if at_mid is True:
+            x_mid = x
+        elif at_mid is not False:  # a scanned group: this position holds layer L//2 in one group
+            x_mid = jnp.where(at_mid, x, x_mid)
+        return x, x_mid, cache
+
+    def embed(self, idx, dt, pos, prev_x=None):
+        """Token embedding, norm, then smear: each token mixes in the previous token's normed embedding (`prev_x`
+        for the first token when decoding; position 0 is never smeared)."""
+        cfg = self.config
+        with jax.named_scope("embed"):
+            x = norm(self.wte(idx), cfg.norm_eps).astype(dt)
+        if cfg.smear:
+            first_prev = jnp.zeros_like(x[:, :1]) if prev_x is None else prev_x[:, None].astype(dt)
+            prev = jnp.concatenate([first_prev, x[:, :-1]], axis=1)
+            gate = jax.nn.sigmoid(self.smear_gate(x[..., : cfg.smear_channels], dt))
+            mix = self.smear_lambda[...].astype(dt) * gate * prev
+            x = x + jnp.where((pos > 0)[None, :, None], mix, 0)
+        return x
+
+    def logits(self, x, w_out):
+        """Normed final x -> fp32 logits over the true vocab, soft-capped (the evaluation and decoding head)."""
+        cfg = self.config
+        with jax.named_scope("lm_head"):
+            logits = jnp.matmul(x, w_out.astype(x.dtype), preferred_element_type=F32)[..., : cfg.vocab_size]
+            if cfg.logit_softcap > 0:
+                logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
+        return logits
+
+    def mix_x0(self, i: int | GroupLayer, x, x0):
+        """Re-inject the block input x0 before layer i: resid_lambdas[i] * x + x0_lambdas[i] * x0."""
         if not self.config.residual_lambdas:
             return x
+        if isinstance(i, GroupLayer):
+            i = i.index  # traced: the lambdas are sliced in the graph
         return self.resid_lambdas[i].astype(x.dtype) * x + self.x0_lambdas[i].astype(x.dtype) * x0
 
-    def value_embed(self, i, idx):
+    def value_embed(self, i: int | GroupLayer, idx):
+        """Layer i's value embedding of the tokens idx, or None on layers without one (a scanned layer carries its
+        lookup, made for every group before the scan)."""
+        if isinstance(i, GroupLayer):
+            return i.ve
         return self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
 
-    def run_blocks(self, x, x0, idx, p: Positions):
-        """The training/eval path through every block: returns (x, x after block L//2 for the backout).
-
-        Each block runs under `model.remat` (model/remat.py). With `model.scan_layers`, the longest prefix of
-        whole repeating layer groups (scan.py: e.g. SSSL with value embeddings on odd layers repeats every 4) runs
-        as one `lax.scan` over groups, so XLA compiles one group instead of every layer; the rest is unrolled.
-        Parameters stay stored per layer (checkpoints do not depend on this choice): each group position's
-        weights are stacked along a new leading axis at trace time."""
-        cfg = self.config
-        mid = cfg.n_layer // 2
-        period, n_groups = scan_layout(cfg) if cfg.scan_layers else (1, 0)
-        n_scanned = period * n_groups
-        graphdefs = [nnx.split(self.blocks[j])[0] for j in range(period)] if n_groups else []
-
-        def call_block(gd, state, x, ve):  # a block as a pure function of its params (for remat and scan)
-            return nnx.merge(gd, state)(x, ve, p)[0]
-
-        x_backout = jnp.zeros_like(x)
-        if n_groups:
-            stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
-            layers = lambda j: range(j, n_scanned, period)  # the layers at group position j
-            states = [stack([nnx.split(self.blocks[i])[1] for i in layers(j)]) for j in range(period)]
-            ves = [jnp.stack([self.value_embed(i, idx).astype(x.dtype) for i in layers(j)])
-                   if cfg.has_value_embed(j) else None for j in range(period)]
-            blocks = [remat(partial(call_block, graphdefs[j]), cfg.remat, in_scan=True) for j in range(period)]
-
-            def group(carry, xs):
-                x, x_backout = carry
-                g, states, ves = xs
-                for j in range(period):
-                    x = self.mix_x0(g * period + j, x, x0)
-                    x = blocks[j](states[j], x, ves[j])
-                    if j == mid % period and mid < n_scanned:  # keep x after layer L//2 (group mid // period)
-                        x_backout = jnp.where(g == mid // period, x, x_backout)
-                return (x, x_backout), None
-
-            (x, x_backout), _ = jax.lax.scan(group, (x, x_backout), (jnp.arange(n_groups), states, ves))
-        for i in range(n_scanned, cfg.n_layer):
-            x = self.mix_x0(i, x, x0)
-            if cfg.remat == "none":
-                x = self.blocks[i](x, self.value_embed(i, idx), p)[0]
-            else:
-                gd, state = nnx.split(self.blocks[i])
-                x = remat(partial(call_block, gd), cfg.remat)(state, x, self.value_embed(i, idx))
-            if i == mid:
-                x_backout = x
-        return x, x_backout
+    def train_block(self, i: int, p: Positions):
+        """Block i as the training path runs it, `block(x, ve, cache) -> (x, None)`: under `model.remat`
+        (model/remat.py), as a pure function of its parameters."""
+        if self.config.remat == "none":
+            return partial(self.blocks[i], p=p)
+        gd, state = nnx.split(self.blocks[i])
+        fn = remat(lambda state, x, ve: nnx.merge(gd, state)(x, ve, p)[0], self.config.remat)
+        return lambda x, ve, cache=None: (fn(state, x, ve), None)
 
     def init_cache(self, batch: int, max_len: int, dtype=F32) -> dict:
         cfg = self.config
@@ -257,6 +257,22 @@ def param_dict(model: nnx.Module) -> dict:
     return nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
 
 
+def key_name(k) -> str:
+    """One step of a path: a dict key, a sequence index, an attribute name, or (nnx flat state paths) itself."""
+    for attr in ("key", "idx", "name"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def param_path(keypath) -> tuple[str, ...]:
+    """A parameter's path as strings (a jax key path or an nnx flat state path), without the trailing `.value`
+    of an nnx Variable."""
+    if keypath and isinstance(keypath[-1], jax.tree_util.GetAttrKey) and keypath[-1].name == "value":
+        keypath = keypath[:-1]
+    return tuple(key_name(k) for k in keypath)
+
+
 def assign(var: nnx.Variable, value) -> None:
     """Set a Variable's value (flax 0.12 `set_value`, older flax `.value =`)."""
     if hasattr(var, "set_value"):
@@ -266,7 +282,7 @@ def assign(var: nnx.Variable, value) -> None:
 
 
 def init_weights(model: GPT, rngs: nnx.Rngs) -> None:
-    """Every tensor's initial value, in one place (s = sqrt(3) / sqrt(C), U = uniform):
+    """Every tensor's initial value, in one place (docs/architecture.md §Init; s = sqrt(3) / sqrt(C), U = uniform):
 
     | tensor                         | init                         |
     |--------------------------------|------------------------------|

@@ -1,13 +1,13 @@
 """The training path's output layer and loss in one differentiable op: lm_head matmul, fp32 soft-cap,
 cross-entropy with ignore index -1, per-token NLL out.
 
-Same function as `token_nll(GPT(idx))` (SPEC §1 step 6: `z = x @ W` in the compute dtype, cast to fp32,
-`s = cap * tanh(z / cap)`, `nll = logsumexp(s) - s[target]`), written with a hand-made VJP because autodiff of
-that chain is the single largest cost of a step on a GPU: measured on an H100 (nanochat-d12, batch 32 x 2048,
-vocab 32768) it moved six fp32 (B, T, V) tensors through memory and ran both backward GEMMs in fp32 (the
-cotangent of an fp32 matmul output), 38% of the step. Here the forward keeps only z (compute dtype) and the
-per-token logsumexp; the backward forms dz = g * (softmax(s) - onehot) * (1 - tanh^2) in one pass, in the
-compute dtype, and runs both GEMMs in it. With fp32 compute (CPU) this is the same math as autodiff.
+Same function as `token_nll(GPT(idx))` (docs/architecture.md §Forward step 6: `z = x @ W` in the compute dtype, cast
+to fp32, `s = cap * tanh(z / cap)`, `nll = logsumexp(s) - s[target]`), written with a hand-made VJP because autodiff
+of that chain is the single largest cost of a step on a GPU: measured on an H100 (nanochat-d12, batch 32 x 2048,
+vocab 32768) it moved six fp32 (B, T, V) tensors through memory and ran both backward GEMMs in fp32 (the cotangent
+of an fp32 matmul output), 38% of the step. Here the forward keeps only z (compute dtype) and the per-token
+logsumexp; the backward forms dz = g * (softmax(s) - onehot) * (1 - tanh^2) in one pass, in the compute dtype, and
+runs both GEMMs in it. With fp32 compute (CPU) this is the same math as autodiff.
 
 Chunked (`chunk > 0`, `model.loss_chunk`): even fused, the head holds (N, V) logits for all N tokens of the
 micro-batch: z saved for the backward, then dz and the fp32 temporaries that form it. When that is the memory
@@ -28,7 +28,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-F32 = jnp.float32
+from jaxchat.dtypes import F32
 
 
 def _capped(z, cap: float):

@@ -1,4 +1,4 @@
-"""MLP variants, chosen by name through a small registry (SPEC §2).
+"""MLP variants, chosen by name through a small registry (docs/architecture.md §MLP).
 
 | name            | y =                                                           | params per layer          |
 |-----------------|---------------------------------------------------------------|---------------------------|
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-F32 = jnp.float32
+from jaxchat.dtypes import F32
 
 
 def _param(*shape):

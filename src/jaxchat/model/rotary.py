@@ -34,10 +34,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxchat.config import ROPE_NORM_IMPLS, ConfigError
-
-F32 = jnp.float32
+from jaxchat.dtypes import F32
+from jaxchat.model.attention import cuda_compute_capability
 
 
 def rope_tables(pos: jax.Array, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
@@ -87,8 +89,6 @@ def pallas_unsupported(x_shape, dtype) -> str | None:
 
 def pallas_gpu_unavailable() -> str | None:
     """Why the Pallas GPU kernel cannot run in this process (no CUDA GPU), or None."""
-    from jaxchat.model.attention import cuda_compute_capability
-
     return "no CUDA GPU is visible to JAX" if cuda_compute_capability() is None else None
 
 
@@ -179,9 +179,6 @@ def _per_batch_shard(kernel: str, eps: float, scale: float, interpret: bool):
     own rows (the tables replicated), where a bare pallas_call, which has no partitioning rule, would have its
     inputs gathered onto every device. Any sharding of the other axes is undone first (jaxchat shards only the
     batch)."""
-    from jax.experimental.custom_partitioning import custom_partitioning
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
     run = _single_device_op(kernel, eps, scale, interpret)
     n_rows = 1 if kernel == "fwd" else 2
 

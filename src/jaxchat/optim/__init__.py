@@ -2,7 +2,7 @@
 
 - `adamw.py`: the seed cards' recipe (AdamW over everything, warmup-cosine, global-norm clipping);
 - `muon.py`, `groups.py`, `schedules.py`, `scaling.py`: nanochat's recipe (Muon for block matrices, six AdamW
-  groups, its schedules, and the depth/batch scaling rules behind `jaxchat plan`).
+  groups, its schedules, and the depth/batch scaling rules that jaxchat/plan.py applies).
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ import json
 import optax
 
 from jaxchat.config import Config
+from jaxchat.model.accounting import param_shapes
+from jaxchat.optim import schedules
 from jaxchat.optim.adamw import adamw, warmup_cosine
+from jaxchat.optim.groups import nanochat_optimizer
 
 
 def muon_overrides(cfg: Config) -> dict:
@@ -26,11 +29,8 @@ def build_optimizer(cfg: Config, params=None) -> optax.GradientTransformation:
         if cfg.train.num_steps < 1:
             raise ValueError("build_optimizer needs a concrete num_steps: call jaxchat.plan.resolve first")
         return adamw(cfg.optim, cfg.train.num_steps)
-    from jaxchat.optim.groups import nanochat_optimizer
-    from jaxchat.optim.scaling import abstract_state
-
     if params is None:
-        params = abstract_state(cfg.model)
+        params = param_shapes(cfg.model)
     if not cfg.train.resolved:
         raise ValueError("build_optimizer needs concrete num_steps and batch_size: call jaxchat.plan.resolve first")
     batch_tokens = cfg.train.batch_size * cfg.model.sequence_len
@@ -44,8 +44,6 @@ def lr_at(cfg: Config, step: int) -> float:
     """The peak-relative learning rate at `step` (AdamW: absolute lr; Muon recipe: the lr multiplier)."""
     if cfg.optim.optimizer == "adamw":
         return float(warmup_cosine(cfg.optim, cfg.train.num_steps)(step))
-    from jaxchat.optim import schedules
-
     sched = {k: v for k, v in muon_overrides(cfg).items() if k in ("warmup_steps", "warmdown_ratio", "final_lr_frac")}
     return float(schedules.lr_multiplier(step, cfg.train.num_steps, **sched))
 

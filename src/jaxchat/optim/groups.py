@@ -1,4 +1,4 @@
-"""nanochat's optimizer: six AdamW groups and Muon, one optax.multi_transform (SPEC §3).
+"""nanochat's optimizer: six AdamW groups and Muon, one optax.multi_transform (docs/architecture.md §Optimizer).
 
 | group          | parameters                                     | peak lr (x sqrt(B/2^19))  | betas        | wd    |
 |----------------|------------------------------------------------|---------------------------|--------------|-------|
@@ -17,18 +17,18 @@ decoupled decay (p <- p - lr (adam + wd p), as nanochat's p *= 1 - lr wd). Every
 from 0.28 s at step 0). The AdamW decays are constants, as in nanochat (only Muon's `--weight-decay` is scaled
 and scheduled there); their effective decay lr * wd still follows the lr schedule.
 
-Choices this file makes where SPEC is silent:
+Choices this file makes where docs/architecture.md is silent:
 - yatnmn's c_fc bias (4C,), alpha (1,) and eps_raw `epsilon_param` (1,) are not matrices: they join `scalars`
   (the non-matrix, zero-decay group of gates and gains like smear_lambda; no decay on biases and gains).
 - Tied embeddings (no lm_head): the shared `wte` keeps the `wte` group's hyperparameters by default, as
   modded-nanogpt's tied records gave the tied matrix the embedding lr; `overrides={"tied_wte_group":
   "lm_head"}` gives it lm_head's instead.
-- SPEC says "all lrs x sqrt(B/2^19)": the scalars group (0.2) is scaled too.
+- "every lr x sqrt(B/2^19)" (docs/architecture.md §Scaling): the scalars group (0.2) is scaled too.
 
 `overrides` (all optional): {"<adamw group>": {"lr", "betas", "wd"}} (base values, before width and batch
 scaling), {"muon": {"lr", "wd", "beta2", "ns_steps", "ns_dtype"}}, "warmup_steps", "warmdown_ratio",
-"final_lr_frac", "ratio" (tokens:params ratio of the horizon, default 12; used for the decay scaling),
-"tied_wte_group".
+"final_lr_frac", "ratio" (tokens:params ratio of the horizon, default scaling.DEFAULT_RATIO = 12; used for the
+decay scaling), "tied_wte_group".
 """
 
 from __future__ import annotations
@@ -40,14 +40,15 @@ import jax.numpy as jnp
 import optax
 
 from jaxchat.config import ModelConfig
+from jaxchat.model.gpt import param_path
 from jaxchat.optim import schedules
 from jaxchat.optim.muon import muon
-from jaxchat.optim.scaling import lr_scale, weight_decay_scale
+from jaxchat.optim.scaling import DEFAULT_RATIO, lr_scale, weight_decay_scale
 
 ADAMW_GROUPS = ("lm_head", "wte", "value_embeds", "resid_lambdas", "x0_lambdas", "scalars")
 GROUPS = ADAMW_GROUPS + ("muon",)
 
-# Base hyperparameters (SPEC §3); `width` marks the (C/768)^-0.5 scaling.
+# Base hyperparameters (docs/architecture.md §Optimizer); `width` marks the (C/768)^-0.5 scaling.
 ADAMW_BASE = {
     "lm_head": dict(lr=0.008, betas=(0.8, 0.96), wd=0.01, width=True),
     "wte": dict(lr=0.3, betas=(0.8, 0.995), wd=0.001, width=True),
@@ -65,20 +66,6 @@ _TOP_KEYS = ("warmup_steps", "warmdown_ratio", "final_lr_frac", "ratio", "tied_w
 
 class ParamGroupError(ValueError):
     """A parameter matches no optimizer group."""
-
-
-def _key(k) -> str:
-    for attr in ("key", "idx", "name"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
-def param_path(keypath) -> tuple[str, ...]:
-    """A jax key path as a tuple of strings, without the trailing `.value` of an nnx Variable."""
-    if keypath and isinstance(keypath[-1], jax.tree_util.GetAttrKey) and keypath[-1].name == "value":
-        keypath = keypath[:-1]
-    return tuple(_key(k) for k in keypath)
 
 
 def group_of(path: tuple[str, ...], shape: tuple[int, ...]) -> str:
@@ -136,7 +123,7 @@ def group_hparams(model_cfg: ModelConfig, batch_tokens: int, overrides: dict | N
         out["wte"] = dict(out["lm_head"])
     m = {**MUON_BASE, **o.get("muon", {})}
     out["muon"] = dict(kind="muon", lr=m["lr"] * s,
-                       wd=m["wd"] * weight_decay_scale(model_cfg, batch_tokens, o.get("ratio", 12)),
+                       wd=m["wd"] * weight_decay_scale(model_cfg, batch_tokens, o.get("ratio", DEFAULT_RATIO)),
                        beta2=m["beta2"], ns_steps=m["ns_steps"], ns_dtype=m["ns_dtype"])
     return out
 
@@ -196,4 +183,4 @@ def describe_groups(params_state, model_cfg: ModelConfig, num_steps: int, batch_
 
 
 __all__ = ["GROUPS", "ADAMW_GROUPS", "ParamGroupError", "assign_groups", "group_of", "group_hparams",
-           "nanochat_optimizer", "describe_groups", "param_path"]
+           "nanochat_optimizer", "describe_groups"]

@@ -1,4 +1,5 @@
-"""Muon as nanochat runs it (SPEC §3), an optax GradientTransformation for 2-D (in, out) kernels.
+"""Muon as nanochat runs it (docs/architecture.md §Optimizer), an optax GradientTransformation for 2-D (in, out)
+kernels.
 
 Written by hand because optax's `contrib.muon` has neither Polar Express, NorMuon nor cautious weight decay.
 One update, per matrix P with gradient G (lr, momentum m, wd may be schedules of the step count):
@@ -40,7 +41,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-F32 = jnp.float32
+from jaxchat.dtypes import F32
+
 
 # Polar Express (Amsel, Persson, Musco, Gower 2025; num_iters=5, safety 2e-2, cushion 2), as in nanochat.
 POLAR_EXPRESS_COEFFS = (

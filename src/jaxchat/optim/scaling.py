@@ -1,18 +1,19 @@
-"""Scaling from depth (SPEC §3), nanochat's `base_train` arithmetic, from parameter shapes alone.
+"""Scaling from depth (docs/architecture.md §Scaling): nanochat's `base_train` rules, from parameter shapes alone.
+The planner (jaxchat/plan.py) applies them to a run's config.
 
 - Shape: C = ceil(64 * depth / 128) * 128, head_dim D = 128, H = K = C / 128 (`nanochat_shape`).
 - Scaling params N = block matrices (every 2-D kernel inside `blocks`, ve_gate included) + lm_head (with tied
   embeddings the shared `wte` is the unembedding matrix and is counted in lm_head's place). yatnmn's bias,
   alpha and eps are vectors, not block matrices, and are left out.
-- Token horizon ("D" in SPEC's formulas, *tokens*, not depth): D = int(ratio * N); the d12 reference is
+- Token horizon ("D" in the formulas, *tokens*, not depth): D = int(ratio * N); the d12 reference is
   D_d12 = ratio * N(d12), where d12 is the same config family at nanochat's depth-12 shape (C 768, H 6).
   The ratio cancels in D / D_d12, so batch and weight decay depend only on N / N(d12).
 - Total batch (Power Lines, B ~ D^0.383): B = 2^round(log2(2^19 * (D / D_d12)^0.383)) tokens.
 - Every lr x sqrt(B / 2^19). Muon's weight decay (0.28) x sqrt(B / 2^19) * D_d12 / D (the T_epoch rule).
   nanochat scales only Muon's decay this way; the AdamW groups keep their constant decays (see groups.py).
-- Horizon precedence: num_iterations > 0, else target_flops > 0 (steps = round(F / (flops_per_token * B))),
-  else steps = D // B (floor, as nanochat). Batch size is always derived from the ratio horizon D.
-- FLOPs per token (SPEC §1) come from `jaxchat.model.accounting`.
+- Horizon precedence (plan.py): num_steps > 0, else target_flops > 0 (steps = round(F / (flops_per_token * B)),
+  FLOPs per token from `jaxchat.model.accounting`), else steps = D // B (floor, as nanochat). Batch size is always
+  derived from the ratio horizon D.
 
 Checked numbers (vocab 32768, seq 2048): d12 ratio 12 -> B 524,288, 2,520 steps, 1.32B tokens; d20 ratio 12 ->
 B 1,048,576, 4,980 steps; d24 ratio 8 -> B 1,048,576, 5,568 steps, 5.84B tokens, 2.79e19 FLOPs.
@@ -27,8 +28,10 @@ from dataclasses import replace
 from flax import nnx
 
 from jaxchat.config import ModelConfig
+from jaxchat.model.accounting import param_shapes
 
 B_REF = 2**19  # tokens: nanochat's measured optimal batch at d12
+DEFAULT_RATIO = 12  # tokens per scaling parameter when a run sets no train.target_param_data_ratio
 BATCH_EXPONENT = 0.383
 REF_DEPTH = 12
 ASPECT_RATIO = 64
@@ -52,25 +55,13 @@ def reference_config(cfg: ModelConfig) -> ModelConfig:
 
 
 @functools.lru_cache(maxsize=32)
-def abstract_state(cfg: ModelConfig) -> nnx.State:
-    """The nnx.Param state of GPT(cfg) as ShapeDtypeStructs (nnx.eval_shape: nothing is allocated)."""
-    from jaxchat.model.gpt import GPT  # deferred: the model imports nothing from optim
-
-    return nnx.state(nnx.eval_shape(lambda: GPT(cfg)), nnx.Param)
-
-
-def _size(shape) -> int:
-    return math.prod(shape)
-
-
-@functools.lru_cache(maxsize=32)
 def scaling_params(cfg: ModelConfig) -> int:
     """Block matrices + lm_head (the tied wte when embeddings are tied): nanochat's scaling-law N."""
     n = 0
-    for path, v in nnx.to_flat_state(abstract_state(cfg)):
+    for path, v in nnx.to_flat_state(param_shapes(cfg)):
         head = path[0] == "lm_head" or (cfg.tie_embeddings and path[0] == "wte")
         if head or (path[0] == "blocks" and len(v.shape) == 2):
-            n += _size(v.shape)
+            n += math.prod(v.shape)
     return n
 
 
@@ -84,7 +75,7 @@ def reference_tokens(cfg: ModelConfig, ratio: float) -> float:
     return ratio * scaling_params(reference_config(cfg))
 
 
-def auto_batch_tokens(cfg: ModelConfig, ratio: float = 12) -> int:
+def auto_batch_tokens(cfg: ModelConfig, ratio: float = DEFAULT_RATIO) -> int:
     """B = 2^round(log2(2^19 * (D / D_d12)^0.383))."""
     if ratio <= 0:
         raise ValueError(f"ratio={ratio}: the automatic batch size needs a positive tokens:params ratio; "
@@ -98,53 +89,12 @@ def lr_scale(batch_tokens: int) -> float:
     return math.sqrt(batch_tokens / B_REF)
 
 
-def weight_decay_scale(cfg: ModelConfig, batch_tokens: int, ratio: float = 12) -> float:
-    """sqrt(B / 2^19) * D_d12 / D, applied to Muon's weight decay (a ratio <= 0 falls back to 12: the ratio
-    cancels in D_d12 / D up to nanochat's int() rounding of D)."""
-    ratio = ratio if ratio > 0 else 12
+def weight_decay_scale(cfg: ModelConfig, batch_tokens: int, ratio: float = DEFAULT_RATIO) -> float:
+    """sqrt(B / 2^19) * D_d12 / D, applied to Muon's weight decay (a ratio <= 0 falls back to DEFAULT_RATIO: the
+    ratio cancels in D_d12 / D up to nanochat's int() rounding of D)."""
+    ratio = ratio if ratio > 0 else DEFAULT_RATIO
     return math.sqrt(batch_tokens / B_REF) * reference_tokens(cfg, ratio) / target_tokens(cfg, ratio)
 
 
-def make_plan(model_cfg: ModelConfig, device_batch_size: int, seq_len: int, devices: int = 1,
-              num_iterations: int = -1, target_flops: float = -1, ratio: float = 12, total_batch_size: int = -1,
-              overrides: dict | None = None) -> dict:
-    """The whole run plan: batch, accumulation, steps, tokens, FLOPs and every group's peak lr and wd.
-
-    total_batch_size = -1 picks B automatically from the ratio horizon (nanochat's default)."""
-    from jaxchat.model.accounting import count
-    from jaxchat.optim.groups import describe_groups
-
-    cfg = replace(model_cfg, sequence_len=seq_len)
-    B = auto_batch_tokens(cfg, ratio) if total_batch_size == -1 else int(total_batch_size)
-    per_micro = device_batch_size * seq_len * devices
-    if B % per_micro:
-        raise ValueError(f"total batch {B:,} tokens is not a multiple of device_batch_size x seq_len x devices = "
-                         f"{device_batch_size} x {seq_len} x {devices} = {per_micro:,}: pick a device_batch_size "
-                         f"that divides {B // math.gcd(B, seq_len * devices):,}")
-    flops_per_token = count(cfg).flops["total"]
-    if num_iterations > 0:
-        steps, horizon = int(num_iterations), "num_iterations"
-    elif target_flops > 0:
-        steps, horizon = round(target_flops / (flops_per_token * B)), "target_flops"
-    elif ratio > 0:
-        steps, horizon = target_tokens(cfg, ratio) // B, "ratio"
-    else:
-        raise ValueError("no training horizon: set num_iterations, target_flops or a positive ratio")
-    n_scaling = scaling_params(cfg)
-    tokens = B * steps
-    return {
-        "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_head": cfg.n_head, "n_kv_head": cfg.n_kv_head,
-        "scaling_params": n_scaling, "reference_scaling_params": scaling_params(reference_config(cfg)),
-        "ratio": ratio, "target_tokens": target_tokens(cfg, ratio) if ratio > 0 else None,
-        "total_batch_tokens": B, "batch_auto": total_batch_size == -1,
-        "tokens_per_micro_batch": per_micro, "grad_accum_steps": B // per_micro,
-        "horizon": horizon, "num_steps": steps, "total_tokens": tokens,
-        "tokens_per_scaling_param": tokens / n_scaling,
-        "flops_per_token": flops_per_token, "total_flops": flops_per_token * tokens,
-        "lr_scale": lr_scale(B),
-        "groups": describe_groups(abstract_state(cfg), cfg, steps, B, {"ratio": ratio, **(overrides or {})}),
-    }
-
-
 __all__ = ["nanochat_shape", "nanochat_config", "reference_config", "scaling_params", "target_tokens",
-           "auto_batch_tokens", "lr_scale", "weight_decay_scale", "make_plan", "abstract_state", "B_REF"]
+           "auto_batch_tokens", "lr_scale", "weight_decay_scale", "B_REF", "DEFAULT_RATIO"]

@@ -1,5 +1,5 @@
-"""nanochat's training schedules (SPEC §3), as functions of (step, num_steps) that accept Python ints or jnp
-scalars (so they run inside a jitted optax update, where `step` is the optimizer's count).
+"""nanochat's training schedules (docs/architecture.md §Schedules), as functions of (step, num_steps) that accept
+Python ints or jnp scalars (so they run inside a jitted optax update, where `step` is the optimizer's count).
 
 `step` is 0-based: the first optimizer update uses step 0, exactly as nanochat's loop, which sets the group
 hyperparameters from `step` before calling `optimizer.step()`. `num_steps` (N) is a Python int.
@@ -31,7 +31,8 @@ import math
 
 import jax.numpy as jnp
 
-F32 = jnp.float32
+from jaxchat.dtypes import F32
+
 
 WARMUP_STEPS = 40
 WARMDOWN_RATIO = 0.65
