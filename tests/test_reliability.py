@@ -326,6 +326,15 @@ def test_restart_accounting_counts_a_killed_resume(tmp_path):
     assert prior == {"train": 7.0, "restarts": 3.0 + 13.0}  # 3 s before, and resume 1's life to step 13
 
 
+def test_a_resume_removes_the_temporaries_of_a_killed_write(run, capsys):
+    for name in ("config.json.tmp4242", "summary.json.tmp77"):
+        (run / name).write_text("{half")
+    (run / "mine.tmp1").write_text("not jaxchat's")
+    assert main(["train", "--resume", "--run-dir", str(run)]) == 0
+    assert "removed 2 temporary file(s) of a write that never finished" in capsys.readouterr().out
+    assert sorted(p.name for p in run.iterdir() if ".tmp" in p.name) == ["mine.tmp1"]
+
+
 def test_a_killed_pack_leaves_no_temporary_file_after_the_rerun(run, tmp_path):
     (tmp_path / "docs").mkdir()
     for i in range(40):

@@ -32,7 +32,6 @@ from pathlib import Path
 import flax
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxchat import cpu_runtime
 from jaxchat.config import ATTENTION_BACKENDS, ConfigError, apply_overrides
@@ -43,7 +42,7 @@ from jaxchat.model.scan import describe as describe_layers
 from jaxchat.plan import resolve
 from jaxchat.presets import get_preset
 from jaxchat.run import Run
-from jaxchat.train import batch_sharding, init_state, make_train_step, shaped_batch, step_compiler_options
+from jaxchat.train import batch_sharding, init_state, make_train_step, replicated, shaped_batch, step_compiler_options
 
 HEADER = ("| date | commit | device | jax / flax | preset | config deltas | batch | seq | dtype | backend | "
           "tok/s | MFU | peak mem | compile s | step ms | notes |")
@@ -144,7 +143,7 @@ def run_bench(preset: str, cfg, base=None, *, steps: int = 10, warmup: int = 2, 
     kernels = resolved_kernels(m)
 
     t0 = time.perf_counter()
-    state = jax.device_put(init_state(fns, optimizer, seed), NamedSharding(mesh, P()))
+    state = jax.device_put(init_state(fns, optimizer, seed), replicated(mesh))
     tokens = jax.random.randint(jax.random.key(seed + 1), (B, T + 1), 0, m.vocab_size, jnp.int32)
     batch = jax.device_put(shaped_batch(tokens[:, :-1], tokens[:, 1:], cfg.train.grad_accum), batch_sharding(mesh))
     jax.block_until_ready((state, batch))

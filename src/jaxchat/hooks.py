@@ -12,14 +12,13 @@ import time
 from pathlib import Path
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxchat.clock import PARTS
 from jaxchat.display import Progress, format_mfu
 from jaxchat.evaluate import evaluate
 from jaxchat.fileio import append_jsonl, read_jsonl
 from jaxchat.model.accounting import mfu
-from jaxchat.train import NonFiniteError
+from jaxchat.train import NonFiniteError, rows_sharding
 
 
 class MetricsLog:
@@ -98,8 +97,7 @@ class Evaluate:
     def measure(self, step: int, state) -> dict:
         run = self.run
         with run.clock("eval"):
-            out = evaluate(self.eval_step, state["params"], self.rows, run.micro,
-                           NamedSharding(run.mesh, P("data", None)))
+            out = evaluate(self.eval_step, state["params"], self.rows, run.micro, rows_sharding(run.mesh))
         if step not in self.metrics.evaluated:
             self.metrics({"step": step, **out})
         return out

@@ -23,7 +23,7 @@ from jaxchat.config import EXECUTION_FIELDS, Config, ConfigError, resolve_comput
 from jaxchat.data import Tokenizer
 from jaxchat.distributed import together
 from jaxchat.fileio import append_jsonl, read_jsonl, write_json_atomic
-from jaxchat.rundir import is_marked, mark_run_dir, reconcile_metrics
+from jaxchat.rundir import is_marked, mark_run_dir, reconcile_metrics, remove_stale_temporaries
 
 
 def check_resume_config(cfg: Config, saved: Config, batch: bool = True) -> None:
@@ -97,6 +97,10 @@ def _write_repair(run_dir: Path, step: int, ckpt: Checkpointer, ds, rec: dict, h
     if not (run_dir / "data.json").is_file():
         write_json_atomic(run_dir / "data.json", {k: v for k, v in ds.info.items() if k != "timings_s"})
     removed = remove_debris(run_dir)
+    temporaries = remove_stale_temporaries(run_dir)
+    if temporaries:
+        log(f"resume: removed {len(temporaries)} temporary file(s) of a write that never finished: "
+            f"{', '.join(temporaries)}")
     if removed:
         log(f"resume: removed {len(removed)} incomplete checkpoint(s) left by an interrupted save: "
             f"{', '.join(removed)} (never committed; Orbax renames a step into place only when it is complete)")

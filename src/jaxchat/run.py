@@ -31,7 +31,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from jaxchat.cache import cache_dir
 from jaxchat.checkpoint import Checkpointer
@@ -44,7 +44,7 @@ from jaxchat.optim import build_optimizer
 from jaxchat.plan import resolve
 from jaxchat.resume import check_resume_config, check_run_tokenizer, load_run_tokenizer, repair, restore_latest
 from jaxchat.rundir import check_run_dir, load_run_config, lock_run_dir, start_run_dir
-from jaxchat.train import ModelFns, abstract_state, check_batch_fits, init_state, make_mesh, one_device
+from jaxchat.train import ModelFns, abstract_state, check_batch_fits, init_state, make_mesh, one_device, replicated
 
 
 def load_dataset(cfg: Config, log=print):
@@ -113,7 +113,7 @@ class Run:
         micro = check_batch_fits(cfg, mesh.size)
         fns = ModelFns(cfg)
         optimizer = build_optimizer(cfg, None)
-        abstract = abstract_state(fns, optimizer, sharding or NamedSharding(mesh, P()))
+        abstract = abstract_state(fns, optimizer, sharding or replicated(mesh))
         return cls(cfg, mesh, micro, fns, optimizer, abstract, log=log)
 
     def check_forward(self) -> None:
@@ -126,7 +126,7 @@ class Run:
     def init_state(self) -> dict:
         seed = self.cfg.train.init_seed
         return jax.jit(lambda: init_state(self.fns, self.optimizer, seed),
-                       out_shardings=NamedSharding(self.mesh, P()))()
+                       out_shardings=replicated(self.mesh))()
 
     @classmethod
     def start(cls, cfg: Config, run_dir: str | Path, resume: bool = False, force: bool = False, log=print) -> "Run":
@@ -205,7 +205,7 @@ class Run:
             state, _ = ckpt.restore(abstract, step)
         finally:
             ckpt.close()
-        mesh = Mesh([jax.devices()[0]], ("data",))
+        mesh = make_mesh(jax.devices()[:1])
         return cls(cfg, mesh, cfg.train.batch_size // cfg.train.grad_accum, fns, optimizer, abstract, state=state,
                    run_dir=run_dir, tokenizer=tokenizer)
 

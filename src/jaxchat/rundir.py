@@ -49,6 +49,15 @@ def _owned(name: str) -> bool:
     return name in OWNED or any(name.startswith(o + ".tmp") for o in OWNED)
 
 
+def remove_stale_temporaries(run_dir: Path) -> list[str]:
+    """Delete the temporaries of atomic writes a killed process left (NAME.tmpPID of a name jaxchat writes);
+    returns their names. Call only while holding the run's lock (a live writer's temporary looks the same)."""
+    stale = [p for p in Path(run_dir).iterdir() if _owned(p.name) and p.name not in OWNED and p.is_file()]
+    for p in stale:
+        p.unlink()
+    return sorted(p.name for p in stale)
+
+
 def clear_run_dir(run_dir: Path) -> list[str]:
     """Delete what jaxchat wrote in a marked run directory (the marker last, so a kill midway leaves it a run);
     returns the names of the entries it kept (files jaxchat did not write)."""

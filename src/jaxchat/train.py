@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxchat.config import Config, ConfigError
-from jaxchat.model.attention import cuda_compute_capability
+from jaxchat.model.attention import DATA_AXIS, cuda_compute_capability
 from jaxchat.model.gpt import GPT, param_dict
 
 
@@ -69,13 +69,21 @@ class ModelFns:
         return self.module(params)(idx)
 
 
-def make_mesh() -> Mesh:
-    """A 1-D data-parallel mesh over every local device (one device is a mesh of size one)."""
-    return Mesh(np.array(jax.devices()), ("data",))
+def make_mesh(devices=None) -> Mesh:
+    """A 1-D data-parallel mesh over `devices` (default: every device; one device is a mesh of size one)."""
+    return Mesh(np.array(devices or jax.devices()), (DATA_AXIS,))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(None, "data", None))  # (accum, batch, time): batch split over devices
+    return NamedSharding(mesh, P(None, DATA_AXIS, None))  # (accum, batch, time): batch split over devices
+
+
+def rows_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(DATA_AXIS, None))  # (batch, time): evaluation rows split over devices
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())  # params and optimizer moments: a whole copy on every device
 
 
 def check_batch_fits(cfg: Config, n_devices: int) -> int:
