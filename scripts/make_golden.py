@@ -43,7 +43,7 @@ def environment(run_dir: Path) -> dict:
     import jax
     import jaxlib
 
-    from jaxchat.bench import cpu_vector_isa
+    from jaxchat.environment import cpu_vector_isa
 
     data = json.loads((run_dir / "data.json").read_text())
     return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "backend": jax.default_backend(),

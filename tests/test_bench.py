@@ -12,7 +12,7 @@ import sys
 import pytest
 from conftest import ROOT, child_env
 
-from jaxchat import bench, cli
+from jaxchat import bench, cli, environment
 from jaxchat.config import ConfigError
 
 MICRO = ["--preset", "tiny", "--set", "model.n_layer=2", "--set", "model.n_embd=64", "--set", "model.n_kv_head=1",
@@ -127,7 +127,7 @@ def test_accum_makes_a_step_of_several_micro_batches():
 
 def test_commit_label_can_be_given(monkeypatch):
     monkeypatch.setenv("JAXCHAT_COMMIT", "abc1234-dirty")
-    assert bench.git_commit() == "abc1234-dirty"
+    assert environment.git_commit() == "abc1234-dirty"
 
 
 def test_bad_preset_is_a_user_error(capsys):

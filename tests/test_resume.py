@@ -114,7 +114,7 @@ def same_build(env: dict) -> bool:
     backend and, on CPU, the same vector ISA (XLA:CPU emits AVX-512 or AVX2 code, which rounds differently)."""
     import jaxlib
 
-    from jaxchat.bench import cpu_vector_isa
+    from jaxchat.environment import cpu_vector_isa
 
     here = (jax.__version__, jaxlib.__version__, jax.default_backend())
     if here != (env["jax"], env["jaxlib"], env["backend"]):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,6 +35,7 @@ import jax.numpy as jnp
 from jaxchat import cpu_runtime
 from jaxchat.config import ATTENTION_BACKENDS, ConfigError, apply_overrides
 from jaxchat.dryrun import peak_bytes
+from jaxchat.environment import device_label, git_commit
 from jaxchat.model.accounting import count, device_peak_flops, mfu
 from jaxchat.model.gpt import resolved_kernels
 from jaxchat.model.scan import describe as describe_layers
@@ -49,21 +49,6 @@ HEADER = ("| date | commit | device | jax / flax | preset | config deltas | batc
 # keys that have their own column, left out of "config deltas"
 OWN_COLUMNS = ("model.sequence_len", "model.compute_dtype", "model.attention", "train.batch_size", "train.grad_accum",
                "train.device_batch_size", "train.num_steps")  # the last three: bench times one micro-batch per step
-
-
-def git_commit(root: Path | None = None) -> str:
-    """`git rev-parse --short HEAD`, plus -dirty when tracked files differ; $JAXCHAT_COMMIT wins (for machines
-    that get a copy of the tree without .git). Read-only: `--no-optional-locks` keeps git off the index."""
-    if os.environ.get("JAXCHAT_COMMIT"):
-        return os.environ["JAXCHAT_COMMIT"]
-    root = root or Path(__file__).resolve().parents[2]
-    try:
-        run = lambda *a: subprocess.run(["git", "--no-optional-locks", "-C", str(root), *a], capture_output=True,
-                                        text=True, timeout=10, check=True).stdout.strip()
-        sha = run("rev-parse", "--short", "HEAD")
-        return sha + ("-dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def flat(cfg) -> dict:
@@ -93,30 +78,6 @@ def bench_config(preset: str, sets: list[str], batch: int | None = None, seq: in
              f"model.sequence_len={seq}" if seq else None, f"model.attention={backend}" if backend else None,
              f"model.compute_dtype={dtype}" if dtype else None]
     return base, apply_overrides(cfg, [e for e in extra if e])
-
-
-def cpu_vector_isa() -> str:
-    """The widest vector extensions of this x86 CPU (XLA:CPU generates code for them, so float results and
-    speed depend on it): 'avx512' (+ '-bf16' / '-fp16'), 'avx2', 'avx', or '' where /proc/cpuinfo says nothing."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
-    except OSError:
-        return ""
-    for isa in ("avx512f", "avx2", "avx"):
-        if isa in flags:
-            extra = [x for x in ("avx512_bf16", "avx512_fp16", "amx_tile") if x in flags] if isa == "avx512f" else []
-            return "-".join([isa.removesuffix("f")] + [x.split("_")[-1] for x in extra])
-    return ""
-
-
-def device_label() -> str:
-    devs = jax.devices()
-    kind = devs[0].device_kind
-    if devs[0].platform == "cpu":
-        isa = cpu_vector_isa()
-        kind = f"cpu ({os.cpu_count()} cores{', ' + isa if isa else ''})"
-    return kind + (f" x{len(devs)}" if len(devs) > 1 else "")
 
 
 def peak_device_memory() -> int | None:

@@ -1,4 +1,5 @@
-"""`jaxchat train | eval | sample | params | presets`.
+"""`jaxchat train | eval | sample | params | plan | presets`, and the commands other modules register (data,
+tokenizer, import, export, bench, sweep, report).
 
 Errors a user can fix (bad config, missing run, wrong checkpoint) print one message and exit with status 2;
 Ctrl-C prints where the command stopped and exits with 130; anything else is a bug and keeps its traceback.
@@ -23,6 +24,7 @@ from jaxchat.data.commands import add_parsers as add_data_parsers
 from jaxchat.distributed import JobError, initialize
 from jaxchat.dryrun import dry_run, parse_bytes
 from jaxchat.evaluate import compressor_bpb, eval_rows, evaluate, make_eval_step, target_bytes
+from jaxchat.experiments.commands import add_parsers as add_experiment_parsers
 from jaxchat.interop.commands import add_parsers as add_interop_parsers
 from jaxchat.interop.common import InteropError
 from jaxchat.loop import Interrupted, run_training
@@ -199,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_interop_parsers(sub)  # import flaxchat|nanochat, export
     add_data_parsers(sub)  # data prepare|pack|info|verify, tokenizer train|eval
     bench.add_parsers(sub)  # bench
+    add_experiment_parsers(sub)  # sweep, report
     return p
 
 

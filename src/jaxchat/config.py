@@ -44,6 +44,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj", "sav
 # on them, so a run may resume with other values (results then differ only by rounding).
 EXECUTION_FIELDS = ("attention", "rope_norm", "scan_layers", "remat", "loss_chunk")
 DTYPES = ("auto", "float32", "bfloat16")  # auto: bfloat16 on a GPU/TPU, float32 on CPU (resolve_compute_dtype)
+TRACKERS = ("tensorboard", "wandb")  # train.trackers: see trackers.py
 
 
 @dataclass(frozen=True)
@@ -213,10 +214,17 @@ class TrainConfig:
     nonfinite: str = "halt"  # NaN/Inf loss or gradient: "halt" (stop, nothing corrupt saved) or "skip" the step
     keep_last: int = 2  # checkpoints kept: the latest keep_last (>= 2, so a bad latest one has a fallback) ...
     keep_every: int = 0  # ... plus every step divisible by keep_every, kept for good (0: none)
+    trackers: str = ""  # where metrics also go, comma-separated: tensorboard, wandb (metrics.jsonl always)
+    run_name: str = ""  # the run's name in the trackers (default: the run directory's name)
+    wandb_project: str = "jaxchat"
 
     @property
     def resolved(self) -> bool:
         return self.num_steps > 0 and self.batch_size > 0
+
+    @property
+    def tracker_names(self) -> list[str]:
+        return [t.strip() for t in self.trackers.split(",") if t.strip()]
 
     def __post_init__(self):
         for name in ("grad_accum", "log_every", "eval_tokens"):
@@ -240,6 +248,9 @@ class TrainConfig:
         _check(isinstance(self.keep_last, int) and self.keep_last >= 2,
                f"train.keep_last={self.keep_last!r} must be an integer >= 2: with one checkpoint, a latest step that "
                f"turns out unreadable leaves nothing to resume from. Use train.keep_every to keep more for good.")
+        unknown = [t for t in self.tracker_names if t not in TRACKERS]
+        _check(not unknown, f"train.trackers={self.trackers!r}: unknown tracker(s) {unknown}; choose from "
+                            f"{', '.join(TRACKERS)} (comma-separated), or '' for metrics.jsonl only")
         _check(isinstance(self.keep_every, int) and self.keep_every >= 0,
                f"train.keep_every={self.keep_every!r} must be >= 0 (0: keep only the last train.keep_last)")
         if self.keep_every:

@@ -18,20 +18,23 @@ from jaxchat.display import Progress, format_mfu
 from jaxchat.evaluate import evaluate
 from jaxchat.fileio import append_jsonl, read_jsonl
 from jaxchat.model.accounting import mfu
+from jaxchat.optim import lr_at
+from jaxchat.trackers import Trackers
 from jaxchat.train import NonFiniteError, rows_sharding
 
 
 class MetricsLog:
     """metrics.jsonl of a run: one record per step and per evaluation, stamped with the time and the process
-    (process 0 writes; the others only count)."""
+    (process 0 writes; the others only count), copied to the run's trackers (trackers.py)."""
 
-    def __init__(self, run_dir: Path, proc: float, write: bool):
-        self.path, self.proc, self.write = Path(run_dir) / "metrics.jsonl", proc, write
+    def __init__(self, run_dir: Path, proc: float, write: bool, trackers: Trackers):
+        self.path, self.proc, self.write, self.trackers = Path(run_dir) / "metrics.jsonl", proc, write, trackers
         self.evaluated = {r["step"] for r in read_jsonl(self.path)[0] if "val_loss" in r}  # (a resumed run's)
 
     def __call__(self, rec: dict) -> None:
         if self.write:
             append_jsonl(self.path, [{**rec, "time": round(time.time(), 3), "proc": self.proc}])
+            self.trackers.log(rec)
 
 
 class Reporter:
@@ -45,6 +48,8 @@ class Reporter:
         self.clock, self.metrics, self.progress, self.synchronous = run.clock, metrics, progress, synchronous
         self.pending = None
         self.busy = self._busy()
+        # AdamW (seed cards): the learning rate itself; nanochat's recipe: the multiplier of every group's lr
+        self.lr_key = "lr" if run.cfg.optim.optimizer == "adamw" else "lr_multiplier"
 
     def _busy(self) -> float:
         p = self.clock.read()
@@ -69,6 +74,7 @@ class Reporter:
         tps = cfg.train.batch_size * cfg.model.sequence_len / dt
         u = mfu(self.counts.flops["total"], tps, self.peak, self.n_dev)
         rec = {"step": step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+               self.lr_key: lr_at(cfg, step - 1),  # (the update that made step `step` is the optimizer's step - 1)
                "tok_per_s": round(tps, 1), "skipped": int(m["skipped"])}
         if u is not None:
             rec["mfu"] = round(u, 4)

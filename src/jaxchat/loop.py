@@ -26,6 +26,7 @@ from jaxchat.data import Prefetcher, get_batch
 from jaxchat.display import Progress, fmt_time
 from jaxchat.distributed import global_array, local_positions, over_processes
 from jaxchat.evaluate import compressor_bpb, eval_rows, make_eval_step, target_bytes
+from jaxchat.experiments.results import curve_summary, step_records
 from jaxchat.fileio import write_json_atomic
 from jaxchat.hooks import Evaluate, MetricsLog, Reporter, Save, due
 from jaxchat.model.accounting import count, device_peak_flops
@@ -34,6 +35,7 @@ from jaxchat.model.scan import describe as describe_layers
 from jaxchat.resume import continue_hint, out_of_memory_message
 from jaxchat.run import Run
 from jaxchat.sample import Sampler
+from jaxchat.trackers import Trackers
 from jaxchat.train import batch_sharding, make_train_step, shaped_batch, step_compiler_options
 
 DEFAULT_PROMPT = "def "
@@ -109,7 +111,8 @@ def train(run: Run, prompt: str = DEFAULT_PROMPT) -> dict:
         step_fn = make_train_step(run.fns, run.optimizer).lower(state, (batch_shape, batch_shape)).compile()
         eval_step = make_eval_step(run.fns, run.tokenizer.token_bytes())
     val = eval_rows(run.ds.val_rows, run.micro, cfg.train.eval_tokens)
-    metrics = MetricsLog(run.run_dir, run.proc, write=run.primary)
+    run.trackers = Trackers(cfg, run.run_dir, run.primary)  # (finished by _finish, or by run.close() on an error)
+    metrics = MetricsLog(run.run_dir, run.proc, run.primary, run.trackers)
     progress = Progress(steps, start, cfg.train.log_every, shown=run.primary)
     reporter = Reporter(run, counts, device_peak_flops(), metrics, progress, synchronous_dispatch())
     evaluate, save = Evaluate(run, eval_step, val, metrics, progress), Save(run)
@@ -173,12 +176,17 @@ def _finish(run: Run, state, evaluate: Evaluate, save: Save, val, counts, prompt
     parts = save.totals()
     wall = sum(parts.values())
     history = run.history
-    summary = {"step": steps, **final, **ref, "wall_s": round(wall, 2),
+    tokens = steps * cfg.train.batch_size * cfg.model.sequence_len
+    summary = {"step": steps, **curve_summary(step_records(run.run_dir)), **final, **ref, "tokens": tokens,
+               "model_flops": counts.flops["total"] * tokens, "wall_s": round(wall, 2),
+               "train_s": round(parts["train"] + parts["data"], 2),
+               "tokens_per_s": round(tokens / max(parts["train"] + parts["data"], 1e-9), 1),
                "time_s": {k: round(v, 2) for k, v in parts.items()},
                "process_wall_s": round(time.perf_counter() - clock.t0, 2), **history,
                "sample": sample, "params": counts.params["total"], "skipped_steps": int(state["skipped"])}
     if run.primary:
         write_json_atomic(run.run_dir / "summary.json", summary)
+    run.trackers.finish(summary)
     log(f"\nval loss {final['val_loss']:.4f} | val bpb {final['val_bpb']:.4f} (gzip -9: {ref['gzip_bpb']:.3f}, "
         f"xz -9e: {ref['xz_bpb']:.3f} bits/byte on the same {final['val_bytes']:,} bytes)")
     log("time: " + " | ".join(f"{k} {fmt_time(v)}" for k, v in parts.items()) + f" | total {fmt_time(wall)}"

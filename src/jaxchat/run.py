@@ -39,11 +39,13 @@ from jaxchat.clock import Clock
 from jaxchat.config import Config, ConfigError
 from jaxchat.data import Tokenizer, check_manifest, load_for_training
 from jaxchat.distributed import is_primary, together
+from jaxchat.environment import environment
 from jaxchat.fileio import write_json_atomic
 from jaxchat.optim import build_optimizer
 from jaxchat.plan import resolve
 from jaxchat.resume import check_resume_config, check_run_tokenizer, load_run_tokenizer, repair, restore_latest
 from jaxchat.rundir import check_run_dir, load_run_config, lock_run_dir, start_run_dir
+from jaxchat.trackers import Trackers, check_trackers
 from jaxchat.train import ModelFns, abstract_state, check_batch_fits, init_state, make_mesh, one_device, replicated
 
 
@@ -103,6 +105,7 @@ class Run:
     prior: dict = field(default_factory=dict)  # wall-time split of the run before this process (resume.py)
     history: dict = field(default_factory=lambda: {"restarts": 0, "lost_steps": 0})
     lock: int | None = None         # the run directory's lock (rundir.lock_run_dir), held until close()
+    trackers: Trackers | None = None  # TensorBoard / W&B (trackers.py), opened by the loop
 
     @classmethod
     def build(cls, cfg: Config, mesh: Mesh | None = None, log=print, sharding=None) -> "Run":
@@ -142,6 +145,7 @@ class Run:
             if resume:
                 check_resume_config(run.cfg, load_run_config(run_dir), batch=False)  # (the checkpoint's: below)
             check_data_inputs(run.cfg)
+            check_trackers(run.cfg)
         try:
             run._open(resume, force)
         except BaseException:
@@ -185,6 +189,8 @@ class Run:
                     write_json_atomic(run_dir / "data.json",
                                       {k: v for k, v in self.ds.info.items() if k != "timings_s"})
             self.ckpt = Checkpointer(run_dir, keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every)
+        if self.primary:
+            write_json_atomic(run_dir / "environment.json", environment())  # (this process's; a resume rewrites it)
         if self.state is None:  # a new run, or a resumed one that never committed a checkpoint
             self.state = self.init_state()
 
@@ -214,8 +220,11 @@ class Run:
         return self.state["params"]
 
     def close(self) -> None:
-        """Finish an in-flight save (of a good state, even when training failed) and release the run's lock."""
+        """Finish the trackers and an in-flight save (of a good state, even when training failed) and release the
+        run's lock."""
         try:
+            if self.trackers is not None:
+                self.trackers.finish({})  # (a no-op once the loop has finished them with the summary)
             if self.ckpt is not None:
                 self.ckpt.close()
         finally:

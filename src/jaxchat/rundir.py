@@ -11,6 +11,8 @@ A run directory holds:
     metrics.discarded.jsonl records a killed process logged after its last checkpoint (moved here on resume)
     restarts.jsonl          one record per resume: debris removed, steps and seconds lost
     summary.json            the final numbers and the wall-time split
+    environment.json        what ran it: jaxchat version and commit, jax/flax/optax versions, devices, processes
+    tensorboard/, wandb/, trackers.json   the trackers' files (trackers.py), when asked for
     import.json             what `jaxchat import` mapped (imported runs)
     checkpoints/N/          Orbax checkpoint of step N (checkpoint.py)
 """
@@ -32,7 +34,8 @@ MARKER = ".jaxchat-run"
 # Every name jaxchat writes at the top of a run directory (and their atomic-write temporaries, NAME.tmpPID):
 # --force deletes these and nothing else.
 OWNED = (MARKER, "config.json", "tokenizer.json", "data.json", "metrics.jsonl", "metrics.discarded.jsonl",
-         "restarts.jsonl", "summary.json", "import.json", "checkpoints")
+         "restarts.jsonl", "summary.json", "import.json", "environment.json", "trackers.json", "checkpoints",
+         "tensorboard", "wandb")
 
 
 def is_marked(run_dir: Path) -> bool:

@@ -61,7 +61,8 @@ def cmd_prepare(args) -> None:
     source = _open(args)
     val_source = _open(args, args.val) if args.val else None
     m = prepare_source(source, tok, args.out, val_docs=args.val_docs, val_source=val_source, seq=args.seq,
-                shard_tokens=args.shard_tokens, max_docs=args.max_docs, split_long=not args.no_split_long,
+                shard_tokens=args.shard_tokens, max_docs=args.max_docs, max_tokens=args.max_tokens,
+                split_long=not args.no_split_long,
                 progress=not args.no_progress)
     print(f"{args.out}: train {m['train']['tokens']:,} tokens ({m['train']['docs']:,} docs), val "
           f"{m['val']['tokens']:,} tokens ({m['val']['docs']:,} docs), {m['params']['dtype']}; "
@@ -165,6 +166,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--val", nargs="+", default=None, metavar="SOURCE", help="a separate validation source")
     p.add_argument("--seq", type=positive_int, default=None, help="also pack rows of SEQ+1 tokens (training sequence length)")
     p.add_argument("--max-docs", type=count_int, default=0, help="stop after N train documents (0 = all)")
+    p.add_argument("--max-tokens", type=count_int, default=0,
+                   help="stop the train split at the first document boundary at or past N tokens (0 = all)")
     p.add_argument("--shard-tokens", type=positive_int, default=100_000_000, help="tokens per shard (default 100M, prepare.DEFAULT_SHARD_TOKENS)")
     p.add_argument("--no-split-long", action="store_true",
                    help="let best-fit crop documents longer than a row instead of cutting them into row-sized pieces")

@@ -104,11 +104,14 @@ def _progress(total, initial, desc, enabled):
                 smoothing=0.1, disable=None if enabled else True)
 
 
-def _params(source, val_source, val_docs, max_docs, shard_tokens, tok, dtype) -> dict:
-    return {"version": PREPARE_VERSION, "source": source.describe(),
-            "val_source": val_source.describe() if val_source else None, "val_docs": val_docs,
-            "max_docs": max_docs, "shard_tokens": shard_tokens, "tokenizer_sha256": tok.fingerprint(),
-            "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "dtype": np.dtype(dtype).name}
+def _params(source, val_source, val_docs, max_docs, shard_tokens, tok, dtype, max_tokens: int = 0) -> dict:
+    params = {"version": PREPARE_VERSION, "source": source.describe(),
+              "val_source": val_source.describe() if val_source else None, "val_docs": val_docs,
+              "max_docs": max_docs, "shard_tokens": shard_tokens, "tokenizer_sha256": tok.fingerprint(),
+              "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "dtype": np.dtype(dtype).name}
+    if max_tokens:  # (only when set: a dataset prepared before the option existed keeps its params)
+        params["max_tokens"] = max_tokens
+    return params
 
 
 def _diff(a: dict, b: dict) -> list[str]:
@@ -118,9 +121,11 @@ def _diff(a: dict, b: dict) -> list[str]:
 def prepare_source(source: Source, tok: Tokenizer, out: str | os.PathLike, val_docs: int | None = None,
                    val_source: Source | None = None, seq: int | None = None,
                    shard_tokens: int = DEFAULT_SHARD_TOKENS, max_docs: int = 0, split_long: bool = True,
-                   pack_buffer: int = PACK_BUFFER, progress: bool = True, log=print) -> dict:
+                   pack_buffer: int = PACK_BUFFER, progress: bool = True, log=print, max_tokens: int = 0) -> dict:
     """Tokenize `source` into shards under `out` (resuming an interrupted run), write the manifest, and pack
-    rows of seq+1 tokens if `seq` is given. Returns the manifest."""
+    rows of seq+1 tokens if `seq` is given. Returns the manifest. `max_tokens` > 0 stops the train split at the
+    first document boundary at or past that many tokens (BOS included): a token budget without the whole
+    source (e.g. the seed cards' C4 tokens)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file, not a directory: choose a new directory for the dataset")
@@ -134,7 +139,9 @@ def prepare_source(source: Source, tok: Tokenizer, out: str | os.PathLike, val_d
     if val_docs == 0 and val_source is None:
         raise DataError("training needs a validation split: give --val-docs N (N > 0) or a --val SOURCE")
     dtype = dtype_for_vocab(tok.vocab_size)
-    params = _params(source, val_source, val_docs, max_docs, shard_tokens, tok, dtype)
+    if max_tokens < 0:
+        raise DataError(f"max_tokens={max_tokens} must be >= 0 (0: the whole source)")
+    params = _params(source, val_source, val_docs, max_docs, shard_tokens, tok, dtype, max_tokens)
     manifest_path = out / "manifest.json"
     if manifest_path.is_file():
         manifest = _read_same_params(manifest_path, params, "already holds a dataset prepared",
@@ -195,6 +202,7 @@ def _tokenize(source, val_source, tok, out, params, progress, log) -> dict:
             total = min(total, skip + limit) if limit is not None else total
         elif limit is not None:
             total = skip + limit
+        budget = params.get("max_tokens", 0) - sum(s["tokens"] for s in done) if split == "train" else 0
         t0, docs, tokens = time.time(), 0, 0
         writer, shard_docs = None, 0
         bar = _progress(total, skip, split, progress)
@@ -212,6 +220,10 @@ def _tokenize(source, val_source, tok, out, params, progress, log) -> dict:
 
         try:
             for flat, ends in token_batches(src, tok, offset + skip, limit, dtype):
+                reached = params.get("max_tokens", 0) and split == "train" and tokens + int(ends[-1]) >= budget
+                if reached:  # the train token budget ends inside this batch: keep its documents up to it
+                    ends = ends[: int(np.searchsorted(ends, budget - tokens)) + 1]
+                    flat = flat[: int(ends[-1])]
                 first = 0  # index of the first document of this batch not yet written
                 while first < ends.size:
                     if writer is None:
@@ -229,6 +241,8 @@ def _tokenize(source, val_source, tok, out, params, progress, log) -> dict:
                 tokens += int(ends[-1])
                 bar.update(ends.size)
                 bar.set_postfix_str(f"{tokens / max(time.time() - t0, 1e-9) / 1e6:.2f}M tok/s", refresh=False)
+                if reached:
+                    break
             if writer is not None:
                 close_shard()
         except BaseException:
