@@ -246,3 +246,29 @@ def test_data_prepare_stops_at_a_token_budget(tmp_path, capsys):
     ends = np.flatnonzero(shard == bos)  # documents start with BOS: the cut falls on a boundary past 500
     assert cut["train"]["tokens"] >= 500 and ends[-1] < 500
     assert cut["val"] == full["val"]  # the validation split is whole
+
+
+# ------------------------------------------------------------------------------------------------------------
+# reproducing a card: its budget fraction, its tokenizer's BOS
+
+def test_a_card_at_a_fraction_of_its_budget():
+    runs = expand({"preset": "d12-gelu-chinchilla", "seeds": [0, 1, 2], "budget": 0.01})
+    assert [r["name"] for r in runs] == ["seed=0", "seed=1", "seed=2"]
+    assert runs[0]["sets"][:2] == ["train.num_steps=199", "optim.warmup_steps=5"]  # 19,920 and 500 steps x 0.01
+
+
+def test_a_sentencepiece_style_tokenizer_delimits_documents_with_its_bos(tmp_path):
+    """The seed cards' tokenizer (Mistral-7B) has <s>, not <|bos|>: a Metaspace + byte-fallback BPE of that
+    kind, built here, delimits documents with <s>."""
+    from tokenizers import Tokenizer as HF, models, pre_tokenizers, decoders
+
+    from jaxchat.data import Tokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}, "▁": 259, "a": 260}
+    hf = HF(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    hf.pre_tokenizer = pre_tokenizers.Metaspace()
+    hf.decoder = decoders.Metaspace()
+    hf.add_special_tokens(["<unk>", "<s>", "</s>"])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer.load(tmp_path / "tokenizer.json")
+    assert tok.bos_id == 1 and tok.decode(tok.encode("a a")) == "a a"

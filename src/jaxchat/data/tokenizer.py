@@ -10,8 +10,8 @@ Design choices (same as nanochat's HuggingFaceTokenizer, with the specials moved
 - vocab: `vocab_size` in total = (vocab_size - 9) BPE ranks, then the 9 specials at ids vocab_size-9 ..
   vocab_size-1, `<|bos|>` first.
 
-Any other `tokenizer.json` loads too (e.g. GPT-2's); then `bos_id` is `<|bos|>` if present, else
-`<|endoftext|>`, and `token_bytes()` is exact for byte-level tokenizers (GPT-2 and friends) and a best
+Any other `tokenizer.json` loads too (e.g. GPT-2's, Mistral's); then `bos_id` is `<|bos|>` if present, else
+`<s>`, else `<|endoftext|>`, and `token_bytes()` is exact for byte-level tokenizers (GPT-2 and friends) and a best
 effort (Metaspace `▁` counted as a space, `<0xNN>` byte-fallback pieces as one byte) for others.
 """
 
@@ -169,12 +169,13 @@ class Tokenizer:
 
     @property
     def bos_id(self) -> int:
-        """`<|bos|>`, or `<|endoftext|>` for tokenizers (GPT-2 style) that have no BOS."""
-        for name in ("<|bos|>", "<|endoftext|>"):
+        """`<|bos|>`; else `<s>` (SentencePiece-style: Llama, Mistral, the seed cards' tokenizer); else
+        `<|endoftext|>` for tokenizers (GPT-2 style) that have no BOS."""
+        for name in ("<|bos|>", "<s>", "<|endoftext|>"):
             i = self.hf.token_to_id(name)
             if i is not None:
                 return i
-        raise ValueError("this tokenizer has neither <|bos|> nor <|endoftext|>, so documents cannot be delimited: "
+        raise ValueError("this tokenizer has none of <|bos|>, <s>, <|endoftext|>, so documents cannot be delimited: "
                          "use a tokenizer that has one of them, or train one (leave the tokenizer path empty)")
 
     @property

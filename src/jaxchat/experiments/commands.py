@@ -23,6 +23,8 @@ def sweep_spec(args) -> dict:
             raise ConfigError(f"--seeds {args.seeds!r}: write integers separated by commas, e.g. 0,1,2") from None
     if args.set:
         spec["set"] = list(spec.get("set") or []) + args.set
+    if args.budget is not None:
+        spec["budget"] = args.budget
     if args.grid:
         spec["grid"] = {**(spec.get("grid") or {}), **parse_grid(args.grid)}
     return spec
@@ -62,6 +64,8 @@ def add_parsers(sub) -> None:
     s.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (each sets train.init_seed and "
                                    "data.data_seed; default 0)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applied to every run")
+    s.add_argument("--budget", type=float, metavar="FRACTION",
+                   help="train this fraction of the preset's steps (and warmup), e.g. 0.01 for a seed card")
     s.add_argument("--parallel", type=positive_int, default=1,
                    help="runs at once (on CUDA GPUs, each child gets one GPU)")
     s.set_defaults(fn=cmd_sweep)

@@ -15,6 +15,7 @@ A spec is given on the command line (--preset, --grid KEY=V1,V2 ..., --seeds, --
     preset = "tiny"
     seeds = [0, 1, 2]
     set = ["train.num_steps=150"]
+    budget = 1.0          # optional: this fraction of the preset's steps (and warmup), e.g. 0.01 for a card
     [grid]
     "model.mlp" = ["relu2", "gelu"]
 """
@@ -56,9 +57,10 @@ def read_spec_file(path: str | Path) -> dict:
         raise ConfigError(f"--spec {path} does not parse: {type(e).__name__}: {e}") from None
     if not isinstance(spec, dict):
         raise ConfigError(f"--spec {path} must be a table with preset, seeds, set and grid")
-    unknown = set(spec) - {"preset", "seeds", "set", "grid"}
+    unknown = set(spec) - {"preset", "seeds", "set", "grid", "budget"}
     if unknown:
-        raise ConfigError(f"--spec {path}: unknown entries {sorted(unknown)}; use preset, seeds, set and grid")
+        raise ConfigError(f"--spec {path}: unknown entries {sorted(unknown)}; use preset, seeds, set, grid and "
+                          f"budget")
     return spec
 
 
@@ -79,9 +81,21 @@ def run_name(point: dict[str, str], seed: int) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]", "-", "_".join(parts))
 
 
+def budget_sets(preset: str, sets: list[str], fraction: float, devices: int = 1) -> list[str]:
+    """The --set values that train `fraction` of the preset's horizon: its steps and its warmup (AdamW's
+    optim.warmup_steps) scaled, each at least 1, so the schedule keeps its shape (a card at 1% of its budget)."""
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"budget {fraction} must be a fraction in (0, 1] of the preset's horizon")
+    cfg = resolve(apply_overrides(get_preset(preset), sets), devices)
+    return [f"train.num_steps={max(1, round(cfg.train.num_steps * fraction))}",
+            f"optim.warmup_steps={max(1, round(cfg.optim.warmup_steps * fraction))}"]
+
+
 def expand(spec: dict, devices: int = 1) -> list[dict]:
     """Every (grid point, seed) of the spec as {name, point, seed, sets}; each config is built and validated."""
     preset, seeds, base = spec.get("preset") or "tiny", list(spec.get("seeds") or [0]), list(spec.get("set") or [])
+    if spec.get("budget") is not None:
+        base = base + budget_sets(preset, base, float(spec["budget"]), devices)
     grid = {k: [str(v) for v in (vals if isinstance(vals, list) else [vals])]
             for k, vals in (spec.get("grid") or {}).items()}
     keys = set(all_keys())
@@ -115,7 +129,8 @@ def expand(spec: dict, devices: int = 1) -> list[dict]:
 def prepare_sweep(out: Path, spec: dict, devices: int = 1) -> list[dict]:
     """Validate the spec, expand it, and write (or check) SWEEP/sweep.json. Returns the runs."""
     runs = expand(spec, devices)
-    record = {"preset": spec.get("preset") or "tiny", "seeds": list(spec.get("seeds") or [0]),
+    record = {"preset": spec.get("preset") or "tiny", "budget": spec.get("budget"),
+              "seeds": list(spec.get("seeds") or [0]),
               "set": list(spec.get("set") or []), "grid": {k: [str(v) for v in vs] if isinstance(vs, list) else
                                                           [str(vs)] for k, vs in (spec.get("grid") or {}).items()},
               "runs": runs}
