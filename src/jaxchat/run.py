@@ -108,15 +108,15 @@ class Run:
     trackers: Trackers | None = None  # TensorBoard / W&B (trackers.py), opened by the loop
 
     @classmethod
-    def build(cls, cfg: Config, mesh: Mesh | None = None, log=print, sharding=None) -> "Run":
-        """Config (resolved for the mesh), mesh, model functions, optimizer and state shapes (placed with
-        `sharding`, default replicated over the mesh): nothing allocated, read or written."""
+    def build(cls, cfg: Config, mesh: Mesh | None = None, log=print) -> "Run":
+        """Config (resolved for the mesh), mesh, model functions, optimizer and state shapes (replicated over the
+        mesh): nothing allocated, read or written."""
         mesh = mesh or make_mesh()
         cfg = resolve(cfg, mesh.size)
         micro = check_batch_fits(cfg, mesh.size)
         fns = ModelFns(cfg)
         optimizer = build_optimizer(cfg, None)
-        abstract = abstract_state(fns, optimizer, sharding or replicated(mesh))
+        abstract = abstract_state(fns, optimizer, replicated(mesh))
         return cls(cfg, mesh, micro, fns, optimizer, abstract, log=log)
 
     def check_forward(self) -> None:
