@@ -187,8 +187,9 @@ class Checkpointer:
         fallback = (f"move {where} aside (e.g. `mv {where} {where}.bad`) and resume again from step {intact}, the "
                     f"latest intact checkpoint" if intact is not None
                     else "no older intact checkpoint is left; start the run again with --force")
-        return CheckpointError(f"checkpoint step {step} in {self.dir} is damaged: {what}. {hint}{fallback}. Nothing "
-                               f"was deleted.")
+        fix = hint + fallback
+        return CheckpointError(f"checkpoint step {step} in {self.dir} is damaged: {what}. {fix[0].upper()}{fix[1:]}. "
+                               f"Nothing was deleted.")
 
     def read_meta(self, step: int | None = None) -> tuple[int, dict]:
         """(step, meta) of `step` (default: the latest committed one), without reading the arrays; the metadata

@@ -205,11 +205,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _drop_abandoned_orbax_reads(unraisable) -> None:
+    """sys.unraisablehook: after a restore fails on one array, Orbax leaves the reads of the others as coroutines
+    that fail when collected, each printed as a page of TensorStore spec; the failure itself is already reported
+    in one message (checkpoint.py). Everything else goes to Python's own hook."""
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is not None and "orbax" in code.co_filename:
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Orbax logs a failed background save (and the asyncio teardown after it) as pages of tracebacks through
-    # absl; jaxchat reports such failures itself, in one message with the cause (checkpoint.py)
+    # absl, and abandons the reads of a failed restore; jaxchat reports such failures itself, in one message
+    # with the cause (checkpoint.py)
     logging.getLogger("absl").setLevel(logging.CRITICAL)
+    sys.unraisablehook = _drop_abandoned_orbax_reads
     try:
         if args.cmd in ("train", "eval", "sample", "bench"):
 
