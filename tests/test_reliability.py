@@ -185,9 +185,10 @@ def test_a_damaged_checkpoint_is_refused(run, how, reader, capsys):
     assert not (run.parent / "export").exists()
 
 
-def test_damaged_checkpoint_message_is_the_whole_output(run):
-    """In a fresh process: one message, no traceback or asyncio noise at exit."""
-    damage(run, "another step's arrays")
+@pytest.mark.parametrize("how", ["another step's arrays", "0xFF bytes"])
+def test_damaged_checkpoint_message_is_the_whole_output(run, how):
+    """In a fresh process: one message, no traceback, asyncio noise or abandoned Orbax reads at exit."""
+    damage(run, how)
     p = subprocess.run([sys.executable, "-m", "jaxchat.cli", "eval", "--run", str(run)], capture_output=True,
                        text=True, env=child_env(), timeout=300)
     assert p.returncode == 2
