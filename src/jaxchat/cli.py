@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     from jaxchat import bench
 
     bench.add_parsers(sub)  # bench
+    from jaxchat.chat.commands import add_parsers as add_chat_parsers
+
+    add_chat_parsers(sub)  # chat, serve
     return p
 
 
