@@ -39,7 +39,8 @@ MIN_BUCKET = 16  # smallest prompt/cache length compiled
 
 @dataclass(frozen=True)
 class Sampling:
-    """How the next token is chosen: temperature 0 is greedy; top_k <= 0 keeps all; top_p 1 keeps all."""
+    """How the next token is chosen: temperature 0 is greedy; top_k <= 0 keeps all (a new top_k compiles the
+    loop again, temperature and top_p do not); top_p 1 keeps all."""
 
     temperature: float = 1.0
     top_k: int = 0
@@ -66,31 +67,33 @@ def _bucket(n: int) -> int:
     return max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length())
 
 
-def pick(logits, key, temperature, top_k, top_p):
-    """Next token per row (B,) from fp32 logits (B, V); the three controls are traced scalars, so changing
-    them never recompiles. Top-k then top-p (on the renormalised top-k distribution), then a categorical draw."""
-    V = logits.shape[-1]
+def pick(logits, key, temperature, top_k: int, top_p):
+    """Next token per row (B,) from fp32 logits (B, V). Temperature and top_p are traced scalars (changing them
+    never recompiles); top_k is static, so the top-k candidates come from `lax.top_k` rather than a sort of the
+    whole vocabulary (a full sort happens only for top-p without top-k). Top-k, then top-p on the renormalised
+    top-k distribution, then a categorical draw among the survivors."""
 
     def greedy():
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    def plain():
-        return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
-
-    def truncated():
-        scaled = logits / temperature
-        srt = -jnp.sort(-scaled, axis=-1)  # descending
-        k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-        in_k = jnp.arange(V) < k
-        probs = jax.nn.softmax(jnp.where(in_k, srt, -jnp.inf), axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
-        kept = jnp.sum(in_k & (before < top_p), axis=-1)  # >= 1: the most likely token is always kept
-        threshold = jnp.take_along_axis(srt, (kept - 1)[:, None], axis=-1)
-        return jax.random.categorical(key, jnp.where(scaled >= threshold, scaled, -jnp.inf), axis=-1).astype(
-            jnp.int32)
-
     def sample():
-        return jax.lax.cond((top_k > 0) | (top_p < 1), truncated, plain)
+        scaled = logits / temperature
+        if top_k > 0:  # candidates: the k best, already in descending order
+            vals, idx = jax.lax.top_k(scaled, min(top_k, scaled.shape[-1]))
+        else:
+            vals, idx = scaled, None
+
+        def nucleus():
+            order = jnp.argsort(-vals, axis=-1) if idx is None else None
+            srt = vals if order is None else jnp.take_along_axis(vals, order, axis=-1)
+            probs = jax.nn.softmax(srt, axis=-1)
+            before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens: < top_p keeps
+            choice = jax.random.categorical(key, jnp.where(before < top_p, srt, -jnp.inf), axis=-1)
+            return choice if order is None else jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+
+        choice = jax.lax.cond(top_p < 1, nucleus, lambda: jax.random.categorical(key, vals, axis=-1))
+        tokens = choice if idx is None else jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
+        return tokens.astype(jnp.int32)
 
     return jax.lax.cond(temperature > 0, sample, greedy)
 
@@ -104,7 +107,7 @@ class Engine:
         has_specials = tokenizer is not None and tokenizer.token_to_id("<|python_end|>") is not None
         self.specials = Specials.of(tokenizer) if has_specials else None
         self._start = jax.jit(self._start_fn, static_argnames=("batch", "cache_len", "record"))
-        self._run = jax.jit(self._run_fn, donate_argnums=(1,))
+        self._run = jax.jit(self._run_fn, donate_argnums=(1,), static_argnames=("top_k",))
 
     # ----------------------------------------------------------------------------------------------------
     # the two compiled functions
@@ -146,11 +149,11 @@ class Engine:
 
         return jax.tree.map(axis, one, two)
 
-    def _run_fn(self, params, state, until):
+    def _run_fn(self, params, state, until, top_k):
         """Decode until step `until`, every row stopped, or a row waiting for its tool call."""
         model = self.fns.module(params)
         python_end = -1 if self.specials is None else self.specials.python_end
-        temperature, top_k, top_p = state["controls"]
+        temperature, top_p = state["controls"]
         rows = jnp.arange(state["out"].shape[0])
 
         def cond(s):
@@ -158,8 +161,7 @@ class Engine:
 
         def body(s):
             s = dict(s)
-            sampled = pick(s["logits"], jax.random.fold_in(s["key"], s["i"]), temperature, top_k.astype(jnp.int32),
-                           top_p)
+            sampled = pick(s["logits"], jax.random.fold_in(s["key"], s["i"]), temperature, top_k, top_p)
             forced = s["f_idx"] < s["f_len"]
             tok = jnp.where(forced, s["forced"][rows, jnp.minimum(s["f_idx"], FORCE_CAP - 1)], sampled)
             if "record" in s:
@@ -194,7 +196,7 @@ class Engine:
         cache_len = min(self.context, _bucket(n + max_new))
         pad = prompt[max(n - 2, 0)]
         padded = list(prompt[:n - 1]) + [pad] * (min(_bucket(n - 1), cache_len) - (n - 1))
-        controls = jnp.asarray([sampling.temperature, sampling.top_k, sampling.top_p], jnp.float32)
+        controls = jnp.asarray([sampling.temperature, sampling.top_p], jnp.float32)
         stops = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
         state = self._start(self.params, jnp.asarray([padded], jnp.int32), jnp.int32(prompt[-1]), jnp.int32(n),
                             controls, stops, seed, batch=num_samples, cache_len=cache_len, record=record)
@@ -203,7 +205,7 @@ class Engine:
         seen = 0
         while True:
             until = max_new if chunk is None else min(seen + chunk, max_new)
-            state = self._run(self.params, state, jnp.int32(until))
+            state = self._run(self.params, state, jnp.int32(until), top_k=max(sampling.top_k, 0))
             i, out, wait = jax.device_get((state["i"], state["out"], state["wait"]))
             new = [[] for _ in range(num_samples)]
             for r in range(num_samples):
