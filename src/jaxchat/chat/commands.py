@@ -1,4 +1,4 @@
-"""`jaxchat chat | serve`: argparse wiring. cli.py registers these with `add_parsers(subparsers)`.
+"""`jaxchat chat | serve | sft`: argparse wiring. cli.py registers these with `add_parsers(subparsers)`.
 
 Errors a user can cause (no run, a tokenizer without chat tokens, a port in use) raise ConfigError or
 CheckpointError, which the CLI prints as one line.
@@ -49,6 +49,18 @@ def cmd_serve(args) -> None:
         server.server_close()
 
 
+def cmd_sft(args) -> None:
+    from jaxchat.chat.sft import run_sft
+    from jaxchat.compilation import enable_compilation_cache
+    from jaxchat.config import ConfigError
+
+    if not args.resume and not (args.from_run and args.data):
+        raise ConfigError("jaxchat sft needs --from RUN and --data FILE... (or --resume to continue --out)")
+    enable_compilation_cache()
+    run_sft(args.from_run, args.data or [], args.out, val=args.val or [], steps=args.steps,
+            eval_every=args.eval_every, save_every=args.save_every, resume=args.resume, force=args.force)
+
+
 def _common(p, temperature: float) -> None:
     p.add_argument("--run", required=True, help="run directory (a chat model: `jaxchat sft`, or any jaxchat run)")
     p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
@@ -69,3 +81,16 @@ def add_parsers(sub) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
     s.set_defaults(fn=cmd_serve)
+
+    f = sub.add_parser("sft", help="fine-tune a pretrained run on conversations (nanochat's SFT recipe)")
+    f.add_argument("--from", dest="from_run", metavar="RUN", help="the pretrained run directory")
+    f.add_argument("--data", nargs="+", metavar="SOURCE", help=".jsonl/.parquet files of {messages: [...]} records")
+    f.add_argument("--out", required=True, metavar="RUN2", help="the new run directory")
+    f.add_argument("--val", nargs="+", metavar="SOURCE",
+                   help="held-out conversations (default: every 20th conversation of --data)")
+    f.add_argument("--steps", type=count_int, default=0, help="optimizer steps (default 0: one epoch)")
+    f.add_argument("--eval-every", type=count_int, default=0, help="evaluate every N steps (0: start and end only)")
+    f.add_argument("--save-every", type=count_int, default=0, help="checkpoint every N steps (0: the end only)")
+    f.add_argument("--resume", action="store_true", help="continue the SFT run in --out from its latest checkpoint")
+    f.add_argument("--force", action="store_true", help="delete an existing run in --out and start over")
+    f.set_defaults(fn=cmd_sft)
