@@ -1,6 +1,7 @@
 """`jaxchat sft`: the recipe as config changes, the data order, and exact resume on the tiny-micro model."""
 
 import argparse
+import io
 import json
 import os
 import random
@@ -83,6 +84,19 @@ def test_sft_trains_and_resumes_exactly(base_run, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     again = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in again if "loss" in r] == losses  # records neither lost nor repeated
+
+
+
+@pytest.mark.slow
+def test_chat_command_on_an_sft_run(base_run, tmp_path, monkeypatch, capsys):
+    base, data = base_run
+    out = tmp_path / "sft"
+    run_sft(str(base), [str(data)], str(out), steps=2, log=lambda *a: None)
+    monkeypatch.setattr("sys.stdin", io.StringIO("add 2 and 3\n/clear\nadd 2 and 3\n"))
+    assert main(["chat", "--run", str(out), "--temperature", "0", "--max-tokens", "6"]) == 0
+    text = capsys.readouterr().out
+    replies = [line.split("assistant> ", 1)[1] for line in text.splitlines() if "assistant> " in line]
+    assert len(replies) == 2 and replies[0] == replies[1]  # greedy, and /clear made it the same first turn
 
 
 def test_sft_refuses_bad_input_with_a_message(tmp_path, capsys):

@@ -125,7 +125,11 @@ def make_handler(service: ChatService):
             if self.path != "/v1/chat/completions":
                 self._error(404, f"no route POST {self.path}: the endpoint is /v1/chat/completions")
                 return
-            length = int(self.headers.get("Content-Length") or 0)
+            length = self.headers.get("Content-Length") or "0"
+            if not length.isdigit():
+                self._error(400, f"Content-Length {length!r} is not a byte count")
+                return
+            length = int(length)
             if length > MAX_BODY:
                 self._error(413, f"the body is {length} bytes; at most {MAX_BODY} are read")
                 return
@@ -142,10 +146,13 @@ def make_handler(service: ChatService):
             self.send_header("Cache-Control", "no-cache")
             self.send_header("Connection", "close")  # the stream's end is the connection's end
             self.end_headers()
-            for chunk in service.chunks(req):
-                self._event(json.dumps(chunk))
-            self._event("[DONE]")
             self.close_connection = True
+            try:
+                for chunk in service.chunks(req):
+                    self._event(json.dumps(chunk))
+                self._event("[DONE]")
+            except (BrokenPipeError, ConnectionResetError):
+                return  # the client went away: stop generating for it
 
         def _event(self, data: str):
             self.wfile.write(f"data: {data}\n\n".encode())
