@@ -96,6 +96,25 @@ def test_compiled_decode_equals_stepwise_full_forward(gpt, tok):
         prev = want
 
 
+def test_decode_with_a_sliding_window_and_gqa_equals_the_full_forward():
+    """Windows bind (a 256-token window, 290 positions), GQA (2 heads, 1 kv head), tied embeddings: one full
+    forward over prompt + reply gives the logits of every step (causality)."""
+    cfg = apply_overrides(get_preset("tiny"), [
+        "model.n_layer=3", "model.n_embd=64", "model.n_head=2", "model.n_kv_head=1", "model.sequence_len=1024",
+        "model.vocab_size=512", "data.tokenizer_vocab=512", "model.window_pattern=SL", "model.tie_embeddings=true"])
+    assert cfg.model.window_sizes() == (256, 1024, 1024)
+    fns = ModelFns(cfg)
+    leaves, tree = jax.tree.flatten(fns.init_params(0))
+    keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+    params = jax.tree.unflatten(tree, [p + 0.3 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+    prompt = np.random.default_rng(0).integers(0, 500, 230).tolist()
+    out = Engine(fns, params).generate(prompt, 2, 60, Sampling(0.0), record=True)
+    logits = np.asarray(fns.module(params)(jnp.asarray([prompt + out.tokens[0]]))[0])
+    want = logits[len(prompt) - 1: len(prompt) - 1 + 60]
+    np.testing.assert_allclose(out.logits[0], want, rtol=0, atol=1e-4)
+    assert out.tokens[0] == want.argmax(-1).tolist()
+
+
 def test_stop_tokens_end_a_row(gpt, tok):
     _, _, engine = gpt
     prompt = [tok.bos_id] + tok.encode("import os")
