@@ -112,4 +112,6 @@ def test_sft_refuses_bad_input_with_a_message(tmp_path, capsys):
     assert "bad.jsonl line 2: turn 1 is from user" in capsys.readouterr().err
     assert main(["sft", "--out", str(tmp_path / "o")]) == 2
     assert "needs --from RUN and --data" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
+    assert main(["sft", "--from", str(base), "--data", str(bad), "--out", str(base), "--force"]) == 2
+    assert "is the pretrained run itself" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and (base / "config.json").exists()

@@ -11,7 +11,8 @@ Recipe (nanochat scripts/chat_sft.py), as config changes to the pretrained run's
 - a held-out split: every VAL_EVERY-th conversation of the data (or --val files), evaluated as the mean loss
   per trained token every train.eval_every steps and at the end.
 Differences from nanochat: the optimizer state starts fresh (nanochat warm-starts Muon's momentum from the
-pretraining checkpoint), and Muon's momentum follows jaxchat's pretraining schedule.
+pretraining checkpoint), Muon's momentum follows jaxchat's pretraining schedule, and training runs on one
+device (no data parallelism: SFT is short).
 
 Exact resume, as in pretraining: the batch of step s is a pure function of (data seed, s) (a seeded permutation
 of the packed rows per epoch), so a checkpoint (params, optimizer state, step) is all a resumed run needs. The
@@ -102,6 +103,8 @@ def load_data(paths: list[str], val_paths: list[str], tok, row_len: int):
 def run_sft(from_run: str, data: list[str], out: str, *, val: list[str] = (), steps: int = 0, eval_every: int = 0,
             save_every: int = 0, resume: bool = False, force: bool = False, log=print) -> dict:
     out_dir = Path(out)
+    if not resume and out_dir.resolve() == Path(from_run).resolve():
+        raise ConfigError(f"--out {out} is the pretrained run itself: write the fine-tuned run to a new directory")
     check_run_dir(out_dir, resume, force, flag="--out")
     if resume:  # the run's own record of what it fine-tunes on; the command line may not change it
         record = _read_record(out_dir)
