@@ -93,8 +93,9 @@ def test_chat_command_on_an_sft_run(base_run, tmp_path, monkeypatch, capsys):
     out = tmp_path / "sft"
     run_sft(str(base), [str(data)], str(out), steps=2, log=lambda *a: None)
     monkeypatch.setattr("sys.stdin", io.StringIO("add 2 and 3\n/clear\nadd 2 and 3\n"))
-    assert main(["chat", "--run", str(out), "--temperature", "0", "--max-tokens", "6"]) == 0
-    text = capsys.readouterr().out
+    status = main(["chat", "--run", str(out), "--temperature", "0", "--max-tokens", "6"])
+    text, err = capsys.readouterr()
+    assert status == 0, err
     replies = [line.split("assistant> ", 1)[1] for line in text.splitlines() if "assistant> " in line]
     assert len(replies) == 2 and replies[0] == replies[1]  # greedy, and /clear made it the same first turn
 

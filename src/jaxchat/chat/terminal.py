@@ -17,8 +17,10 @@ from jaxchat.config import ConfigError
 HELP = "/clear starts over, /temperature T sets the temperature (0 = greedy), /quit or Ctrl-D ends"
 
 
-def chat(engine: Engine, sampling: Sampling, max_tokens: int, seed: int = 0, read=input, out=sys.stdout) -> None:
-    """Run the chat until /quit or end of input; `read` and `out` are the terminal (replaceable in tests)."""
+def chat(engine: Engine, sampling: Sampling, max_tokens: int, seed: int = 0, read=input, out=None) -> None:
+    """Run the chat until /quit or end of input; `read` and `out` (default: sys.stdout as it is at the call)
+    are the terminal, replaceable in tests."""
+    out = out or sys.stdout
     messages: list[dict] = []
     out.write(f"jaxchat chat: {HELP}\n")
     while True:
