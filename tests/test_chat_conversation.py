@@ -101,6 +101,20 @@ def test_malformed_json_names_its_line(tok, tmp_path):
         read_conversations(path, tok, max_len=64)
 
 
+def test_parquet_conversations_name_their_row(tok, tmp_path):
+    pa = pytest.importorskip("pyarrow")  # (the optional `datasets` extra)
+    pq = pytest.importorskip("pyarrow.parquet")
+
+    good = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.Table.from_pylist([{"messages": good}, {"messages": good}]), path)
+    assert read_conversations(path, tok, max_len=64) == [render(tok, good)] * 2
+    bad = [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]
+    pq.write_table(pa.Table.from_pylist([{"messages": good}, {"messages": bad}]), path)
+    with pytest.raises(ConfigError, match="row 1: turn 1 is from user"):
+        read_conversations(path, tok, max_len=64)
+
+
 def test_packing_never_splits_a_conversation(sp):
     rng = np.random.default_rng(0)
     convs = []
