@@ -1,5 +1,5 @@
 """`jaxchat train | eval | sample | params | plan | presets`, and the commands other modules register (data,
-tokenizer, import, export, bench, sweep, report).
+tokenizer, import, export, bench, sweep, report, chat, serve, sft).
 
 Errors a user can fix (bad config, missing run, wrong checkpoint) print one message and exit with status 2;
 Ctrl-C prints where the command stopped and exits with 130; anything else is a bug and keeps its traceback.
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from jaxchat import bench
 from jaxchat.argtypes import count_int, finite_non_negative, positive_int
+from jaxchat.chat.commands import add_parsers as add_chat_parsers
 from jaxchat.checkpoint import CheckpointError
 from jaxchat.compilation import enable_compilation_cache
 from jaxchat.config import ConfigError, all_keys, apply_overrides
@@ -202,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parsers(sub)  # data prepare|pack|info|verify, tokenizer train|eval
     bench.add_parsers(sub)  # bench
     add_experiment_parsers(sub)  # sweep, report
+    add_chat_parsers(sub)  # chat, serve, sft
     return p
 
 
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.CRITICAL)
     sys.unraisablehook = _drop_abandoned_orbax_reads
     try:
-        if args.cmd in ("train", "eval", "sample", "bench"):
+        if args.cmd in ("train", "eval", "sample", "bench", "chat", "serve", "sft"):
 
             tune_cpu_runtime()  # on a CPU: the step reuses its memory (cpu_runtime.py)
             enable_compilation_cache()  # compiled steps are reused across runs (compilation.py)
