@@ -170,7 +170,7 @@ def test_foreign_tokenizer_json(tmp_path):
         assert int(gpt.token_bytes()[ids].sum()) == len(text.encode("utf-8"))
     plain = HF(models.BPE())
     plain.save(str(tmp_path / "plain.json"))
-    with pytest.raises(ValueError, match="neither <\\|bos\\|> nor <\\|endoftext\\|>"):
+    with pytest.raises(ValueError, match="none of <\\|bos\\|>, <s>, <\\|endoftext\\|>"):
         Tokenizer.load(tmp_path / "plain.json").bos_id
     with pytest.raises(FileNotFoundError, match="no tokenizer file"):
         Tokenizer.load(tmp_path / "missing.json")
