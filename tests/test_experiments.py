@@ -112,6 +112,7 @@ def test_sweep_expands_grid_times_seeds():
     assert runs[3]["sets"][-3:] == ["model.mlp=gelu", "train.init_seed=1", "data.data_seed=1"]
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_resumes_without_rerunning_finished_runs(tmp_path):
     out = tmp_path / "sw"
     argv = [sys.executable, "-m", "jaxchat.cli", "sweep", "--out", str(out), "--preset", "tiny", "--seeds", "0,1",
