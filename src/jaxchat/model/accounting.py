@@ -43,8 +43,8 @@ def param_group(path: tuple) -> str:
         return "value_embeds"
     if path[0] == "lm_head":
         return "lm_head"
-    if path[0] == "bigram":
-        return "bigram"
+    if path[0] == "bigram":  # golf's BigramHash (table, projection, scale) counts with the token embedding
+        return "embed"
     if path[0] == "blocks":
         if len(path) == 3 or path[-1] == "q_gain":  # golf's attn_scale, mlp_scale, q_gain
             return "scalars"
@@ -74,7 +74,7 @@ def count(cfg: ModelConfig) -> Counts:
             matmul["gates"] += n
         elif g == "lm_head":
             matmul["lm_head"] += n
-        elif g == "bigram" and path[1] == "proj":
+        elif path[0] == "bigram" and path[1] == "proj":
             matmul["gates"] += n
     if cfg.tie_embeddings:
         matmul["lm_head"] += cfg.n_embd * cfg.padded_vocab_size
