@@ -222,6 +222,7 @@ def test_ortho_init_rules():
     (dict(ln_scale=True, scan_layers=True), "scan_layers"),
     (dict(mlp="swiglu", mlp_mult=3), "mlp_mult=3"),
     (dict(init="ortho"), "init='ortho'"),
+    (dict(rope_dims=8, rope_norm="pallas"), "rope_norm=pallas"),
 ])
 def test_bad_values_name_themselves(kw, name):
     with pytest.raises(ConfigError, match=name.replace("(", r"\(").replace(")", r"\)")):

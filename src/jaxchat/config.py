@@ -133,6 +133,9 @@ class ModelConfig:
         D = self.head_dim
         _check(isinstance(self.rope_dims, int) and 0 <= self.rope_dims <= D and self.rope_dims % 2 == 0,
                f"model.rope_dims={self.rope_dims!r} must be an even integer in 0..head_dim={D} (0 rotates all dims)")
+        _check(self.rope_norm != "pallas" or not (self.rope_dims or self.qk_norm_before_rope),
+               f"model.rope_norm=pallas rotates every dim after the norm; model.rope_dims={self.rope_dims} and "
+               f"model.qk_norm_before_rope={self.qk_norm_before_rope} need model.rope_norm=xla (or auto)")
         _check(self.q_gain >= 0, f"model.q_gain={self.q_gain} must be >= 0 (0: no per-head query gain)")
         _check(self.attn_scale_mult > 0, f"model.attn_scale_mult={self.attn_scale_mult} must be > 0")
         _check(isinstance(self.bigram_buckets, int) and 0 <= self.bigram_buckets <= BIGRAM_MAX_BUCKETS,
