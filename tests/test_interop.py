@@ -288,3 +288,19 @@ def test_train_resume_and_eval_from_imported_run(flaxchat, capsys):
     moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before["params"]),
                                                        jax.tree.leaves(after["params"]))]
     assert all(moved)
+
+
+def test_golf_npz_import(tmp_path, capsys):
+    """`jaxchat import golf` writes PR #334's fixture model as a run whose logits are the reference's."""
+    npz = fixture_path("golf_pr334_tiny.npz")
+    d = np.load(npz)
+    run_cmd("import", "golf", npz, "--config", str(d["config"]), "--out", tmp_path / "run")
+    report = capsys.readouterr().out
+    assert "blocks.*.attn.proj.weight" in report and "-> blocks.*.attn.c_proj.kernel [transposed]" in report
+    cfg, _, out = logits_of(tmp_path / "run", d["idx"])
+    assert cfg.model.unet and cfg.model.bigram_buckets == 37 and cfg.model.rope_dims == 16
+    assert np.abs(d["logits"]).max() > 1.0
+    assert np.abs(out - d["logits"]).max() <= 1e-4
+    with pytest.raises(InteropError, match="no model config"):
+        np.savez(tmp_path / "bare.npz", **{k: d[k] for k in d.files if k.startswith("param/")})
+        run_cmd("import", "golf", tmp_path / "bare.npz", "--out", tmp_path / "run2")

@@ -9,6 +9,7 @@ import pytest
 from conftest import fixture_path
 from jaxchat.config import Config, DataConfig
 from jaxchat.interop.common import InteropError
+from jaxchat.interop.golf import model_from_state_dict as golf_model_from_state_dict
 from jaxchat.interop.nanochat import config_from_nanochat, model_from_state_dict
 from jaxchat.model.gpt import assign, cross_entropy, param_dict
 from jaxchat.model.mlp import YatNMN
@@ -91,3 +92,43 @@ def test_yatnmn_matches_nmn(variant):
     assert np.abs(ref).max() > 0.1
     out = np.asarray(layer(jnp.asarray(d["x"])))
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def golf():
+    d = np.load(fixture_path("golf_pr334_tiny.npz"))
+    state = {k.removeprefix("param/"): d[k] for k in d.files if k.startswith("param/")}
+    return d, state, golf_model_from_state_dict(state, str(d["config"]))
+
+
+def test_golf_pr334_logits_and_loss(golf):
+    """PR #334's own model (U-Net golf blocks, BigramHash, SmearGate v1, partial RoPE, q_gain, LN scale, tied,
+    softcap 30): logits within 1e-4 and the loss within 1e-5 of the reference's, in fp32."""
+    d, _, model = golf
+    ref = d["logits"]
+    assert np.abs(ref).max() > 1.0
+    out = np.asarray(model(jnp.asarray(d["idx"])))
+    assert out.shape == ref.shape
+    assert np.abs(out - ref).max() <= 1e-4
+    loss = float(cross_entropy(jnp.asarray(out), jnp.asarray(d["targets"])))
+    assert float(d["loss"]) > 1.0
+    assert abs(loss - float(d["loss"])) <= 1e-5
+
+
+def test_every_golf_fixture_tensor_is_used_and_changes_output(golf):
+    """Perturbing any single reference tensor moves the logits: none is silently ignored."""
+    d, state, model = golf
+    idx = jnp.asarray(d["idx"])
+    base = np.asarray(model(idx))
+    for name in sorted(state):
+        bumped = dict(state)
+        bumped[name] = state[name] + 0.05 * np.random.default_rng(0).standard_normal(state[name].shape)
+        out = np.asarray(golf_model_from_state_dict(bumped, str(d["config"]))(idx))
+        assert np.abs(out - base).max() > 1e-6, name
+
+
+def test_golf_state_dict_mismatch_names_the_tensor(golf):
+    d, state, _ = golf
+    broken = {k: v for k, v in state.items() if k != "blocks.1.attn.q_gain"}
+    with pytest.raises(InteropError, match="q_gain"):
+        golf_model_from_state_dict(broken, str(d["config"]))

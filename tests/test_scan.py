@@ -121,6 +121,10 @@ def test_remat_policies_save_what_they_say():
     pytest.param(dict(mlp="yatnmn_softplus", value_embeds=False, smear=False, backout=False, residual_lambdas=False),
                  marks=pytest.mark.slow),
     dict(mlp="swiglu", window_pattern="L", n_layer=6),  # every layer scanned (period 2: value embeddings)
+    # the golf switches the scan handles (U-Net and LN scale refuse it): per-dim resid_mix sliced by the traced
+    # layer, attn/mlp scales and q_gain stacked with the blocks, BigramHash and SmearGate v1 before the scan
+    dict(rope_dims=8, qk_norm_before_rope=True, q_gain=1.5, attn_scale_mult=1.35, smear_v1=True, bigram_buckets=37,
+         bigram_dim=16, golf_block=True, mlp_mult=3, mlp="leaky_relu2"),
 ])
 def test_scan_other_architectures(overrides):
     cfg = replace(CFG, **overrides)

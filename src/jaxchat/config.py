@@ -36,7 +36,9 @@ def resolve_compute_dtype(name: str) -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-MLP_KINDS = ("relu2", "gelu", "swiglu", "yatnmn", "yatnmn_softplus")
+MLP_KINDS = ("relu2", "leaky_relu2", "gelu", "swiglu", "yatnmn", "yatnmn_softplus")
+INIT_SCHEMES = ("nanochat", "golf", "golf_ortho")  # see model/init.py
+BIGRAM_MAX_BUCKETS = 32768  # the bigram hash is taken in int32 (model/embeddings.py)
 ATTENTION_BACKENDS = ("xla", "blocked", "cudnn", "splash", "auto")  # see model/attention.py; checked at first use
 ROPE_NORM_IMPLS = ("auto", "xla", "pallas")  # RoPE + QK-norm, see model/rotary.py
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj", "save_out_proj")  # see model/remat.py
@@ -78,6 +80,21 @@ class ModelConfig:
     scan_layers: bool = False  # run repeating groups of blocks (e.g. SSSL) under lax.scan: one group compiled
     remat: str = "none"  # activation checkpointing policy per block, one of REMAT_POLICIES (model/remat.py)
     loss_chunk: int = 0  # > 0: the fused lm_head + loss runs over chunks of this many tokens (0: all at once)
+    # The parameter-golf and marin switches (docs/architecture.md §Golf); every default keeps nanochat's model.
+    rope_dims: int = 0  # > 0: partial RoPE, only the first rope_dims of each head's dims rotate (golf: 16); 0: all
+    qk_norm_before_rope: bool = False  # golf's order (norm, RoPE, q_gain); nanochat's is RoPE then norm * qk_scale
+    q_gain: float = 0.0  # > 0: a learned per-query-head gain after RoPE, initialised to this (golf: 1.5)
+    attn_scale_mult: float = 1.0  # softmax scale = attn_scale_mult / sqrt(D) (marin: 1.35)
+    ln_scale: bool = False  # golf: block l's normed inputs are divided by sqrt(l + 1)
+    smear_v1: bool = False  # golf's SmearGate: x_t = (1 - g) x_t + g x_{t-1}, g = sigmoid(gate), gate (C,)
+    bigram_buckets: int = 0  # > 0: golf's BigramHash embedding with this many buckets, added to the token embedding
+    bigram_dim: int = 128  # its width; projected to n_embd when different
+    bigram_scale: float = 0.05  # initial value of its learned output scale
+    unet: bool = False  # golf's U-Net skips: encoder outputs re-enter the mirrored decoder layers, per-dim weights
+    golf_block: bool = False  # golf's block: per-dim resid_mix (2, C) with x0, per-dim attn_scale and mlp_scale
+    mlp_mult: int = 4  # MLP hidden width = mlp_mult * n_embd (relu2, leaky_relu2, gelu; golf: 2 or 3)
+    embed_init_std: float = 0.8  # wte ~ N(0, embed_init_std) (golf tied: 0.005)
+    init: str = "nanochat"  # initialisation scheme, one of INIT_SCHEMES (model/init.py)
 
     def __post_init__(self):
         for name in ("vocab_size", "sequence_len", "n_layer", "n_embd", "n_head", "n_kv_head", "pad_vocab_to"):
@@ -108,9 +125,44 @@ class ModelConfig:
         if self.smear:
             _check(0 < self.smear_channels <= self.n_embd,
                    f"model.smear_channels={self.smear_channels} must be in 1..n_embd={self.n_embd}")
+        self._check_golf()
         if self.value_embeds:
             _check(0 < self.ve_gate_channels <= self.n_embd,
                    f"model.ve_gate_channels={self.ve_gate_channels} must be in 1..n_embd={self.n_embd}")
+
+    def _check_golf(self):
+        D = self.head_dim
+        _check(isinstance(self.rope_dims, int) and 0 <= self.rope_dims <= D and self.rope_dims % 2 == 0,
+               f"model.rope_dims={self.rope_dims!r} must be an even integer in 0..head_dim={D} (0 rotates all dims)")
+        _check(self.rope_norm != "pallas" or not (self.rope_dims or self.qk_norm_before_rope),
+               f"model.rope_norm=pallas rotates every dim after the norm; model.rope_dims={self.rope_dims} and "
+               f"model.qk_norm_before_rope={self.qk_norm_before_rope} need model.rope_norm=xla (or auto)")
+        _check(self.q_gain >= 0, f"model.q_gain={self.q_gain} must be >= 0 (0: no per-head query gain)")
+        _check(self.attn_scale_mult > 0, f"model.attn_scale_mult={self.attn_scale_mult} must be > 0")
+        _check(isinstance(self.bigram_buckets, int) and 0 <= self.bigram_buckets <= BIGRAM_MAX_BUCKETS,
+               f"model.bigram_buckets={self.bigram_buckets!r} must be an integer in 0..{BIGRAM_MAX_BUCKETS} "
+               f"(0: no BigramHash)")
+        if self.bigram_buckets:
+            _check(isinstance(self.bigram_dim, int) and self.bigram_dim > 0,
+                   f"model.bigram_dim={self.bigram_dim!r} must be a positive integer with model.bigram_buckets > 0")
+        _check(not self.unet or self.n_layer >= 2,
+               f"model.unet needs at least 2 layers (one encoder, one decoder), got model.n_layer={self.n_layer}")
+        _check(isinstance(self.mlp_mult, int) and self.mlp_mult > 0,
+               f"model.mlp_mult={self.mlp_mult!r} must be a positive integer")
+        _check(self.mlp_mult == 4 or self.mlp in ("relu2", "leaky_relu2", "gelu"),
+               f"model.mlp_mult={self.mlp_mult} applies to relu2, leaky_relu2 and gelu only, not model.mlp="
+               f"{self.mlp!r}: leave mlp_mult at 4")
+        _check(self.embed_init_std > 0, f"model.embed_init_std={self.embed_init_std} must be > 0")
+        _check(self.init in INIT_SCHEMES, f"model.init={self.init!r} is unknown: choose one of {', '.join(INIT_SCHEMES)}")
+        if self.scan_layers:
+            for name in ("unet", "ln_scale"):
+                _check(not getattr(self, name), f"model.{name}=true cannot run with model.scan_layers=true (the "
+                       f"scanned groups share one compiled body): set model.scan_layers=false")
+
+    @property
+    def rotary_dims(self) -> int:
+        """How many of each head's dims RoPE rotates."""
+        return self.rope_dims or self.head_dim
 
     @property
     def head_dim(self) -> int:

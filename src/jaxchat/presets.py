@@ -6,6 +6,9 @@ cores; `cpu-bench` is the CPU benchmark config shared with the reference impleme
 the seed model cards (trained with flaxchat: tied embeddings, RMSNorm eps 1e-6, 12 heads of 64, seq 1024,
 batch 256, Chinchilla 20x tokens). `nanochat-*` follow nanochat's architecture (depth sets the width:
 C = ceil(64 * depth / 128) * 128, head_dim 128) and its Muon recipe, horizon and batch rules (see plan.py).
+`golf-*` are the parameter-golf models (docs/architecture.md §Golf): the naive baseline and PR #334, vocab 1024,
+seq 1024, 524,288 tokens per step. Only their models are golf's: golf's training recipe (Muon settings, warmdown
+by wall clock, EMA/SWA) is not in jaxchat yet, so they train with the default AdamW.
 """
 
 from __future__ import annotations
@@ -26,6 +29,21 @@ _SEED_CARD_TRAIN = TrainConfig(num_steps=19920, batch_size=256, device_batch_siz
 def _seed_card(mlp: str, lr: float, steps: int) -> Config:
     return Config(model=replace(_SEED_CARD_MODEL, mlp=mlp), optim=replace(_SEED_CARD_OPTIM, lr=lr),
                   data=DataConfig(tokenizer_vocab=32768), train=replace(_SEED_CARD_TRAIN, num_steps=steps))
+
+
+_GOLF_BASELINE_MODEL = ModelConfig(
+    vocab_size=1024, sequence_len=1024, n_layer=9, n_embd=512, n_head=8, n_kv_head=4, mlp="relu2", mlp_mult=2,
+    tie_embeddings=True, embed_init_std=0.005, logit_softcap=30.0, rope_base=10000.0, q_gain=1.5, qk_scale=1.0,
+    qk_norm_before_rope=True, unet=True, golf_block=True, window_pattern="L", smear=False, backout=False,
+    value_embeds=False, residual_lambdas=False, init="golf")
+_GOLF_PR334_MODEL = replace(_GOLF_BASELINE_MODEL, n_layer=11, mlp_mult=3, rope_base=50000.0, rope_dims=16,
+                            ln_scale=True, smear_v1=True, bigram_buckets=2048, bigram_dim=64, init="golf_ortho")
+
+
+def _golf(model: ModelConfig) -> Config:
+    return Config(model=model, data=DataConfig(tokenizer_vocab=1024),
+                  train=TrainConfig(num_steps=20000, batch_size=512, device_batch_size=64, eval_every=1000,
+                                    save_every=1000, eval_tokens=1024 * 1024))
 
 
 def nanochat_model(depth: int, sequence_len: int = 2048, vocab_size: int = 32768) -> ModelConfig:
@@ -72,6 +90,14 @@ PRESETS: dict[str, tuple[str, Config]] = {
     "d12-yatnmn": (
         "the YatNMN card's plain YatNMN row: bias, learnable alpha, fixed eps 1e-3, AdamW lr 0.03 (the card's sweep)",
         _seed_card("yatnmn", 0.03, 19920)),
+    "golf-baseline": (
+        "parameter-golf's naive baseline model (17,059,912 params): 9 U-Net golf blocks, C 512, 8 heads / 4 kv, "
+        "MLP 2x ReLU^2, tied, vocab 1024, seq 1024; trained with AdamW (golf's recipe is not in jaxchat yet)",
+        _golf(_GOLF_BASELINE_MODEL)),
+    "golf-pr334": (
+        "parameter-golf PR #334's model (26,666,073 params): 11 layers, MLP 3x, BigramHash 2048 x 64, SmearGate, "
+        "partial RoPE 16/64 base 50000, LN scale, OrthoInit; trained with AdamW (golf's recipe is not in jaxchat yet)",
+        _golf(_GOLF_PR334_MODEL)),
     "nanochat-d12": (
         "nanochat d12 (C 768, 6 heads of 128, untied, ReLU^2, seq 2048; 286,261,730 params), Muon recipe, ratio 12",
         _nanochat(12)),

@@ -1,4 +1,4 @@
-"""`jaxchat import flaxchat|nanochat` and `jaxchat export`: argparse wiring.
+"""`jaxchat import flaxchat|nanochat|golf` and `jaxchat export`: argparse wiring.
 
 cli.py registers these with `add_parsers(subparsers)`. User errors raise InteropError or CheckpointError.
 """
@@ -11,6 +11,7 @@ from jaxchat.interop import common
 from jaxchat.interop.common import InteropError
 from jaxchat.interop.export import export_safetensors
 from jaxchat.interop.flaxchat import MLP_CHOICES, find_step_dir, import_flaxchat
+from jaxchat.interop.golf import import_golf
 from jaxchat.interop.nanochat_files import import_nanochat
 
 
@@ -54,28 +55,34 @@ def cmd_import_nanochat(args) -> None:
                     overrides=args.set, force=args.force)
 
 
+def cmd_import_golf(args) -> None:
+    import_golf(args.state, args.out, config=args.config, tokenizer=args.tokenizer, overrides=args.set,
+                force=args.force)
+
+
 def cmd_export(args) -> None:
     if args.format != "safetensors":
         raise InteropError(f"--format {args.format!r}: only safetensors is available")
     export_safetensors(args.run, args.out, step=args.step, force=args.force)
 
 
-def _common_import_args(p) -> None:
+def _common_import_args(p, hub: bool = True) -> None:
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="the jaxchat run directory to write")
     p.add_argument("--tokenizer", metavar="tokenizer.json",
                    help="the HF tokenizer.json the checkpoint was trained with; copied into the run so eval, "
                         "sample and train --resume use it (without it, the run has no tokenizer yet)")
-    p.add_argument("--from-hub", metavar="REPO", help="download this Hugging Face Hub repo first, then import "
-                   "from it (the positional path, if given, is then relative to the repo)")
-    p.add_argument("--revision", help="hub revision (branch, tag or commit) for --from-hub")
+    if hub:
+        p.add_argument("--from-hub", metavar="REPO", help="download this Hugging Face Hub repo first, then import "
+                       "from it (the positional path, if given, is then relative to the repo)")
+        p.add_argument("--revision", help="hub revision (branch, tag or commit) for --from-hub")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override the written run's optim/data/train config, e.g. --set optim.lr=0.03")
     p.add_argument("--force", action="store_true", help="replace an existing jaxchat run in --out")
 
 
 def add_parsers(sub) -> None:
-    """Register `import` (with `flaxchat` and `nanochat`) and `export` on the CLI's subparsers."""
-    imp = sub.add_parser("import", help="turn a flaxchat or nanochat checkpoint into a jaxchat run directory")
+    """Register `import` (with `flaxchat`, `nanochat` and `golf`) and `export` on the CLI's subparsers."""
+    imp = sub.add_parser("import", help="turn a flaxchat, nanochat or golf checkpoint into a jaxchat run directory")
     src = imp.add_subparsers(dest="source", required=True)
 
     f = src.add_parser("flaxchat", help="a flaxchat Orbax checkpoint step directory (model/, optimizer/, ...)")
@@ -94,6 +101,14 @@ def add_parsers(sub) -> None:
     n.add_argument("--config", help="nanochat GPTConfig JSON (file or inline) when meta_N.json is missing")
     _common_import_args(n)
     n.set_defaults(fn=cmd_import_nanochat)
+
+    g = src.add_parser("golf", help="a parameter-golf (PR #334 GPT) state dict: .npz of param/<name> arrays, or .pt "
+                       "(needs torch)")
+    g.add_argument("state", metavar="STATE", help="the state dict file")
+    g.add_argument("--config", help="the reference GPT(...) keyword arguments as JSON (file or inline); default: the "
+                   "npz's `config` entry")
+    _common_import_args(g, hub=False)
+    g.set_defaults(fn=cmd_import_golf)
 
     e = sub.add_parser("export", help="write a run's weights as safetensors with a documented config.json")
     e.add_argument("run", metavar="RUN_DIR")

@@ -1,6 +1,7 @@
 """Parameter and FLOP counts (nanochat convention) and MFU, computed from shapes alone (no allocation).
 
-FLOPs per token (training) = 6 * (every matmul weight: blocks, lm_head, value-embedding and smear gates)
+FLOPs per token (training) = 6 * (every matmul weight: blocks, lm_head, value-embedding and smear gates, golf's
+                               BigramHash projection, counted with the gates)
                            + sum over layers of 12 * H * D * min(window, T).
 Embedding lookups (wte, value-embedding tables) cost no FLOPs. With tied embeddings the lm_head matmul still
 costs its 6 * C * V: the same weight, used as a matmul.
@@ -42,11 +43,15 @@ def param_group(path: tuple) -> str:
         return "value_embeds"
     if path[0] == "lm_head":
         return "lm_head"
+    if path[0] == "bigram":  # golf's BigramHash (table, projection, scale) counts with the token embedding
+        return "embed"
     if path[0] == "blocks":
+        if len(path) == 3 or path[-1] == "q_gain":  # golf's attn_scale, mlp_scale, q_gain
+            return "scalars"
         if path[3] == "ve_gate":
             return "ve_gates"
         return "attention" if path[2] == "attn" else "mlp"
-    return "scalars"  # resid/x0 lambdas, smear gate and lambda, backout lambda
+    return "scalars"  # resid/x0 lambdas, smear gate and lambda, backout lambda; golf's resid_mix, skips, smear
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,8 @@ def count(cfg: ModelConfig) -> Counts:
             matmul["gates"] += n
         elif g == "lm_head":
             matmul["lm_head"] += n
+        elif path[0] == "bigram" and path[1] == "proj":
+            matmul["gates"] += n
     if cfg.tie_embeddings:
         matmul["lm_head"] += cfg.n_embd * cfg.padded_vocab_size
     params["total"] = sum(params.values())

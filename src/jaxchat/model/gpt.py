@@ -12,6 +12,22 @@
 - final norm, lm_head (or the tied `wte`), logits sliced to the true vocab, cast to fp32, soft-capped
   `15 * tanh(logits / 15)`; in training that head and the cross-entropy run as one op (model/head.py).
 
+The parameter-golf and marin switches (ModelConfig, docs/architecture.md §Golf; every default is off, leaving the
+model above unchanged):
+- `bigram_buckets`, `bigram_dim`, `bigram_scale`: golf's BigramHash added to the token embedding before the norm;
+  `smear_v1`: golf's per-dim static SmearGate, beside nanochat's `smear` (both: model/embeddings.py);
+- `rope_dims`: partial RoPE, only the first R dims of a head rotate (pairs (i, i + R/2)), base `rope_base`;
+  `qk_norm_before_rope`: golf's order (norm, RoPE, gain) instead of nanochat's (RoPE, norm * qk_scale);
+  `q_gain`: a learned per-query-head gain after RoPE; `attn_scale_mult`: softmax scale mult / sqrt(D) (marin 1.35);
+- `golf_block`: per-dim `resid_mix` (x, x0) instead of (or after) the scalar lambdas, per-dim `attn_scale` and
+  `mlp_scale` on the branch outputs; `ln_scale`: branch inputs norm(x) / sqrt(l + 1);
+- `unet`: encoder layers (i < L//2) push their outputs, decoder layer L//2 + j first adds
+  `skip_weights[j] * pop()` (last pushed first);
+- `mlp_mult` (hidden width) and the `leaky_relu2` MLP; `logit_softcap` (golf 30); `embed_init_std`; `init`
+  (golf's PyTorch-default or OrthoInit schemes, model/init.py).
+Decoding carries the previous token's normed embedding (`prev_x`, for both smears) and, with BigramHash, its id
+(`prev_tok`). U-Net and LN scale are per-layer-static, so they refuse `scan_layers` (config.py).
+
 Shapes (einsum legend): B batch, T time, S key time, C model, H heads, K kv heads, D head dim, V vocab.
 Parameters are fp32; matmuls run in `config.compute_dtype`; logits and softmax are fp32.
 
@@ -31,7 +47,9 @@ from flax import nnx
 from jaxchat.config import ModelConfig, resolve_compute_dtype
 from jaxchat.dtypes import F32
 from jaxchat.model.attention import attend, resolve_backend
+from jaxchat.model.embeddings import BigramHash, previous, smear_nanochat, smear_v1
 from jaxchat.model.head import head_nll
+from jaxchat.model.init import assign, golf_init
 from jaxchat.model.mlp import Dense, YatNMN, make_mlp
 from jaxchat.model.remat import checkpoint_name, remat
 from jaxchat.model.rotary import Positions, positions, resolve_impl as resolve_rope_norm, rope_norm
@@ -59,6 +77,8 @@ class Attention(nnx.Module):
         self.c_q, self.c_k, self.c_v = Dense(C, H * D), Dense(C, K * D), Dense(C, K * D)
         self.c_proj = Dense(H * D, C)
         self.ve_gate = Dense(cfg.ve_gate_channels, K) if cfg.has_value_embed(layer) else None
+        if cfg.q_gain > 0:
+            self.q_gain = nnx.Param(jnp.zeros((H,), F32))
 
     def __call__(self, h, ve, p: Positions, cache=None):
         cfg, dt, pos = self.cfg, h.dtype, p.pos
@@ -71,7 +91,12 @@ class Attention(nnx.Module):
             gate = 3.0 * jax.nn.sigmoid(self.ve_gate(h[..., : cfg.ve_gate_channels], dt))  # (B, T, K)
             v = v + gate[..., None] * ve.reshape(B, T, K, D).astype(dt)
         impl = cfg.rope_norm if cache is None else "xla"  # model/rotary.py; its kernel serves training only
-        q, k = (rope_norm(a, p.cos, p.sin, eps=cfg.norm_eps, scale=cfg.qk_scale, impl=impl) for a in (q, k))
+        q, k = (rope_norm(a, p.cos, p.sin, eps=cfg.norm_eps, scale=cfg.qk_scale, impl=impl,
+                          norm_first=cfg.qk_norm_before_rope) for a in (q, k))
+        if cfg.q_gain > 0:
+            q = q * self.q_gain[...].astype(dt)[:, None]
+        if cfg.attn_scale_mult != 1.0:  # the softmax scale becomes attn_scale_mult / sqrt(D)
+            q = q * jnp.asarray(cfg.attn_scale_mult, dt)
         if cache is None:
             y = attend(q, k, v, window=self.window, q_pos=pos, k_pos=pos, backend=cfg.attention)
             new_cache = None
@@ -90,14 +115,28 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, layer)
         self.mlp = make_mlp(cfg.n_embd, cfg)
         self.eps = cfg.norm_eps
+        self.ln_div = math.sqrt(layer + 1) if cfg.ln_scale else 1.0
+        if cfg.golf_block:
+            self.attn_scale = nnx.Param(jnp.zeros((cfg.n_embd,), F32))
+            self.mlp_scale = nnx.Param(jnp.zeros((cfg.n_embd,), F32))
 
     def __call__(self, x, ve, p: Positions, cache=None):
         with jax.named_scope("attention"):  # named scopes label the profiler trace (`jaxchat bench --profile`)
-            a, cache = self.attn(norm(x, self.eps), ve, p, cache)
-        x = x + checkpoint_name(a, "attn_out_proj")
+            a, cache = self.attn(self.normed(x), ve, p, cache)
+        x = x + checkpoint_name(self.scaled(a, "attn_scale"), "attn_out_proj")
         with jax.named_scope("mlp"):
-            x = x + checkpoint_name(self.mlp(norm(x, self.eps), x.dtype), "mlp_out_proj")
+            m = self.mlp(self.normed(x), x.dtype)
+            x = x + checkpoint_name(self.scaled(m, "mlp_scale"), "mlp_out_proj")
         return x, cache
+
+    def normed(self, x):
+        """The branch input: norm(x), divided by sqrt(l + 1) with golf's LN scale."""
+        h = norm(x, self.eps)
+        return h / self.ln_div if self.ln_div != 1.0 else h
+
+    def scaled(self, y, name: str):
+        """A branch output times golf's per-dim attn_scale / mlp_scale (unchanged without golf_block)."""
+        return y * getattr(self, name)[...].astype(y.dtype) if hasattr(self, name) else y
 
 
 class GPT(nnx.Module):
@@ -117,6 +156,14 @@ class GPT(nnx.Module):
             self.smear_lambda = nnx.Param(jnp.zeros((1,), F32))
         if cfg.backout:
             self.backout_lambda = nnx.Param(jnp.zeros((1,), F32))
+        if cfg.golf_block:
+            self.resid_mix = nnx.Param(jnp.zeros((L, 2, C), F32))
+        if cfg.unet:
+            self.skip_weights = nnx.Param(jnp.zeros((L // 2, C), F32))
+        if cfg.smear_v1:
+            self.smear_v1_gate = nnx.Param(jnp.zeros((C,), F32))
+        if cfg.bigram_buckets:
+            self.bigram = BigramHash(cfg.bigram_buckets, cfg.bigram_dim, C)
         init_weights(self, rngs if rngs is not None else nnx.Rngs(0))
 
     def __call__(self, idx, cache=None, targets=None):
@@ -126,18 +173,20 @@ class GPT(nnx.Module):
         cfg = self.config
         dt = jnp.dtype(resolve_compute_dtype(cfg.compute_dtype))
         start = 0 if cache is None else cache["pos"]
-        p = positions(start, idx.shape[1], cfg.head_dim, cfg.rope_base)  # with the rotary tables, for every layer
-        x = self.embed(idx, dt, p.pos, None if cache is None else cache["prev_x"])
+        p = positions(start, idx.shape[1], cfg.rotary_dims, cfg.rope_base)  # rotary tables, for every layer
+        x, e = self.embed(idx, dt, p.pos, cache)
         x0, x_mid = x, jnp.zeros_like(x)  # x_mid: x after the middle layer, for the backout
+        skips = [] if cfg.unet else None  # the U-Net stack: encoder outputs, popped by the decoder layers
 
         if cache is None:  # training and evaluation: scanned groups (model/scan.py), then the rest unrolled
             x, x_mid, first = scan_groups(self, x, x0, x_mid, idx, p)
             for i in range(first, cfg.n_layer):
-                x, x_mid, _ = self.layer(i, self.train_block(i, p), x, x0, x_mid, idx)
+                x, x_mid, _ = self.layer(i, self.train_block(i, p), x, x0, x_mid, idx, skips=skips)
         else:  # decoding: layer by layer, each with its slice of the KV cache
             layer_caches = []
             for i, block in enumerate(self.blocks):
-                x, x_mid, layer_cache = self.layer(i, partial(block, p=p), x, x0, x_mid, idx, cache["layers"][i])
+                x, x_mid, layer_cache = self.layer(i, partial(block, p=p), x, x0, x_mid, idx, cache["layers"][i],
+                                                   skips=skips)
                 layer_caches.append(layer_cache)
 
         if cfg.backout:
@@ -149,10 +198,12 @@ class GPT(nnx.Module):
         logits = self.logits(x, w_out)
         if cache is None:
             return logits
-        prev_x = norm(self.wte(idx[:, -1]), cfg.norm_eps)
-        return logits, {"pos": start + idx.shape[1], "prev_x": prev_x, "layers": layer_caches}
+        new_cache = {"pos": start + idx.shape[1], "prev_x": e[:, -1].astype(F32), "layers": layer_caches}
+        if cfg.bigram_buckets:
+            new_cache["prev_tok"] = idx[:, -1].astype(jnp.int32)
+        return logits, new_cache
 
-    def layer(self, i: int | GroupLayer, block, x, x0, x_mid, idx, cache=None):
+    def layer(self, i: int | GroupLayer, block, x, x0, x_mid, idx, cache=None, skips=None):
         """Layer i's work, the one place it is written (training, scanned groups and decoding all call it):
         re-inject the input x0, run the block (attention, with the layer's value embedding of the tokens idx
         gated into v, then the MLP), keep x after the middle layer L//2 for the backout. Per-layer features
@@ -161,9 +212,16 @@ class GPT(nnx.Module):
         `block(x, ve, cache=) -> (x, cache)` is block i bound to this forward's positions: the Block itself when
         decoding, its pure function under `model.remat` when training (`train_block`; model/scan.py in a
         scanned group). `i` is a Python int, or inside the scan a `GroupLayer` (traced group, static position).
+        With golf's U-Net (`skips`, a list; int `i` only), a decoder layer first adds its weighted skip popped
+        from the stack, and an encoder layer (i < L//2) pushes its output.
         Returns (x, x_mid, the layer's new KV cache or None)."""
+        n_enc = self.config.n_layer // 2
+        if skips is not None and i >= n_enc and skips:
+            x = x + self.skip_weights[i - n_enc].astype(x.dtype) * skips.pop()
         x = self.mix_x0(i, x, x0)
         x, cache = block(x, self.value_embed(i, idx), cache=cache)
+        if skips is not None and i < n_enc:
+            skips.append(x)
         mid = self.config.n_layer // 2
         at_mid = i.is_layer(mid) if isinstance(i, GroupLayer) else i == mid
         if at_mid is True:
@@ -172,19 +230,25 @@ class GPT(nnx.Module):
             x_mid = jnp.where(at_mid, x, x_mid)
         return x, x_mid, cache
 
-    def embed(self, idx, dt, pos, prev_x=None):
-        """Token embedding, norm, then smear: each token mixes in the previous token's normed embedding (`prev_x`
-        for the first token when decoding; position 0 is never smeared)."""
+    def embed(self, idx, dt, pos, cache=None):
+        """Token embedding (+ golf's BigramHash), norm: e; then the smears (model/embeddings.py), each mixing in
+        the previous token's e (the cache's `prev_x` for the first token when decoding, as `prev_tok` is its
+        token for the bigram). Returns (x, e)."""
         cfg = self.config
+        B = idx.shape[0]
         with jax.named_scope("embed"):
-            x = norm(self.wte(idx), cfg.norm_eps).astype(dt)
+            x = self.wte(idx)
+            if cfg.bigram_buckets:
+                prev_tok = jnp.zeros((B,), jnp.int32) if cache is None else cache["prev_tok"]
+                x = x + self.bigram(idx, prev_tok, pos)
+            e = norm(x, cfg.norm_eps).astype(dt)
+        if not (cfg.smear or cfg.smear_v1):
+            return e, e
+        prev = previous(e, jnp.zeros((B, e.shape[-1]), dt) if cache is None else cache["prev_x"])
+        x = smear_v1(e, prev, self.smear_v1_gate[...], pos) if cfg.smear_v1 else e
         if cfg.smear:
-            first_prev = jnp.zeros_like(x[:, :1]) if prev_x is None else prev_x[:, None].astype(dt)
-            prev = jnp.concatenate([first_prev, x[:, :-1]], axis=1)
-            gate = jax.nn.sigmoid(self.smear_gate(x[..., : cfg.smear_channels], dt))
-            mix = self.smear_lambda[...].astype(dt) * gate * prev
-            x = x + jnp.where((pos > 0)[None, :, None], mix, 0)
-        return x
+            x = smear_nanochat(x, prev, self.smear_gate, self.smear_lambda[...], cfg.smear_channels, pos)
+        return x, e
 
     def logits(self, x, w_out):
         """Normed final x -> fp32 logits over the true vocab, soft-capped (the evaluation and decoding head)."""
@@ -196,12 +260,17 @@ class GPT(nnx.Module):
         return logits
 
     def mix_x0(self, i: int | GroupLayer, x, x0):
-        """Re-inject the block input x0 before layer i: resid_lambdas[i] * x + x0_lambdas[i] * x0."""
-        if not self.config.residual_lambdas:
-            return x
+        """Re-inject the block input x0 before layer i: resid_lambdas[i] * x + x0_lambdas[i] * x0 (scalars), then
+        golf's per-dim resid_mix[i, 0] * x + resid_mix[i, 1] * x0."""
+        cfg = self.config
         if isinstance(i, GroupLayer):
             i = i.index  # traced: the lambdas are sliced in the graph
-        return self.resid_lambdas[i].astype(x.dtype) * x + self.x0_lambdas[i].astype(x.dtype) * x0
+        if cfg.residual_lambdas:
+            x = self.resid_lambdas[i].astype(x.dtype) * x + self.x0_lambdas[i].astype(x.dtype) * x0
+        if cfg.golf_block:
+            mix = self.resid_mix[i].astype(x.dtype)
+            x = mix[0] * x + mix[1] * x0
+        return x
 
     def value_embed(self, i: int | GroupLayer, idx):
         """Layer i's value embedding of the tokens idx, or None on layers without one (a scanned layer carries its
@@ -223,7 +292,10 @@ class GPT(nnx.Module):
         cfg = self.config
         shape = (batch, max_len, cfg.n_kv_head, cfg.head_dim)
         layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layer)]
-        return {"pos": jnp.int32(0), "prev_x": jnp.zeros((batch, cfg.n_embd), F32), "layers": layers}
+        cache = {"pos": jnp.int32(0), "prev_x": jnp.zeros((batch, cfg.n_embd), F32), "layers": layers}
+        if cfg.bigram_buckets:
+            cache["prev_tok"] = jnp.zeros((batch,), jnp.int32)
+        return cache
 
 
 def resolved_kernels(cfg: ModelConfig, batch: int = 1) -> dict:
@@ -234,7 +306,8 @@ def resolved_kernels(cfg: ModelConfig, batch: int = 1) -> dict:
     q = jax.ShapeDtypeStruct((batch, T, cfg.n_head, D), dt)
     k = jax.ShapeDtypeStruct((batch, T, cfg.n_kv_head, D), dt)
     return {"attention": resolve_backend(cfg.attention, q, k),
-            "rope_norm": resolve_rope_norm(cfg.rope_norm, q.shape, dt)}
+            "rope_norm": "xla" if cfg.rope_dims or cfg.qk_norm_before_rope
+            else resolve_rope_norm(cfg.rope_norm, q.shape, dt)}
 
 
 def token_nll(logits, targets):
@@ -273,14 +346,6 @@ def param_path(keypath) -> tuple[str, ...]:
     return tuple(key_name(k) for k in keypath)
 
 
-def assign(var: nnx.Variable, value) -> None:
-    """Set a Variable's value (flax 0.12 `set_value`, older flax `.value =`)."""
-    if hasattr(var, "set_value"):
-        var.set_value(value)
-    else:
-        var.value = value
-
-
 def init_weights(model: GPT, rngs: nnx.Rngs) -> None:
     """Every tensor's initial value, in one place (docs/architecture.md §Init; s = sqrt(3) / sqrt(C), U = uniform):
 
@@ -297,6 +362,14 @@ def init_weights(model: GPT, rngs: nnx.Rngs) -> None:
     | resid_lambdas[i]               | 1.15 - 0.10 i / (L-1)        |
     | x0_lambdas[i]                  | 0.20 - 0.15 i / (L-1)        |
     | smear_lambda, backout_lambda   | 0, 0.2                       |
+    | golf switches: q_gain          | model.q_gain                 |
+    | resid_mix[i]                   | rows 1 (x) and 0 (x0)        |
+    | attn_scale, mlp_scale, skip_weights | 1                       |
+    | smear_v1_gate, bigram embed    | 0                            |
+    | bigram proj, bigram scale      | 0, model.bigram_scale        |
+
+    wte's std is `model.embed_init_std` (0.8). With `model.init` golf or golf_ortho, model/init.py then replaces
+    wte, lm_head, the block Linears and the bigram projection with golf's scheme.
     """
     cfg = model.config
     C, L = cfg.n_embd, cfg.n_layer
@@ -311,7 +384,7 @@ def init_weights(model: GPT, rngs: nnx.Rngs) -> None:
     def zeros(p):
         assign(p, jnp.zeros(p.shape, F32))
 
-    normal(model.wte.embedding, 0.8)
+    normal(model.wte.embedding, cfg.embed_init_std)
     if model.lm_head is not None:
         normal(model.lm_head.kernel, 0.001)
     for block in model.blocks:
@@ -343,3 +416,22 @@ def init_weights(model: GPT, rngs: nnx.Rngs) -> None:
         zeros(model.smear_lambda)
     if cfg.backout:
         assign(model.backout_lambda, jnp.full((1,), 0.2, F32))
+    for block in model.blocks:
+        if cfg.q_gain > 0:
+            assign(block.attn.q_gain, jnp.full((cfg.n_head,), cfg.q_gain, F32))
+        if cfg.golf_block:
+            assign(block.attn_scale, jnp.ones((C,), F32))
+            assign(block.mlp_scale, jnp.ones((C,), F32))
+    if cfg.golf_block:
+        assign(model.resid_mix, jnp.stack([jnp.ones((L, C), F32), jnp.zeros((L, C), F32)], axis=1))
+    if cfg.unet:
+        assign(model.skip_weights, jnp.ones(model.skip_weights.shape, F32))
+    if cfg.smear_v1:
+        zeros(model.smear_v1_gate)
+    if cfg.bigram_buckets:
+        zeros(model.bigram.embed)
+        if model.bigram.proj is not None:
+            zeros(model.bigram.proj.kernel)
+        assign(model.bigram.scale, jnp.asarray(cfg.bigram_scale, F32))
+    if cfg.init != "nanochat":
+        golf_init(model, rngs, ortho=cfg.init == "golf_ortho")

@@ -3,6 +3,7 @@
 | name            | y =                                                           | params per layer          |
 |-----------------|---------------------------------------------------------------|---------------------------|
 | relu2           | c_proj(relu(x W_fc)^2)                                        | W_fc (C,4C), W_proj (4C,C)|
+| leaky_relu2     | c_proj(leaky_relu(x W_fc, 0.5)^2)                             | same                      |
 | gelu            | c_proj(gelu_tanh(x W_fc))                                     | same                      |
 | swiglu          | c_proj(silu(x W_gate) * (x W_up)), hidden round(8C/3)         | 3 C F ~= 8 C^2            |
 | yatnmn          | c_proj(YatNMN(x)), bias, learnable alpha, eps fixed           | + bias (4C), alpha (1)    |
@@ -11,6 +12,8 @@
 YatNMN (nmn): y_j = alpha * (x.w_j + b_j)^2 / (||x - w_j||^2 + eps), with the distance expanded as
 ||x||^2 + ||w_j||^2 - 2 x.w_j so the whole layer is one GEMM. The distance is accumulated in fp32 (in bf16 the
 expansion cancels catastrophically when x is close to w_j).
+
+`model.mlp_mult` sets the hidden width of relu2, leaky_relu2 and gelu (F = mlp_mult * C; 4 by default, golf 2 or 3).
 
 Kernels are (in, out); the weights are created here with placeholder values and given their real initial
 values by `gpt.init_weights`, the one function that initialises every tensor.
@@ -48,11 +51,16 @@ class Dense(nnx.Module):
 
 class ReluSquaredMLP(nnx.Module):
     def __init__(self, C: int, cfg):
-        self.c_fc = Dense(C, 4 * C)
-        self.c_proj = Dense(4 * C, C)
+        self.c_fc = Dense(C, cfg.mlp_mult * C)
+        self.c_proj = Dense(cfg.mlp_mult * C, C)
 
     def __call__(self, x, dtype=F32):
         return self.c_proj(jnp.square(jax.nn.relu(self.c_fc(x, dtype))), dtype)
+
+
+class LeakyReluSquaredMLP(ReluSquaredMLP):
+    def __call__(self, x, dtype=F32):  # LeakyReLU(0.5)^2
+        return self.c_proj(jnp.square(jax.nn.leaky_relu(self.c_fc(x, dtype), 0.5)), dtype)
 
 
 GELU_K, GELU_C = math.sqrt(2.0 / math.pi), 0.044715  # gelu_tanh(x) = x * 0.5 * (1 + tanh(K (x + C x^3)))
@@ -155,6 +163,7 @@ class YatSoftplusMLP(YatMLP):
 
 MLPS = {
     "relu2": ReluSquaredMLP,
+    "leaky_relu2": LeakyReluSquaredMLP,
     "gelu": GeluMLP,
     "swiglu": SwiGLUMLP,
     "yatnmn": YatMLP,

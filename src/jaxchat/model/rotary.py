@@ -67,8 +67,27 @@ def positions(start, T: int, head_dim: int, base: float) -> Positions:
         return Positions(pos, *rope_tables(pos, head_dim, base))
 
 
-def rope_norm_xla(x, cos, sin, *, eps: float, scale: float):
-    """The reference: x (B, T, N, D), cos/sin (T, D/2) -> RMSNorm(rope(x)) * scale in fp32, returned in x's dtype."""
+def rope(x, cos, sin):
+    """Rotate the first R = 2 * cos.shape[-1] dims of x (..., T, N, D) in the split-halves layout, pairs (i, i + R/2),
+    and pass the other D - R through (golf's partial RoPE; R = D is the full rotation)."""
+    R = 2 * cos.shape[-1]
+    c, s = cos[:, None, :], sin[:, None, :]
+    x1, x2 = x[..., : R // 2], x[..., R // 2: R]
+    return jnp.concatenate([x1 * c + x2 * s, -x1 * s + x2 * c, x[..., R:]], axis=-1)
+
+
+def rms(x, eps):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+def rope_norm_xla(x, cos, sin, *, eps: float, scale: float, norm_first: bool = False):
+    """The reference: x (B, T, N, D), cos/sin (T, D/2) -> RMSNorm(rope(x)) * scale in fp32, returned in x's dtype.
+    With cos/sin (T, R/2), R < D, only the first R dims rotate; `norm_first` normalises before rotating (golf's
+    order: the same function, rounded differently)."""
+    if norm_first or 2 * cos.shape[-1] != x.shape[-1]:
+        xf = x.astype(F32)
+        r = rope(rms(xf, eps), cos, sin) if norm_first else rms(rope(xf, cos, sin), eps)
+        return (r * scale).astype(x.dtype) if scale != 1.0 else r.astype(x.dtype)
     x1, x2 = jnp.split(x.astype(F32), 2, axis=-1)
     c, s = cos[None, :, None, :], sin[None, :, None, :]
     r = jnp.concatenate([x1 * c + x2 * s, -x1 * s + x2 * c], axis=-1)
@@ -106,8 +125,11 @@ def resolve_impl(impl: str, x_shape, dtype) -> str:
     return "pallas"
 
 
-def rope_norm(x, cos, sin, *, eps: float, scale: float, impl: str = "auto"):
-    """RoPE + QK-norm of x (B, T, N, D); cos/sin (T, D/2) are `rope_tables` of the T positions."""
+def rope_norm(x, cos, sin, *, eps: float, scale: float, impl: str = "auto", norm_first: bool = False):
+    """RoPE + QK-norm of x (B, T, N, D); cos/sin (T, R/2) are `rope_tables` of the T positions (R = D but for
+    partial RoPE). Partial RoPE and `norm_first` run the xla form (the kernel rotates every dim, norm last)."""
+    if norm_first or 2 * cos.shape[-1] != x.shape[-1]:
+        return rope_norm_xla(x, cos, sin, eps=eps, scale=scale, norm_first=norm_first)
     if resolve_impl(impl, x.shape, x.dtype) == "pallas":
         return rope_norm_pallas(x, cos, sin, eps=eps, scale=scale)
     return rope_norm_xla(x, cos, sin, eps=eps, scale=scale)

@@ -59,7 +59,9 @@ ADAMW_BASE = {
 }
 MUON_BASE = dict(lr=0.02, wd=schedules.MUON_WEIGHT_DECAY, beta2=0.9, ns_steps=5, ns_dtype="bfloat16")
 ADAMW_EPS = 1e-10
-SCALAR_PARAMS = ("smear_gate", "smear_lambda", "backout_lambda")
+SCALAR_PARAMS = ("smear_gate", "smear_lambda", "backout_lambda",
+                 "smear_v1_gate", "skip_weights", "resid_mix")  # the last three: golf switches (model/gpt.py)
+GOLF_BLOCK_VECTORS = ("attn_scale", "mlp_scale", "q_gain")
 BLOCK_VECTOR_PARAMS = ("bias", "alpha", "epsilon_param")  # yatnmn's c_fc extras
 _TOP_KEYS = ("warmup_steps", "warmdown_ratio", "final_lr_frac", "ratio", "tied_wte_group")
 
@@ -75,10 +77,12 @@ def group_of(path: tuple[str, ...], shape: tuple[int, ...]) -> str:
         return top
     if top in SCALAR_PARAMS:
         return "scalars"
+    if top == "bigram":  # golf's BigramHash: its table learns like wte, its projection and scale like the gates
+        return "wte" if path[1] == "embed" else "scalars"
     if top == "blocks":
         if len(shape) == 2:
             return "muon"
-        if "mlp" in path and path[-1] in BLOCK_VECTOR_PARAMS:
+        if "mlp" in path and path[-1] in BLOCK_VECTOR_PARAMS or path[-1] in GOLF_BLOCK_VECTORS:
             return "scalars"
     raise ParamGroupError(
         f"parameter {'/'.join(path)} (shape {tuple(shape)}) belongs to no optimizer group: known are "
