@@ -131,6 +131,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_runs(tmp_path):
     again = subprocess.run(argv, env=child_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "mlp=relu2_seed=0: finished, kept" in again.stdout and "mlp=relu2_seed=1: resuming" in again.stdout
+    assert "| model.mlp=relu2 | mean ± std (2) |" in again.stdout and (out / "report" / "seeds.csv").is_file()
     assert (first / "summary.json").stat().st_mtime_ns == done  # not re-run
     assert json.loads((second / "summary.json").read_text())["restarts"] == 1
     assert [r["step"] for r in records(second) if "loss" in r] == list(range(1, 41))

@@ -11,7 +11,8 @@ from jaxchat.config import Config, DataConfig
 from jaxchat.interop.common import InteropError
 from jaxchat.interop.golf import model_from_state_dict as golf_model_from_state_dict
 from jaxchat.interop.nanochat import config_from_nanochat, model_from_state_dict
-from jaxchat.model.gpt import assign, cross_entropy, param_dict
+from jaxchat.model.gpt import cross_entropy, param_dict
+from jaxchat.model.init import assign
 from jaxchat.model.mlp import YatNMN
 from jaxchat.sample import Sampler
 from jaxchat.train import ModelFns

@@ -59,7 +59,7 @@ class ModelFns:
         self.graphdef, _ = nnx.split(nnx.eval_shape(lambda: GPT(self.cfg.model)))
 
     def init_params(self, seed: int) -> dict:
-        """Fresh parameters from `init_weights`, built in one compiled call."""
+        """Fresh parameters from `model/init.py`'s `init_weights`, built in one compiled call."""
         return jax.jit(lambda: param_dict(GPT(self.cfg.model, nnx.Rngs(params=seed))))()
 
     def module(self, params: dict) -> GPT:

@@ -32,15 +32,21 @@ def sweep_spec(args) -> dict:
 
 def cmd_sweep(args) -> None:
     runs = run_sweep(args.out, sweep_spec(args), parallel=args.parallel)
-    print(f"sweep {args.out}: {len(runs)} run(s) finished; tables: jaxchat report {args.out}")
+    print(f"sweep {args.out}: {len(runs)} run(s) finished\n")
+    write_report([args.out], Path(args.out) / "report", "smooth_final_loss", plots=False)
 
 
 def cmd_report(args) -> None:
-    runs, keys = collect(args.paths)
-    t = tables(runs, args.metric)
+    out = Path(args.out) if args.out else (Path(args.paths[0]) / "report" if len(args.paths) == 1 else None)
+    write_report(args.paths, out, args.metric, plots=not args.no_plots)
+
+
+def write_report(paths, out: Path | None, metric: str, plots: bool) -> None:
+    """Print the tables; with `out`, also write them (md, csv, json) and, with `plots`, the PNG plots."""
+    runs, keys = collect(paths)
+    t = tables(runs, metric)
     text = markdown(t)
     print(text, end="")
-    out = Path(args.out) if args.out else (Path(args.paths[0]) / "report" if len(args.paths) == 1 else None)
     if out is None:
         return
     out.mkdir(parents=True, exist_ok=True)
@@ -49,7 +55,7 @@ def cmd_report(args) -> None:
     (out / "comparison.csv").write_text(to_csv(t["comparison"]))
     write_json_atomic(out / "report.json", {"grouped_by": keys, **t})
     written = ["report.md", "seeds.csv", "comparison.csv", "report.json"]
-    if not args.no_plots:
+    if plots:
         written += [p.name for p in plot_report(runs, out)]
     print(f"wrote {', '.join(written)} to {out}")
 

@@ -19,7 +19,8 @@ from jaxchat.checkpoint import Checkpointer
 from jaxchat.config import Config, DataConfig, ModelConfig, TrainConfig, apply_overrides
 from jaxchat.data import Tokenizer
 from jaxchat.fileio import write_json_atomic
-from jaxchat.model.gpt import GPT, assign, param_path
+from jaxchat.model.gpt import GPT, param_path
+from jaxchat.model.init import assign
 from jaxchat.optim import build_optimizer
 from jaxchat.rundir import check_run_dir, lock_run_dir, start_run_dir
 

@@ -49,8 +49,8 @@ from jaxchat.dtypes import F32
 from jaxchat.model.attention import attend, resolve_backend
 from jaxchat.model.embeddings import BigramHash, previous, smear_nanochat, smear_v1
 from jaxchat.model.head import head_nll
-from jaxchat.model.init import assign, golf_init
-from jaxchat.model.mlp import Dense, YatNMN, make_mlp
+from jaxchat.model.init import init_weights
+from jaxchat.model.mlp import Dense, make_mlp
 from jaxchat.model.remat import checkpoint_name, remat
 from jaxchat.model.rotary import Positions, positions, resolve_impl as resolve_rope_norm, rope_norm
 from jaxchat.model.scan import GroupLayer, scan_groups
@@ -344,94 +344,3 @@ def param_path(keypath) -> tuple[str, ...]:
     if keypath and isinstance(keypath[-1], jax.tree_util.GetAttrKey) and keypath[-1].name == "value":
         keypath = keypath[:-1]
     return tuple(key_name(k) for k in keypath)
-
-
-def init_weights(model: GPT, rngs: nnx.Rngs) -> None:
-    """Every tensor's initial value, in one place (docs/architecture.md §Init; s = sqrt(3) / sqrt(C), U = uniform):
-
-    | tensor                         | init                         |
-    |--------------------------------|------------------------------|
-    | wte                            | N(0, 0.8)                    |
-    | lm_head (untied)               | N(0, 0.001)                  |
-    | c_q, c_k, c_v                  | U(-s, s)                     |
-    | attn c_proj, mlp c_proj        | zeros                        |
-    | mlp c_fc (relu2, gelu, swiglu) | U(-0.4 s, 0.4 s)             |
-    | mlp c_fc (yatnmn*)             | xavier normal, bias 0, alpha 1, eps_raw = softplus^-1(eps) |
-    | value embeds                   | U(-s, s)                     |
-    | ve_gate, smear_gate            | U(0, 0.02)                   |
-    | resid_lambdas[i]               | 1.15 - 0.10 i / (L-1)        |
-    | x0_lambdas[i]                  | 0.20 - 0.15 i / (L-1)        |
-    | smear_lambda, backout_lambda   | 0, 0.2                       |
-    | golf switches: q_gain          | model.q_gain                 |
-    | resid_mix[i]                   | rows 1 (x) and 0 (x0)        |
-    | attn_scale, mlp_scale, skip_weights | 1                       |
-    | smear_v1_gate, bigram embed    | 0                            |
-    | bigram proj, bigram scale      | 0, model.bigram_scale        |
-
-    wte's std is `model.embed_init_std` (0.8). With `model.init` golf or golf_ortho, model/init.py then replaces
-    wte, lm_head, the block Linears and the bigram projection with golf's scheme.
-    """
-    cfg = model.config
-    C, L = cfg.n_embd, cfg.n_layer
-    s = math.sqrt(3.0) / math.sqrt(C)
-
-    def uniform(p, lo, hi):
-        assign(p, jax.random.uniform(rngs.params(), p.shape, F32, lo, hi))
-
-    def normal(p, std):
-        assign(p, std * jax.random.normal(rngs.params(), p.shape, F32))
-
-    def zeros(p):
-        assign(p, jnp.zeros(p.shape, F32))
-
-    normal(model.wte.embedding, cfg.embed_init_std)
-    if model.lm_head is not None:
-        normal(model.lm_head.kernel, 0.001)
-    for block in model.blocks:
-        a, m = block.attn, block.mlp
-        for lin in (a.c_q, a.c_k, a.c_v):
-            uniform(lin.kernel, -s, s)
-        zeros(a.c_proj.kernel)
-        if a.ve_gate is not None:
-            uniform(a.ve_gate.kernel, 0.0, 0.02)
-        zeros(m.c_proj.kernel)
-        if isinstance(m.c_fc, YatNMN):
-            assign(m.c_fc.kernel, jax.nn.initializers.xavier_normal()(rngs.params(), m.c_fc.kernel.shape))
-            zeros(m.c_fc.bias)
-            assign(m.c_fc.alpha, jnp.ones((1,), F32))
-            if m.c_fc.softplus:  # softplus(eps_raw) = eps
-                assign(m.c_fc.epsilon_param, jnp.full((1,), math.log(math.expm1(cfg.yatnmn_eps)), F32))
-        else:
-            uniform(m.c_fc.kernel, -0.4 * s, 0.4 * s)
-            if hasattr(m, "c_gate"):
-                uniform(m.c_gate.kernel, -0.4 * s, 0.4 * s)
-    for ve in model.value_embeds.values():
-        uniform(ve.embedding, -s, s)
-    if cfg.residual_lambdas:
-        frac = jnp.arange(L, dtype=F32) / max(L - 1, 1)
-        assign(model.resid_lambdas, 1.15 - 0.10 * frac)
-        assign(model.x0_lambdas, 0.20 - 0.15 * frac)
-    if cfg.smear:
-        uniform(model.smear_gate.kernel, 0.0, 0.02)
-        zeros(model.smear_lambda)
-    if cfg.backout:
-        assign(model.backout_lambda, jnp.full((1,), 0.2, F32))
-    for block in model.blocks:
-        if cfg.q_gain > 0:
-            assign(block.attn.q_gain, jnp.full((cfg.n_head,), cfg.q_gain, F32))
-        if cfg.golf_block:
-            assign(block.attn_scale, jnp.ones((C,), F32))
-            assign(block.mlp_scale, jnp.ones((C,), F32))
-    if cfg.golf_block:
-        assign(model.resid_mix, jnp.stack([jnp.ones((L, C), F32), jnp.zeros((L, C), F32)], axis=1))
-    if cfg.unet:
-        assign(model.skip_weights, jnp.ones(model.skip_weights.shape, F32))
-    if cfg.smear_v1:
-        zeros(model.smear_v1_gate)
-    if cfg.bigram_buckets:
-        zeros(model.bigram.embed)
-        if model.bigram.proj is not None:
-            zeros(model.bigram.proj.kernel)
-        assign(model.bigram.scale, jnp.asarray(cfg.bigram_scale, F32))
-    if cfg.init != "nanochat":
-        golf_init(model, rngs, ortho=cfg.init == "golf_ortho")

@@ -16,7 +16,7 @@ expansion cancels catastrophically when x is close to w_j).
 `model.mlp_mult` sets the hidden width of relu2, leaky_relu2 and gelu (F = mlp_mult * C; 4 by default, golf 2 or 3).
 
 Kernels are (in, out); the weights are created here with placeholder values and given their real initial
-values by `gpt.init_weights`, the one function that initialises every tensor.
+values by `init.init_weights`, the one function that initialises every tensor.
 """
 
 from __future__ import annotations
