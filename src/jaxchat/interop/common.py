@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 
 from jaxchat.checkpoint import Checkpointer
-from jaxchat.config import Config, DataConfig, ModelConfig, TrainConfig, apply_overrides
+from jaxchat.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, apply_overrides
 from jaxchat.data import Tokenizer
 from jaxchat.fileio import write_json_atomic
 from jaxchat.model.gpt import GPT, param_path
@@ -198,6 +198,22 @@ def load_user_tokenizer(path: str | None, vocab_size: int, report: ImportReport)
         report.notes.append(f"tokenizer: {e} (eval, sample and train need a BOS token)")
     return tok
 
+
+
+def reference_config(config, fallback, parse, what: str, missing: str) -> ModelConfig:
+    """The ModelConfig of a reference model's keyword arguments: `config` as given (JSON text, a JSON file's
+    path, or a dict), else `fallback` (what the checkpoint itself carries), parsed by `parse`; `missing` is the
+    message when there is neither."""
+    if config is None:
+        config = fallback
+        if config is None:
+            raise InteropError(missing)
+    elif isinstance(config, str) and not config.lstrip().startswith("{"):
+        config = Path(config).read_text()
+    try:
+        return parse(config)
+    except (ConfigError, TypeError, ValueError) as e:
+        raise InteropError(f"{what} config {config!r:.200}: {e}") from None
 
 def write_run(out: str | Path, model_cfg: ModelConfig, params: dict, opt_moments, step: int, tokenizer,
               report: ImportReport, overrides: list[str] = (), force: bool = False, log=print) -> Path:

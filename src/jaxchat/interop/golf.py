@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxchat.config import ConfigError, ModelConfig
-from jaxchat.interop.common import ImportReport, InteropError, load_user_tokenizer, model_from_lookup, write_run
+from jaxchat.config import ModelConfig
+from jaxchat.interop.common import (ImportReport, InteropError, load_user_tokenizer, model_from_lookup,
+                                    reference_config, write_run)
 from jaxchat.interop.nanochat_files import read_state
 from jaxchat.model.gpt import GPT, param_dict
 
@@ -112,17 +113,9 @@ def import_golf(path: str | Path, out: str | Path, config: str | dict | None = N
         raise InteropError(f"{path} is not a file: pass a golf state dict (.npz with param/<name> arrays, or .pt)")
     report = ImportReport(source=f"golf {path}")
     state, embedded = read_state(path)
-    if config is None:
-        config = embedded
-        if config is None:
-            raise InteropError(f"no model config for {path}: pass --config with the reference GPT(...) keyword "
-                               f"arguments as JSON, e.g. '{{\"vocab_size\": 1024, \"num_layers\": 11, ...}}'")
-    elif isinstance(config, str) and not config.lstrip().startswith("{"):
-        config = Path(config).read_text()
-    try:
-        cfg = config_from_golf(config)
-    except (ConfigError, TypeError, ValueError) as e:
-        raise InteropError(f"golf config {config!r:.200}: {e}") from None
+    cfg = reference_config(config, embedded, config_from_golf, "golf",
+                           f"no model config for {path}: pass --config with the reference GPT(...) keyword "
+                           f"arguments as JSON, e.g. '{{\"vocab_size\": 1024, \"num_layers\": 11, ...}}'")
     tok = load_user_tokenizer(tokenizer, cfg.vocab_size, report)
     model, state, used = map_state_dict(state, cfg)
     report.mapped = [(n, used[n], state[n].shape) for n in sorted(used)]

@@ -23,8 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxchat.config import ConfigError
-from jaxchat.interop.common import ImportReport, InteropError, load_user_tokenizer, write_run
+from jaxchat.interop.common import ImportReport, InteropError, load_user_tokenizer, reference_config, write_run
 from jaxchat.interop.nanochat import config_from_nanochat, map_state_dict
 from jaxchat.model.gpt import param_dict
 
@@ -96,17 +95,9 @@ def import_nanochat(path: str | Path, out: str | Path, step: int | None = None, 
     report = ImportReport(source=f"nanochat {file}")
     state, embedded = read_state(file)
     meta = read_meta(file, step)
-    if config is None:
-        config = meta.get("model_config") or embedded
-        if config is None:
-            raise InteropError(f"no model config for {file}: expected meta_{(step or 0):06d}.json beside it (with "
-                               f"model_config) or a `config` entry in the npz; or pass --config")
-    elif isinstance(config, str) and not config.lstrip().startswith("{"):
-        config = Path(config).read_text()
-    try:
-        cfg = config_from_nanochat(config)
-    except (ConfigError, TypeError, ValueError) as e:
-        raise InteropError(f"nanochat config {config!r:.200}: {e}") from None
+    cfg = reference_config(config, meta.get("model_config") or embedded, config_from_nanochat, "nanochat",
+                           f"no model config for {file}: expected meta_{(step or 0):06d}.json beside it (with "
+                           f"model_config) or a `config` entry in the npz; or pass --config")
     tok = load_user_tokenizer(tokenizer, cfg.vocab_size, report)
     model, state, used = map_state_dict(state, cfg, f"nanochat checkpoint {file.name}")
     report.mapped = [(n, used[n], state[n].shape) for n in sorted(used)]
