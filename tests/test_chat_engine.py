@@ -96,6 +96,7 @@ def test_compiled_decode_equals_stepwise_full_forward(gpt, tok):
         prev = want
 
 
+@pytest.mark.slow
 def test_decode_with_a_sliding_window_and_gqa_equals_the_full_forward():
     """Windows bind (a 256-token window, 290 positions), GQA (2 heads, 1 kv head), tied embeddings: one full
     forward over prompt + reply gives the logits of every step (causality)."""

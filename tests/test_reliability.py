@@ -261,6 +261,7 @@ def test_a_backend_this_machine_lacks_fails_before_the_run_dir_exists(tmp_path, 
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_out_of_memory_at_the_first_step_says_how_to_rerun(run, monkeypatch, capsys):
     """The loop's handling of XLA's RESOURCE_EXHAUSTED (a real one needs more memory than a test may take; the
     closing note of the issue shows one): the message names the batch and a command that works."""
