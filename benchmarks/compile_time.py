@@ -21,7 +21,7 @@ VARIANTS = {"unrolled": ["model.scan_layers=false"], "scan": ["model.scan_layers
 
 CHILD = """
 import json, sys
-from jaxchat.config import apply_overrides
+from jaxchat.overrides import apply_overrides
 from jaxchat.dryrun import dry_run
 from jaxchat.model.scan import describe
 from jaxchat.presets import get_preset

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from jaxchat.chat.engine import Engine, Sampling
-from jaxchat.config import apply_overrides
+from jaxchat.overrides import apply_overrides
 from jaxchat.presets import get_preset
 from jaxchat.sample import Sampler
 from jaxchat.train import ModelFns

@@ -24,7 +24,8 @@ from jaxchat.chat.conversation import Specials
 from jaxchat.chat.engine import Engine, Sampling
 from jaxchat.chat.server import ChatService, make_server
 from jaxchat.chat.terminal import chat
-from jaxchat.config import ConfigError, apply_overrides
+from jaxchat.config import ConfigError
+from jaxchat.overrides import apply_overrides
 from jaxchat.data.tokenizer import Tokenizer
 from jaxchat.presets import get_preset
 from jaxchat.train import ModelFns

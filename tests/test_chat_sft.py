@@ -14,7 +14,8 @@ import pytest
 
 from jaxchat.chat.sft import batch_indices, run_sft, sft_config, split
 from jaxchat.cli import main
-from jaxchat.config import ConfigError, apply_overrides
+from jaxchat.config import ConfigError
+from jaxchat.overrides import apply_overrides
 from jaxchat.data.tokenizer import Tokenizer
 from jaxchat.loop import run_training
 from jaxchat.run import load_run

@@ -20,7 +20,8 @@ import pytest
 
 from jaxchat.checkpoint import Checkpointer
 from jaxchat.cli import main
-from jaxchat.config import ConfigError, apply_overrides
+from jaxchat.config import ConfigError
+from jaxchat.overrides import apply_overrides
 from jaxchat.fileio import read_jsonl
 from jaxchat.plan import resolve
 from jaxchat.presets import get_preset

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import child_env, records
 from jaxchat.cli import main
-from jaxchat.config import apply_overrides
+from jaxchat.overrides import apply_overrides
 from jaxchat.experiments.report import collect, markdown, mean_std, tables
 from jaxchat.experiments.results import smooth_losses
 from jaxchat.experiments.sweep import expand

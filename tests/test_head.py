@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxchat.config import Config, DataConfig, ModelConfig, apply_overrides
+from jaxchat.config import Config, DataConfig, ModelConfig
+from jaxchat.overrides import apply_overrides
 from jaxchat.model.gpt import GPT, token_nll
 from jaxchat.model.head import head_nll
 from jaxchat.train import ModelFns

@@ -122,7 +122,7 @@ json.dump(result, open(out_path, "w"))
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Both children, started together; the dataset is prepared here first (into the session's cache)."""
-    from jaxchat.config import apply_overrides
+    from jaxchat.overrides import apply_overrides
     from jaxchat.run import load_dataset
     from jaxchat.presets import get_preset
 

@@ -74,7 +74,7 @@ def train_args(run, *extra) -> list[str]:
 def runs(tmp_path_factory):
     """Run `pair` (2 processes x 2 devices) and `one` (1 process, 1 device) for N steps, side by side; then continue
     the pair's run to M steps on 2 processes (`pair`) and, from a copy of it, on 1 process (`copy`)."""
-    from jaxchat.config import apply_overrides
+    from jaxchat.overrides import apply_overrides
     from jaxchat.run import load_dataset
     from jaxchat.presets import get_preset
 

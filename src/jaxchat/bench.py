@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxchat import cpu_runtime
-from jaxchat.config import ATTENTION_BACKENDS, ConfigError, apply_overrides
+from jaxchat.config import ATTENTION_BACKENDS, ConfigError
+from jaxchat.overrides import apply_overrides
 from jaxchat.dryrun import peak_bytes
 from jaxchat.environment import device_label, git_commit
 from jaxchat.model.accounting import count, device_peak_flops, mfu

@@ -19,7 +19,8 @@ from jaxchat.argtypes import count_int, finite_non_negative, positive_int
 from jaxchat.chat.commands import add_parsers as add_chat_parsers
 from jaxchat.checkpoint import CheckpointError
 from jaxchat.compilation import enable_compilation_cache
-from jaxchat.config import ConfigError, all_keys, apply_overrides
+from jaxchat.config import ConfigError
+from jaxchat.overrides import all_keys, apply_overrides
 from jaxchat.cpu_runtime import tune_cpu_runtime
 from jaxchat.data.commands import add_parsers as add_data_parsers
 from jaxchat.distributed import JobError, initialize

@@ -32,7 +32,8 @@ import time
 import tomllib
 from pathlib import Path
 
-from jaxchat.config import ConfigError, apply_overrides, all_keys
+from jaxchat.config import ConfigError
+from jaxchat.overrides import all_keys, apply_overrides
 from jaxchat.fileio import write_json_atomic
 from jaxchat.plan import resolve
 from jaxchat.presets import get_preset

@@ -16,7 +16,8 @@ import optax
 from flax import nnx
 
 from jaxchat.checkpoint import Checkpointer
-from jaxchat.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, apply_overrides
+from jaxchat.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig
+from jaxchat.overrides import apply_overrides
 from jaxchat.data import Tokenizer
 from jaxchat.fileio import write_json_atomic
 from jaxchat.model.gpt import GPT, param_path
