@@ -105,3 +105,45 @@ def test_presets_lists_every_preset(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in PRESETS)
+
+
+def test_version_is_the_package_version(capsys):
+    import importlib.metadata
+
+    import jaxchat
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"jaxchat {jaxchat.__version__}"
+    assert importlib.metadata.version("jaxchat") == jaxchat.__version__
+
+
+def test_train_from_a_config_file_with_set_on_top(tmp_path):
+    spec = tmp_path / "micro.toml"
+    spec.write_text('[model]\nn_layer = 2\nn_embd = 64\nn_head = 1\nn_kv_head = 1\nsequence_len = 64\n'
+                    'vocab_size = 512\n[data]\ntokenizer_vocab = 512\nmax_train_chars = 300000\n'
+                    '[train]\nbatch_size = 4\nnum_steps = 50\neval_tokens = 512\nsample_tokens = 0\n')
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(spec), "--run-dir", str(run), "--set", "train.num_steps=2"]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert (cfg["model"]["n_layer"], cfg["model"]["n_embd"], cfg["train"]["num_steps"]) == (2, 64, 2)
+    from jaxchat.config import Config
+
+    assert cfg["optim"] == Config().to_dict()["optim"]  # (absent from the file: the defaults, not a preset's)
+    # a run's own config.json is a config file too
+    assert main(["train", "--config", str(run / "config.json"), "--run-dir", str(tmp_path / "again")]) == 0
+    assert json.loads((tmp_path / "again" / "config.json").read_text()) == cfg
+
+
+@pytest.mark.parametrize("text,argv,needle", [
+    ("", ["--preset", "tiny"], "drop --preset"),
+    (None, [], "no such file"),
+    ("[model\n", [], "does not parse (TOML)"),
+    ("[model]\nno_such = 1\n", [], "unknown keys in config section 'model'"),
+])
+def test_bad_config_files(tmp_path, text, argv, needle, capsys):
+    spec = tmp_path / "c.toml"
+    if text is not None:
+        spec.write_text(text)
+    assert main(["train", "--config", str(spec), "--run-dir", str(tmp_path / "r")] + argv) == 2
+    assert needle in capsys.readouterr().err and not (tmp_path / "r").exists()

@@ -14,13 +14,13 @@ import logging
 import sys
 from pathlib import Path
 
-from jaxchat import bench
+from jaxchat import __version__, bench
 from jaxchat.argtypes import count_int, finite_non_negative, positive_int
 from jaxchat.chat.commands import add_parsers as add_chat_parsers
 from jaxchat.checkpoint import CheckpointError
 from jaxchat.compilation import enable_compilation_cache
 from jaxchat.config import ConfigError
-from jaxchat.overrides import all_keys, apply_overrides
+from jaxchat.overrides import all_keys, apply_overrides, config_from_file
 from jaxchat.cpu_runtime import tune_cpu_runtime
 from jaxchat.data.commands import add_parsers as add_data_parsers
 from jaxchat.distributed import JobError, initialize
@@ -49,8 +49,13 @@ def cmd_train(args) -> None:
     if args.run_dir is not None and not args.run_dir.strip():
         raise ConfigError(f"--run-dir {args.run_dir!r} is empty: pass a directory, e.g. --run-dir runs/tiny (or omit "
                           f"it for runs/<preset>)")
-    run_dir = Path(args.run_dir or f"runs/{args.preset or 'tiny'}")
-    if args.resume and not args.preset:
+    if args.config and (args.preset or args.resume):
+        raise ConfigError("--config gives the whole config: drop --preset (and --resume, which continues a run with "
+                          "its own recorded config); change single values with --set")
+    run_dir = Path(args.run_dir or f"runs/{args.preset or (Path(args.config).stem if args.config else 'tiny')}")
+    if args.config:
+        cfg = config_from_file(args.config)
+    elif args.resume and not args.preset:
         cfg = load_run_config(run_dir)  # continue the run with its own config (plus any --set)
     else:
         cfg = get_preset(args.preset or "tiny")
@@ -140,10 +145,13 @@ def cmd_presets(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxchat", description="Train nanochat-style GPTs in JAX.")
+    p.add_argument("--version", action="version", version=f"jaxchat {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train", help="train a preset (default tiny) into a run directory")
     t.add_argument("--preset", help="preset name (jaxchat presets); default tiny, or the run's own with --resume")
+    t.add_argument("--config", metavar="FILE", help="the whole config from a file instead of a preset: a run's "
+                   "config.json, or TOML with [model] [optim] [data] [train] tables (--set applies on top)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.num_steps=100 (repeatable)")
     t.add_argument("--run-dir", help="where config, checkpoints and metrics go (default runs/<preset>)")

@@ -1,10 +1,14 @@
-"""`--set section.key=value` overrides: every key a config has, and the text of a value turned into its field's
-type, with an error that names the key and the value."""
+"""A config from the command line: `--config FILE` (a run's config.json, or a TOML file with [model], [optim],
+[data] and [train] tables, every key optional) and `--set section.key=value` overrides on top (every key a
+config has; the text of a value turned into its field's type, with an error that names the key and the value)."""
 
 from __future__ import annotations
 
 import difflib
+import json
+import tomllib
 from dataclasses import fields, replace
+from pathlib import Path
 from typing import Any, get_type_hints
 
 from jaxchat.config import Config, ConfigError
@@ -69,3 +73,22 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     # each section is rebuilt once with all its changes, so checks that tie fields together see the final values
     sections = {name: replace(getattr(cfg, name), **kw) if kw else getattr(cfg, name) for name, kw in changes.items()}
     return Config(**sections)
+
+
+def config_from_file(path: str | Path) -> Config:
+    """The Config a JSON (a run's config.json) or TOML file describes; missing keys take their defaults."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file; pass a run's config.json or a TOML file with [model], "
+                          f"[optim], [data] and [train] tables")
+    try:
+        doc = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {path} does not parse ({'TOML' if path.suffix == '.toml' else 'JSON'}): "
+                          f"{e}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"--config {path}: expected a table of sections (model, optim, data, train)")
+    try:
+        return Config.from_dict(doc)
+    except TypeError as e:
+        raise ConfigError(f"--config {path}: {e}") from None
