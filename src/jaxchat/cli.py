@@ -80,10 +80,10 @@ def cmd_eval(args) -> None:
     tok = run.tokenizer
     ds = load_dataset(run.cfg, log=lambda *a: None)
     if ds.tokenizer.fingerprint() != tok.fingerprint():
-        raise CheckpointError(f"the dataset's tokenizer differs from {args.run}/tokenizer.json: the run's data "
+        raise CheckpointError(f"the dataset's tokenizer differs from the one in {args.run}: the run's data "
                               f"config no longer reproduces its tokenizer (different Python stdlib?)")
     rows = eval_rows(ds.val_rows, args.batch_size, args.tokens or run.cfg.train.eval_tokens)
-    out = evaluate(make_eval_step(run.fns, tok.token_bytes()), run.params, rows, args.batch_size)
+    out = evaluate(make_eval_step(run.fns, tok.byte_rule()), run.params, rows, args.batch_size)
     ref = compressor_bpb(target_bytes(tok, rows))
     print(f"{args.run} step {int(run.state['step'])}: val loss {out['val_loss']:.4f} | val bpb {out['val_bpb']:.4f} | "
           f"gzip -9 {ref['gzip_bpb']:.3f} | xz -9e {ref['xz_bpb']:.3f} bits/byte "
@@ -95,7 +95,7 @@ def cmd_sample(args) -> None:
     tok = run.tokenizer
     ids = [tok.bos_id] + tok.encode(args.prompt)
     out = Sampler(run.fns).generate(run.params, ids, args.max_tokens, args.temperature, args.top_k, args.seed)
-    print(args.prompt + tok.decode(out))
+    print(args.prompt + tok.decode_after(ids[1:], out))
 
 
 def cmd_params(args) -> None:

@@ -1,7 +1,10 @@
 """Validation loss and bits per byte (docs/architecture.md §Data), next to what general-purpose compressors achieve.
 
 bpb = sum(NLL over targets whose token has bytes > 0) / (ln 2 * sum(bytes of those targets)),
-where a token's bytes is the length of its UTF-8 decoding and special tokens count 0. The per-token NLL comes
+where a token's bytes is the length of its UTF-8 decoding and special tokens count 0. Tokenizers of the
+SentencePiece kind count bytes by parameter-golf's rule (data/bytecount.py): a target with a leading "▁" has one
+byte more unless the token before it (the input at its position) is a boundary such as BOS; and, as golf, the
+NLL of every target is summed. The per-token NLL comes
 from the same fused head as the training loss (model/head.py: logits in the compute dtype, soft-cap and
 log-softmax in fp32, as nanochat evaluates under autocast), so val loss and train loss are one function and no
 fp32 (batch, T, vocab) logits are held.
@@ -19,19 +22,42 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxchat.data.bytecount import ByteRule
 from jaxchat.distributed import global_array, local_positions
 
 
-def make_eval_step(fns, token_bytes: np.ndarray):
-    table = jnp.asarray(token_bytes, jnp.int32)
+def target_byte_counts(rule: ByteRule):
+    """A jittable `(inputs, targets) -> (bytes per target int32, counted-for-bpb mask)` for `rule`; targets < 0
+    (masked) are 0 bytes and not counted. inputs[..., i] is the token before targets[..., i]."""
+    base = jnp.asarray(rule.base, jnp.int32)
+    lead = jnp.asarray(rule.leading_space, jnp.int32)
+    not_boundary = jnp.asarray(~rule.boundary, jnp.int32)
+    contextual, all_targets = rule.contextual, rule.all_targets
+
+    def counts(inputs, targets):
+        valid = targets >= 0
+        t = jnp.maximum(targets, 0)
+        nbytes = base[t]
+        if contextual:
+            nbytes = nbytes + lead[t] * not_boundary[jnp.maximum(inputs, 0)]
+        nbytes = jnp.where(valid, nbytes, 0)
+        return nbytes, (valid if all_targets else nbytes > 0)
+
+    return counts
+
+
+def make_eval_step(fns, byte_rule):
+    """The jitted eval step; `byte_rule` is a ByteRule (tokenizer.byte_rule()) or a per-token byte table."""
+    rule = byte_rule if isinstance(byte_rule, ByteRule) else ByteRule.flat(byte_rule)
+    counts = target_byte_counts(rule)
 
     @jax.jit
     def eval_step(params, inputs, targets):
         nll = fns.module(params)(inputs, targets=targets)
         valid = targets >= 0
-        nbytes = jnp.where(valid, table[jnp.maximum(targets, 0)], 0)
+        nbytes, counted = counts(inputs, targets)
         return {"nll": jnp.sum(jnp.where(valid, nll, 0.0)), "tokens": jnp.sum(valid),
-                "nll_bytes": jnp.sum(jnp.where(nbytes > 0, nll, 0.0)), "bytes": jnp.sum(nbytes)}
+                "nll_bytes": jnp.sum(jnp.where(counted, nll, 0.0)), "bytes": jnp.sum(nbytes)}
 
     return eval_step
 
@@ -63,10 +89,22 @@ def evaluate(eval_step, params, rows: np.ndarray, batch_size: int, sharding=None
 
 
 def target_bytes(tokenizer, rows: np.ndarray) -> bytes:
-    """The UTF-8 bytes of every target token of `rows`, in order (specials contribute nothing)."""
+    """The UTF-8 bytes of every target token of `rows`, in order (specials contribute nothing). For the
+    SentencePiece kind each run of tokens between boundaries is decoded alone, so a word after BOS has no
+    leading space, as the byte rule counts it."""
     specials = set(tokenizer.special_ids) if hasattr(tokenizer, "special_ids") else {tokenizer.bos_id}
+    rule = tokenizer.byte_rule() if hasattr(tokenizer, "byte_rule") else None
     parts = []
     for row in rows:
+        if rule is not None and rule.contextual:
+            segment = []
+            for t in [*map(int, row[1:]), -1]:  # (rows start with BOS: the first target follows a boundary)
+                if t in specials or t < 0:
+                    parts.append(tokenizer.decode(segment).encode("utf-8"))
+                    segment = []
+                else:
+                    segment.append(t)
+            continue
         ids = [int(t) for t in row[1:] if int(t) not in specials]
         parts.append(tokenizer.decode(ids).encode("utf-8"))
     return b"".join(parts)

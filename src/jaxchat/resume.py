@@ -20,7 +20,7 @@ import jax
 
 from jaxchat.checkpoint import Checkpointer, CheckpointError, remove_debris
 from jaxchat.config import EXECUTION_FIELDS, Config, ConfigError, resolve_compute_dtype
-from jaxchat.data import Tokenizer
+from jaxchat.data.tokenizer import Tokenizer, find_tokenizer_file
 from jaxchat.distributed import together
 from jaxchat.fileio import append_jsonl, read_jsonl, write_json_atomic
 from jaxchat.rundir import is_marked, mark_run_dir, reconcile_metrics, remove_stale_temporaries
@@ -44,7 +44,7 @@ def check_resume_config(cfg: Config, saved: Config, batch: bool = True) -> None:
 
 
 def load_run_tokenizer(run_dir: Path) -> Tokenizer:
-    path = Path(run_dir) / "tokenizer.json"
+    path = find_tokenizer_file(run_dir) or Path(run_dir) / "tokenizer.json"
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: copy the tokenizer the run trained with there")
     try:
@@ -56,7 +56,7 @@ def load_run_tokenizer(run_dir: Path) -> Tokenizer:
 
 
 def check_run_tokenizer(run_dir: Path, tokenizer: Tokenizer) -> None:
-    path = run_dir / "tokenizer.json"
+    path = find_tokenizer_file(run_dir) or run_dir / "tokenizer.json"
     if path.is_file() and load_run_tokenizer(run_dir).fingerprint() != tokenizer.fingerprint():
         raise CheckpointError(f"the data config now yields a different tokenizer than the run's {path}: its token "
                               f"ids would mean other text. Resume with the run's own data config (and Python "
@@ -92,8 +92,8 @@ def _write_repair(run_dir: Path, step: int, ckpt: Checkpointer, ds, rec: dict, h
     the debris, cut metrics.jsonl back, log and record the restart."""
     if not is_marked(run_dir):
         mark_run_dir(run_dir, "train --resume (a run made before jaxchat marked its runs)")
-    if not (run_dir / "tokenizer.json").is_file():
-        ds.tokenizer.save(run_dir / "tokenizer.json")
+    if find_tokenizer_file(run_dir) is None:
+        ds.tokenizer.save(run_dir / ds.tokenizer.file_name)
     if not (run_dir / "data.json").is_file():
         write_json_atomic(run_dir / "data.json", {k: v for k, v in ds.info.items() if k != "timings_s"})
     removed = remove_debris(run_dir)

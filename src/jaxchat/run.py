@@ -38,6 +38,7 @@ from jaxchat.checkpoint import Checkpointer
 from jaxchat.clock import Clock
 from jaxchat.config import Config, ConfigError
 from jaxchat.data import Tokenizer, check_manifest, load_for_training
+from jaxchat.data.tokenizer import find_tokenizer_file
 from jaxchat.distributed import is_primary, together
 from jaxchat.environment import environment
 from jaxchat.fileio import write_json_atomic
@@ -67,17 +68,17 @@ def check_data_inputs(cfg: Config) -> None:
     path = cfg.data.tokenizer_path
     if not path:
         return
-    p = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
+    p = (find_tokenizer_file(path) or Path(path) / "tokenizer.json") if Path(path).is_dir() else Path(path)
     if not p.is_file():
-        what = "holds no tokenizer.json" if Path(path).is_dir() else "does not exist"
+        what = "holds no tokenizer.json or tokenizer.model" if Path(path).is_dir() else "does not exist"
         raise ConfigError(f"data.tokenizer_path={path!r} {what}: point it at a HF tokenizer.json (e.g. "
-                          f"runs/tiny/tokenizer.json), or set data.tokenizer_path='' to train a BPE tokenizer of "
-                          f"data.tokenizer_vocab tokens.")
+                          f"runs/tiny/tokenizer.json) or a sentencepiece .model, or set data.tokenizer_path='' to "
+                          f"train a BPE tokenizer of data.tokenizer_vocab tokens.")
     try:
         tok = Tokenizer.load(p)
     except ValueError as e:  # (Tokenizer.load turns the HF loader's bare Exceptions into ValueError)
-        raise ConfigError(f"data.tokenizer_path={path!r} is not a readable tokenizer.json ({str(e)[:200]}): point "
-                          f"it at a HF tokenizer.json, or set data.tokenizer_path=''.") from None
+        raise ConfigError(f"data.tokenizer_path={path!r} is not a readable tokenizer ({str(e)[:300]}): point "
+                          f"it at a HF tokenizer.json or a sentencepiece .model, or set data.tokenizer_path=''.") from None
     check_vocab(cfg, tok, where=f"data.tokenizer_path={path!r}")
 
 
@@ -185,7 +186,7 @@ class Run:
                     start_run_dir(run_dir, force, "train", log)  # the marker, first
                     self.lock = self.lock if self.lock is not None else lock_run_dir(run_dir)
                     write_json_atomic(run_dir / "config.json", cfg.to_dict())
-                    self.tokenizer.save(run_dir / "tokenizer.json")  # (atomic)
+                    self.tokenizer.save(run_dir / self.tokenizer.file_name)  # (atomic; .json or .model)
                     write_json_atomic(run_dir / "data.json",
                                       {k: v for k, v in self.ds.info.items() if k != "timings_s"})
             self.ckpt = Checkpointer(run_dir, keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every)

@@ -33,7 +33,7 @@ from jaxchat.fileio import append_jsonl, read_jsonl, write_json_atomic, write_js
 MARKER = ".jaxchat-run"
 # Every name jaxchat writes at the top of a run directory (and their atomic-write temporaries, NAME.tmpPID):
 # --force deletes these and nothing else.
-OWNED = (MARKER, "config.json", "tokenizer.json", "data.json", "metrics.jsonl", "metrics.discarded.jsonl",
+OWNED = (MARKER, "config.json", "tokenizer.json", "tokenizer.model", "data.json", "metrics.jsonl", "metrics.discarded.jsonl",
          "restarts.jsonl", "summary.json", "import.json", "environment.json", "trackers.json", "checkpoints",
          "tensorboard", "wandb")
 

@@ -159,7 +159,7 @@ def add_parsers(sub) -> None:
 
     p = dsub.add_parser("prepare", help="tokenize SOURCE into shards + manifest (resumable), pack rows with --seq")
     _source_args(p)
-    p.add_argument("--tokenizer", required=True, help="tokenizer.json (or a directory holding one)")
+    p.add_argument("--tokenizer", required=True, help="a HF tokenizer.json or a sentencepiece .model (or a directory holding tokenizer.json/.model)")
     p.add_argument("--out", required=True, help="the dataset directory to write (train with data.source=DIR)")
     p.add_argument("--val-docs", type=count_int, default=None,
                    help="validation = the first N documents (default 1000; stdlib: its own file-hash split)")
@@ -202,7 +202,7 @@ def add_parsers(sub) -> None:
 
     p = tsub.add_parser("eval", help="bytes per token of one or more tokenizers on a source, side by side")
     _source_args(p)
-    p.add_argument("--tokenizer", action="append", required=True, help="a tokenizer.json (repeat to compare)")
+    p.add_argument("--tokenizer", action="append", required=True, help="a tokenizer.json or sentencepiece .model (repeat to compare)")
     p.add_argument("--max-chars", type=count_int, default=20_000_000, help="evaluate on at most this many characters")
     p.add_argument("--max-docs", type=count_int, default=0, help="and at most this many documents (0 = no cap)")
     p.set_defaults(fn=cmd_tokenizer_eval)

@@ -122,7 +122,7 @@ def prepare_dataset(sequence_len: int, vocab_size: int, cache_dir: str | Path, m
         try:
             info = json.loads(info_path.read_text())
             if info.get("key") == key:
-                ds = Dataset(tokenizer=Tokenizer.load(out / "tokenizer.json"),
+                ds = Dataset(tokenizer=Tokenizer.load(out),  # (tokenizer.json or tokenizer.model)
                              train_rows=np.load(out / "train.npy", mmap_mode="r"),
                              val_rows=np.load(out / "val.npy", mmap_mode="r"),
                              val_text=(out / "val.txt").read_bytes().decode("utf-8"), info=info)
@@ -156,7 +156,6 @@ def prepare_dataset(sequence_len: int, vocab_size: int, cache_dir: str | Path, m
     val_rows, val_stats = _tokenize_and_pack(tok, val_docs, row_len, "val", log)
     val_text = "".join(text for _, text in val_docs)
 
-    token_bytes = tok.token_bytes()
     info = {
         "key": key,
         "format_version": FORMAT_VERSION,
@@ -174,14 +173,14 @@ def prepare_dataset(sequence_len: int, vocab_size: int, cache_dir: str | Path, m
         "train_chars": sum(len(t) for _, t in train_docs),
         "val_chars": len(val_text),
         "val_text_bytes": len(val_text.encode("utf-8")),
-        "val_rows_text_bytes": int(token_bytes[np.asarray(val_rows)].sum()),  # bytes the val rows hold
+        "val_rows_text_bytes": tok.byte_rule().count_rows(val_rows),  # bytes the val rows hold
         "train": train_stats,
         "val": val_stats,
         "timings_s": {"tokenizer": round(t_tok, 3), "total": None},
     }
     # write: arrays and text first, info.json last (its presence marks a complete cache entry)
     out.mkdir(parents=True, exist_ok=True)
-    tok.save(out / "tokenizer.json")
+    tok.save(out / tok.file_name)
     _atomic_write(out / "train.npy", lambda f: np.save(f, train_rows))
     _atomic_write(out / "val.npy", lambda f: np.save(f, val_rows))
     _atomic_write(out / "val.txt", lambda f: f.write(val_text.encode("utf-8")))

@@ -1,7 +1,7 @@
 """
 `jaxchat data prepare`: SOURCE -> tokenizer -> token shards + manifest -> packed rows, in a directory.
 
-    DIR/tokenizer.json           the tokenizer the ids belong to
+    DIR/tokenizer.json           the tokenizer the ids belong to (tokenizer.model for a sentencepiece model)
     DIR/tokens/val_000000.bin    token shards (shards.py format): whole documents, each prefixed with BOS;
     DIR/tokens/train_000000.bin  uint16 when the vocab fits in 65536 ids, else uint32
     DIR/manifest.json            source, tokenizer sha256, options, per-shard docs/tokens/sha256, totals and
@@ -179,7 +179,7 @@ def _tokenize(source, val_source, tok, out, params, progress, log) -> dict:
     tokens_dir.mkdir(exist_ok=True)
     for stale in tokens_dir.glob("*.tmp*"):  # left by a killed writer
         stale.unlink()
-    tok.save(out / "tokenizer.json")
+    tok.save(out / tok.file_name)
     dtype = np.dtype(params["dtype"])
     val_docs, max_docs = params["val_docs"], params["max_docs"]
 

@@ -23,7 +23,7 @@ from .dataset import Dataset, prepare_dataset
 from .packing import PACK_BUFFER
 from .prepare import pack, pack_signature, read_pack_info, rows_dir_name
 from .shards import DataError, file_sha256, iter_shard_documents, read_header, read_rows
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, find_tokenizer_file
 
 
 class PreparedDataset(Dataset):
@@ -38,7 +38,7 @@ class PreparedDataset(Dataset):
     def val_text(self) -> str:
         if self._val_text is None:
             docs = [d.tolist() for d in iter_shard_documents(self._val_shards, self._bos_id)]
-            self._val_text = "".join(self.tokenizer.hf.decode_batch(docs, skip_special_tokens=True))
+            self._val_text = "".join(self.tokenizer.decode_batch(docs))
         return self._val_text
 
     @val_text.setter
@@ -75,9 +75,13 @@ def load_prepared(path: str | os.PathLike, sequence_len: int, cache_dir: str | o
     """Memory-map the rows of seq+1 tokens of a prepared directory, packing them first if needed."""
     path = Path(path)
     manifest = read_manifest(path)
-    tok = Tokenizer.load(path / "tokenizer.json")
+    tok_file = find_tokenizer_file(path)
+    if tok_file is None:
+        raise DataError(f"{path} holds no tokenizer.json or tokenizer.model: copy the tokenizer the shards were made "
+                        f"with there, or prepare the dataset again")
+    tok = Tokenizer.load(tok_file)
     if tok.fingerprint() != manifest["params"]["tokenizer_sha256"]:
-        raise DataError(f"{path}/tokenizer.json is not the tokenizer the shards were made with (sha256 differs from "
+        raise DataError(f"{tok_file} is not the tokenizer the shards were made with (sha256 differs from "
                         f"the manifest's); restore it or prepare the dataset again")
     if tokenizer_path and Tokenizer.load(tokenizer_path).fingerprint() != tok.fingerprint():
         raise DataError(f"data.tokenizer_path={tokenizer_path!r} differs from the tokenizer of the prepared dataset "
@@ -124,7 +128,7 @@ def load_prepared(path: str | os.PathLike, sequence_len: int, cache_dir: str | o
         "packing": {k: sig[k] for k in ("row_len", "split_long", "pack_buffer")},
         "train": {**info["train"], "docs_in_shards": manifest["train"]["docs"]},
         "val": {**info["val"], "docs_in_shards": manifest["val"]["docs"]},
-        "val_rows_text_bytes": int(tok.token_bytes()[val_rows].sum()),
+        "val_rows_text_bytes": tok.byte_rule().count_rows(val_rows),
     }
     log(f"data: {path}: {train_rows.shape[0]:,} train rows, {val_rows.shape[0]:,} val rows of {row_len} tokens "
         f"(dataset {manifest['dataset_id'][:12]})")

@@ -6,7 +6,7 @@ Output directory:
                         value_embeds.1.embedding, lm_head.kernel (untied only), resid_lambdas, smear_gate.kernel
     config.json         format, step, the full ModelConfig, derived facts (head_dim, padded vocab, window per
                         layer, value-embedding layers) and the layout conventions below
-    tokenizer.json      the run's tokenizer, when it has one
+    tokenizer.json      the run's tokenizer, when it has one (tokenizer.model for a sentencepiece model)
 
 Layout: dense kernels are (in, out) (y = x @ W; PyTorch's nn.Linear weight is the transpose); embeddings are
 (padded_vocab, dim) with rows >= vocab_size unused; c_q columns are head-major (head h = columns h*D..h*D+D).
@@ -25,6 +25,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from jaxchat.checkpoint import CheckpointError
+from jaxchat.data.tokenizer import find_tokenizer_file
 from jaxchat.fileio import write_json_atomic
 from jaxchat.interop.common import path_str
 from jaxchat.run import Run
@@ -81,9 +82,10 @@ def export_safetensors(run_dir: str | Path, out: str | Path, step: int | None = 
               metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION), "step": str(step),
                         "model": json.dumps(doc["model"], sort_keys=True)})
     write_json_atomic(out / "config.json", doc)
-    if (run_dir / "tokenizer.json").is_file():
-        shutil.copyfile(run_dir / "tokenizer.json", out / "tokenizer.json")
+    tok_file = find_tokenizer_file(run_dir)  # tokenizer.json, or a sentencepiece tokenizer.model
+    if tok_file is not None:
+        shutil.copyfile(tok_file, out / tok_file.name)
     log(f"exported {len(tensors)} tensors ({doc['derived']['num_parameters']:,} parameters) of {run_dir} step "
         f"{step} to {out / 'model.safetensors'} (+ config.json"
-        + (", tokenizer.json)" if (out / "tokenizer.json").is_file() else ")"))
+        + (f", {tok_file.name})" if tok_file is not None else ")"))
     return out
