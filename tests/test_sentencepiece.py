@@ -46,9 +46,11 @@ def sp_file(tmp_path_factory):
     return path
 
 
-def mistral_style_json(path, vocab_size=400):
+def mistral_style_json(path, vocab_size=400, form="normalizer"):
     """A tokenizer.json laid out as Mistral-7B's: <unk> 0, <s> 1, </s> 2, <0x00>..<0xFF> 3..258, then BPE
-    pieces with "▁"; normalizer Prepend("▁") + Replace(" ", "▁"); decoder Replace, ByteFallback, Fuse, Strip."""
+    pieces with "▁"; normalizer Prepend("▁") + Replace(" ", "▁"), decoder Replace, ByteFallback, Fuse, Strip
+    (Mistral-7B-v0.1's and Llama-2's files); or, form="metaspace", the Metaspace pre-tokenizer and decoder
+    that newer `tokenizers` versions write instead."""
     trainer_tok = HFTokenizer(models.BPE())
     trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     trainer_tok.train_from_iterator(DOCS, trainers.BpeTrainer(vocab_size=vocab_size - 259, show_progress=False))
@@ -62,6 +64,11 @@ def mistral_style_json(path, vocab_size=400):
     hf.pre_tokenizer = None
     hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                     decoders.Strip(content=" ", left=1, right=0)])
+    if form == "metaspace":
+        hf.normalizer = None
+        hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+        hf.decoder = decoders.Sequence([decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False),
+                                        decoders.ByteFallback(), decoders.Fuse()])
     hf.add_special_tokens(["<unk>", "<s>", "</s>"])
     hf.save(str(path))
     return path
@@ -92,9 +99,11 @@ def reference_bytes(prev: int, tgt: int, piece, is_boundary, is_byte) -> int:
 # the byte rule against hand counts
 
 
-@pytest.mark.parametrize("kind", ["model", "json"])
-def test_byte_rule_counts_each_document_as_its_utf8_length(kind, sp_file, mistral_file):
-    tok = Tokenizer.load(sp_file if kind == "model" else mistral_file)
+@pytest.mark.parametrize("kind", ["model", "json", "json-metaspace"])
+def test_byte_rule_counts_each_document_as_its_utf8_length(kind, sp_file, mistral_file, tmp_path):
+    tok = Tokenizer.load({"model": sp_file, "json": mistral_file}.get(kind)
+                         or mistral_style_json(tmp_path / "tokenizer.json", form="metaspace"))
+    assert tok.kind == ("sentencepiece" if kind == "model" else "sentencepiece-json")
     docs = [DOCS[3], DOCS[50], *RARE, DOCS[7]]
     for d in docs:  # precondition of the hand count: the tokenizer reproduces these documents exactly
         assert tok.decode(tok.encode(d)) == d
@@ -314,3 +323,23 @@ def test_a_model_file_that_is_not_one(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "data.tokenizer_path=" in err and "is not a sentencepiece model" in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # (about 15 s: Orbax write and read of the imported run)
+def test_golf_import_and_export_carry_a_sentencepiece_model(sp_file, tmp_path, capsys):
+    """`jaxchat import golf --tokenizer sp.model` (PR #334's fixture model with a golf-kind tokenizer): the run
+    holds tokenizer.model, loads it back, and `jaxchat export` ships it next to the weights."""
+    from conftest import fixture_path
+
+    from jaxchat.run import load_run
+
+    d = np.load(fixture_path("golf_pr334_tiny.npz"))
+    run = tmp_path / "run"
+    assert main(["import", "golf", str(fixture_path("golf_pr334_tiny.npz")), "--config", str(d["config"]),
+                 "--tokenizer", str(sp_file), "--out", str(run)]) == 0
+    assert (run / "tokenizer.model").read_bytes() == sp_file.read_bytes() and not (run / "tokenizer.json").exists()
+    cfg, _, _, tok, _ = load_run(run)
+    assert tok.fingerprint() == Tokenizer.load(sp_file).fingerprint() and tok.bos_id == 1
+    assert cfg.data.tokenizer_path == str(run / "tokenizer.model")
+    assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == sp_file.read_bytes()

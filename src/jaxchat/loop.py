@@ -170,9 +170,10 @@ def _finish(run: Run, state, evaluate: Evaluate, save: Save, val, counts, prompt
     sample = prompt
     if cfg.train.sample_tokens > 0:  # (0: no sample, and no sampler to compile)
         with clock("sample"):
-            ids = Sampler(run.fns).generate(state["params"], [tok.bos_id] + tok.encode(prompt),
+            prompt_ids = tok.encode(prompt)
+            ids = Sampler(run.fns).generate(state["params"], [tok.bos_id] + prompt_ids,
                                             cfg.train.sample_tokens, temperature=0.8, top_k=50, seed=0)
-            sample += tok.decode(ids)
+            sample += tok.decode_after(prompt_ids, ids)  # (SentencePiece kind: keeps a first word's space)
     parts = save.totals()
     wall = sum(parts.values())
     history = run.history

@@ -68,9 +68,10 @@ def cmd_export(args) -> None:
 
 def _common_import_args(p, hub: bool = True) -> None:
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="the jaxchat run directory to write")
-    p.add_argument("--tokenizer", metavar="tokenizer.json",
-                   help="the HF tokenizer.json the checkpoint was trained with; copied into the run so eval, "
-                        "sample and train --resume use it (without it, the run has no tokenizer yet)")
+    p.add_argument("--tokenizer", metavar="TOKENIZER",
+                   help="the HF tokenizer.json (or sentencepiece .model, e.g. golf's sp1024) the checkpoint was "
+                        "trained with; copied into the run so eval, sample and train --resume use it (without "
+                        "it, the run has no tokenizer yet)")
     if hub:
         p.add_argument("--from-hub", metavar="REPO", help="download this Hugging Face Hub repo first, then import "
                        "from it (the positional path, if given, is then relative to the repo)")

@@ -183,7 +183,7 @@ def map_adam_state(opt_state, moments: dict[str, tuple[np.ndarray, np.ndarray]],
 
 
 def load_user_tokenizer(path: str | None, vocab_size: int, report: ImportReport):
-    """Load --tokenizer (a HF tokenizer.json) and check it fits the model's vocab; None when not given."""
+    """Load --tokenizer (a HF tokenizer.json or a sentencepiece .model) and check it fits the model's vocab; None when not given."""
     if not path:
         return None
     try:
@@ -225,7 +225,7 @@ def write_run(out: str | Path, model_cfg: ModelConfig, params: dict, opt_moments
     corpus with the checkpoint's tokenizer; without --tokenizer that file is absent and they say so."""
     out = Path(out).absolute()
     check_run_dir(out, resume=False, force=force, flag="--out")
-    tok_file = out / "tokenizer.json"
+    tok_file = out / (tokenizer.file_name if tokenizer is not None else "tokenizer.json")  # (.model: sentencepiece)
     data = DataConfig(tokenizer_path=str(tok_file),
                       tokenizer_vocab=tokenizer.vocab_size if tokenizer else model_cfg.vocab_size)
     cfg = Config(model=model_cfg, data=data, train=TrainConfig(num_steps=max(step, 1)))
