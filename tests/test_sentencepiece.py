@@ -315,6 +315,9 @@ def test_a_model_file_that_is_not_one(tmp_path, capsys):
     bad.write_bytes(b"\x0a\x05hello this is not a sentencepiece model" * 3)
     with pytest.raises(ValueError, match=r"sp\.model is not a sentencepiece model .*pass a \.model file"):
         Tokenizer.load(bad)
+    (tmp_path / "tokenizer.json").write_bytes(b"\x0a\x05 a damaged file")  # a .json stays a tokenizer.json
+    with pytest.raises(ValueError, match="is not a readable HF tokenizer.json"):
+        Tokenizer.load(tmp_path / "tokenizer.json")
     src = _write_jsonl(tmp_path / "docs.jsonl", DOCS[:4])
     assert main(["data", "prepare", str(src), "--tokenizer", str(bad), "--out", str(tmp_path / "d")]) != 0
     assert "is not a sentencepiece model" in capsys.readouterr().err

@@ -78,7 +78,8 @@ def check_data_inputs(cfg: Config) -> None:
         tok = Tokenizer.load(p)
     except ValueError as e:  # (Tokenizer.load turns the HF loader's bare Exceptions into ValueError)
         raise ConfigError(f"data.tokenizer_path={path!r} is not a readable tokenizer ({str(e)[:300]}): point "
-                          f"it at a HF tokenizer.json or a sentencepiece .model, or set data.tokenizer_path=''.") from None
+                          f"it at a HF tokenizer.json or a sentencepiece .model, or set "
+                          f"data.tokenizer_path=''.") from None
     check_vocab(cfg, tok, where=f"data.tokenizer_path={path!r}")
 
 

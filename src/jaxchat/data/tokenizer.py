@@ -171,7 +171,7 @@ class Tokenizer:
             raise FileNotFoundError(f"no tokenizer file at {path}: pass a HF tokenizer.json or a sentencepiece "
                                     f".model (or a directory holding tokenizer.json or tokenizer.model), or leave "
                                     f"the tokenizer path empty to train one")
-        if path.suffix == ".model" or not _is_json(path):
+        if path.suffix == ".model" or (path.suffix != ".json" and not _is_json(path)):
             from .sentencepiece_tok import SentencePieceTokenizer
             return SentencePieceTokenizer.load(path)
         try:

@@ -183,7 +183,8 @@ def map_adam_state(opt_state, moments: dict[str, tuple[np.ndarray, np.ndarray]],
 
 
 def load_user_tokenizer(path: str | None, vocab_size: int, report: ImportReport):
-    """Load --tokenizer (a HF tokenizer.json or a sentencepiece .model) and check it fits the model's vocab; None when not given."""
+    """Load --tokenizer (a HF tokenizer.json or a sentencepiece .model) and check it fits the model's vocab; None
+    when not given."""
     if not path:
         return None
     try:
