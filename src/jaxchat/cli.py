@@ -27,6 +27,8 @@ from jaxchat.distributed import JobError, initialize
 from jaxchat.dryrun import dry_run, parse_bytes
 from jaxchat.evaluate import compressor_bpb, eval_rows, evaluate, make_eval_step, target_bytes
 from jaxchat.experiments.commands import add_parsers as add_experiment_parsers
+from jaxchat.golf.commands import add_eval_args as add_golf_eval_args, add_parsers as add_golf_parsers
+from jaxchat.golf.commands import cmd_eval_artifact
 from jaxchat.interop.commands import add_parsers as add_interop_parsers
 from jaxchat.interop.common import InteropError
 from jaxchat.loop import Interrupted, run_training
@@ -76,6 +78,11 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    if args.artifact:
+        cmd_eval_artifact(args)
+        return
+    if args.run is None:
+        raise ConfigError("jaxchat eval needs --run RUN_DIR (a checkpoint) or --artifact FILE (a golf artifact)")
     run = Run.load(args.run, args.step)
     tok = run.tokenizer
     ds = load_dataset(run.cfg, log=lambda *a: None)
@@ -176,10 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("eval", help="validation loss and bits per byte of a run's checkpoint")
-    e.add_argument("--run", required=True, help="run directory")
+    e.add_argument("--run", help="run directory")
     e.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     e.add_argument("--tokens", type=count_int, default=0, help="validation tokens (default: the run's eval_tokens)")
     e.add_argument("--batch-size", type=positive_int, default=8)
+    add_golf_eval_args(e)  # --artifact
     e.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("sample", help="generate text from a run's checkpoint")
@@ -213,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parsers(sub)  # bench
     add_experiment_parsers(sub)  # sweep, report
     add_chat_parsers(sub)  # chat, serve, sft
+    add_golf_parsers(sub)  # golf
     return p
 
 
@@ -234,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.CRITICAL)
     sys.unraisablehook = _drop_abandoned_orbax_reads
     try:
-        if args.cmd in ("train", "eval", "sample", "bench", "chat", "serve", "sft"):
+        if args.cmd in ("train", "eval", "sample", "bench", "chat", "serve", "sft", "golf"):
 
             tune_cpu_runtime()  # on a CPU: the step reuses its memory (cpu_runtime.py)
             enable_compilation_cache()  # compiled steps are reused across runs (compilation.py)
