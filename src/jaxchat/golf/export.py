@@ -51,18 +51,19 @@ def check_out_dir(out: Path, force: bool, owned=OWNED, flag: str = "--out") -> N
 
 def export_golf(run_dir, out, step: int | None = None, scheme: str = "int5", compressor: str = "auto",
                 force: bool = False, allow_over_cap: bool = False, params=None, weights: str = "raw",
-                run=None, log=print) -> tuple[Path, Accounting]:
+                run=None, cap: int = CAP_BYTES, log=print) -> tuple[Path, Accounting]:
     """Build the artifact of a run's checkpoint (or of `params`, the weights `weights` names; `run`: the
     already loaded Run) and write the export folder (module docstring). Returns (artifact path, accounting)."""
     from jaxchat.run import Run  # (the run machinery is not part of the artifact's code: artifact.py)
     run_dir, out = Path(run_dir), Path(out)
     check_out_dir(out, force)
-    run = run or Run.load(run_dir, step)
+    # (an imported run may have no tokenizer yet: the artifact does not need one, eval --artifact then needs --run)
+    run = run or Run.load(run_dir, step, tokenizer=(run_dir / "tokenizer.json").is_file())
     step = int(run.state["step"])
     params = run.params if params is None else params
     blob, acc, _ = build_artifact(params, run.cfg.model, scheme,
                                   source={"run": str(run_dir.absolute()), "step": step, "weights": weights},
-                                  compressor=compressor)
+                                  compressor=compressor, cap=cap)
     for note in acc.notes:
         log(f"note: {note}")
     if not acc.fits:
@@ -70,12 +71,15 @@ def export_golf(run_dir, out, step: int | None = None, scheme: str = "int5", com
             raise ArtifactError(f"the golf artifact of {run_dir} step {step} is over the cap: {acc.line()}. Nothing "
                                 f"was written. Shrink it (--quant int5, a smaller model) or pass --allow-over-cap "
                                 f"to write it anyway (marked fits: false)")
-        log(f"warning: writing an artifact OVER the {CAP_BYTES:,}-byte cap (--allow-over-cap)")
+        log(f"warning: writing an artifact OVER the {cap:,}-byte cap (--allow-over-cap)")
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / ACCOUNTING, {**acc.to_dict(), "source_run": str(run_dir.absolute()), "step": step,
                                          "weights": weights})
     write_json_atomic(out / "config.json", run.cfg.to_dict())
-    run.tokenizer.save(out / "tokenizer.json")
+    if run.tokenizer is not None:
+        run.tokenizer.save(out / "tokenizer.json")
+    elif (out / "tokenizer.json").is_file():  # (--force over an older export: not this run's tokenizer)
+        (out / "tokenizer.json").unlink()
     write_bytes_atomic(out / ARTIFACT, blob)
     log(f"golf artifact of {run_dir} step {step} ({weights} weights): {out / ARTIFACT}")
     log(acc.line())
