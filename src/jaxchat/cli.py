@@ -26,6 +26,7 @@ from jaxchat.data.commands import add_parsers as add_data_parsers
 from jaxchat.distributed import JobError, initialize
 from jaxchat.dryrun import dry_run, parse_bytes
 from jaxchat.evaluate import compressor_bpb, eval_rows, evaluate, make_eval_step, target_bytes
+from jaxchat.golf.sliding import TAILS, eval_run_sliding
 from jaxchat.experiments.commands import add_parsers as add_experiment_parsers
 from jaxchat.interop.commands import add_parsers as add_interop_parsers
 from jaxchat.interop.common import InteropError
@@ -76,12 +77,24 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    if (args.context or args.sliding_tail != "reference") and not args.stride:
+        raise ConfigError("--context and --sliding-tail shape the sliding-window eval: add --stride N (golf: 64)")
     run = Run.load(args.run, args.step)
     tok = run.tokenizer
     ds = load_dataset(run.cfg, log=lambda *a: None)
     if ds.tokenizer.fingerprint() != tok.fingerprint():
         raise CheckpointError(f"the dataset's tokenizer differs from {args.run}/tokenizer.json: the run's data "
                               f"config no longer reproduces its tokenizer (different Python stdlib?)")
+    if args.stride:  # golf's sliding-window score (golf/sliding.py), next to plain chunks of the same tokens
+        context = args.context or run.cfg.model.sequence_len
+        tokens = args.tokens or run.cfg.train.eval_tokens
+        slide, chunks = eval_run_sliding(run.fns, run.params, tok.token_bytes(), ds.val_rows, tokens, context,
+                                         args.stride, args.batch_size, args.sliding_tail)
+        print(f"{args.run} step {int(run.state['step'])}: sliding window (context {context}, stride {args.stride}, "
+              f"{slide['windows']:,} windows): val loss {slide['val_loss']:.4f} | val bpb {slide['val_bpb']:.4f} | "
+              f"chunks of {context} on the same tokens: val loss {chunks['val_loss']:.4f} | val bpb "
+              f"{chunks['val_bpb']:.4f} ({slide['val_tokens']:,} tokens, {slide['val_bytes']:,} bytes)")
+        return
     rows = eval_rows(ds.val_rows, args.batch_size, args.tokens or run.cfg.train.eval_tokens)
     out = evaluate(make_eval_step(run.fns, tok.token_bytes()), run.params, rows, args.batch_size)
     ref = compressor_bpb(target_bytes(tok, rows))
@@ -179,7 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run", required=True, help="run directory")
     e.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     e.add_argument("--tokens", type=count_int, default=0, help="validation tokens (default: the run's eval_tokens)")
-    e.add_argument("--batch-size", type=positive_int, default=8)
+    e.add_argument("--batch-size", type=positive_int, default=8, help="rows (with --stride: windows) per batch")
+    e.add_argument("--stride", type=positive_int, metavar="N",
+                   help="golf's sliding-window eval: windows every N tokens, each scoring its last N targets "
+                        "(golf: 64); printed next to plain chunks of the same tokens")
+    e.add_argument("--context", type=positive_int, metavar="T",
+                   help="--stride: window length in tokens (default: the model's sequence_len)")
+    e.add_argument("--sliding-tail", choices=TAILS, default="reference",
+                   help="--stride: the end-aligned last window scores its last N targets as PR #334 does "
+                        "(reference; may re-score up to N-1) or only those not yet scored (once)")
     e.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("sample", help="generate text from a run's checkpoint")
