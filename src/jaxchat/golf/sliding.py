@@ -71,6 +71,25 @@ def window_batch(stream: np.ndarray, wins: list[tuple[int, int]], context: int, 
     return x, y
 
 
+def score_windows(eval_step, params, stream: np.ndarray, wins: list[tuple[int, int]], context: int,
+                  batch_size: int, tot: dict | None = None) -> dict:
+    """Sum the eval step's totals (nll, tokens, nll_bytes, bytes) over `wins`, in batches of `batch_size` windows
+    (the last batch padded with windows that score nothing, so one compiled shape serves every batch)."""
+    tot = tot if tot is not None else {"nll": 0.0, "tokens": 0, "nll_bytes": 0.0, "bytes": 0}
+    for i in range(0, len(wins), batch_size):
+        x, y = window_batch(stream, wins[i:i + batch_size], context, batch_size)
+        out = jax.device_get(eval_step(params, x, y))
+        for k in tot:
+            tot[k] += float(out[k])
+    return tot
+
+
+def summarize(tot: dict) -> dict:
+    return {"val_loss": tot["nll"] / max(tot["tokens"], 1),
+            "val_bpb": tot["nll_bytes"] / (math.log(2) * max(tot["bytes"], 1)),
+            "val_tokens": int(tot["tokens"]), "val_bytes": int(tot["bytes"])}
+
+
 def sliding_eval(eval_step, params, stream, context: int, stride: int, batch_size: int = 32,
                  tail: str = "reference") -> dict:
     """Sliding-window val loss (mean NLL, nats/token) and bpb of `params` on a 1-D token `stream`, with the eval
@@ -78,16 +97,8 @@ def sliding_eval(eval_step, params, stream, context: int, stride: int, batch_siz
     number of windows and the targets scored."""
     stream = np.asarray(stream).reshape(-1)
     wins = windows(len(stream) - 1, context, stride, tail)
-    tot = {"nll": 0.0, "tokens": 0, "nll_bytes": 0.0, "bytes": 0}
-    for i in range(0, len(wins), batch_size):
-        x, y = window_batch(stream, wins[i:i + batch_size], context, batch_size)
-        out = jax.device_get(eval_step(params, x, y))
-        for k in tot:
-            tot[k] += float(out[k])
-    return {"val_loss": tot["nll"] / max(tot["tokens"], 1),
-            "val_bpb": tot["nll_bytes"] / (math.log(2) * max(tot["bytes"], 1)),
-            "val_tokens": int(tot["tokens"]), "val_bytes": int(tot["bytes"]), "windows": len(wins),
-            "context": context, "stride": stride}
+    tot = score_windows(eval_step, params, stream, wins, context, batch_size)
+    return {**summarize(tot), "windows": len(wins), "context": context, "stride": stride}
 
 
 def val_stream(rows: np.ndarray, max_tokens: int = 0) -> np.ndarray:
