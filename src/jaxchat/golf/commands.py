@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from jaxchat.argtypes import count_int, positive_int
+from jaxchat.averaging import WEIGHTS
 from jaxchat.golf.quant import MATRIX_SCHEMES
 
 
@@ -22,7 +23,7 @@ def add_export_args(p) -> None:
 def cmd_export_golf(args) -> None:
     from jaxchat.golf.export import export_golf
     export_golf(args.run, args.out, step=args.step, scheme=args.quant, compressor=args.compressor, force=args.force,
-                allow_over_cap=args.allow_over_cap)
+                allow_over_cap=args.allow_over_cap, weights=args.weights)
 
 
 def add_eval_args(p) -> None:
@@ -38,9 +39,15 @@ def cmd_eval_artifact(args) -> None:
 
 def cmd_golf(args) -> None:
     from jaxchat.golf.submission import make_submission
+    from jaxchat.golf.ttt import TTTConfig
+    ttt = None if args.ttt == "none" else TTTConfig(
+        lr=args.ttt_lr, momentum=args.ttt_momentum, epochs=args.ttt_epochs, chunk_tokens=args.ttt_chunk,
+        grad_clip=1.0 if args.ttt == "score-first" else 0.0, freeze_blocks=args.ttt_freeze_blocks,
+        batch_size=32 if args.ttt == "score-first" else 1)
     make_submission(args.run, args.out, step=args.step, scheme=args.quant, compressor=args.compressor,
                     tokens=args.tokens, batch_size=args.batch_size, force=args.force,
-                    allow_over_cap=args.allow_over_cap)
+                    allow_over_cap=args.allow_over_cap, weights=args.weights, stride=args.stride,
+                    context=args.context, ttt_mode=args.ttt, ttt=ttt)
 
 
 def add_parsers(sub) -> None:
@@ -52,5 +59,20 @@ def add_parsers(sub) -> None:
     g.add_argument("--tokens", type=count_int, default=0, help="validation tokens (default: the run's eval_tokens)")
     g.add_argument("--batch-size", type=positive_int, default=8)
     g.add_argument("--force", action="store_true", help="replace this command's files in a non-empty --out")
+    g.add_argument("--weights", choices=("auto",) + WEIGHTS, default="auto",
+                   help="auto: as PR #334, the SWA average if the run has one, else the EMA, else the trained "
+                        "params (train.ema_decay, train.swa_lr_below)")
+    g.add_argument("--stride", type=count_int, default=64,
+                   help="sliding-window eval of the round-tripped model, windows every N tokens (golf: 64; 0: skip)")
+    g.add_argument("--context", type=positive_int, help="sliding window length (default: the model's sequence_len)")
+    g.add_argument("--ttt", choices=("score-first", "full", "none"), default="score-first",
+                   help="test-time training of the round-tripped model, scored with the sliding window: score-first "
+                        "(leaderboard-legal, golf's recipe), full (PR #334's, NOT leaderboard-legal: labelled so), none")
+    g.add_argument("--ttt-chunk", type=positive_int, default=32768, metavar="TOKENS",
+                   help="score-first chunk (a multiple of --stride; the last chunk is never trained on)")
+    g.add_argument("--ttt-epochs", type=positive_int, default=3)
+    g.add_argument("--ttt-lr", type=float, default=0.002)
+    g.add_argument("--ttt-momentum", type=float, default=0.9)
+    g.add_argument("--ttt-freeze-blocks", type=count_int, default=2)
     add_export_args(g)
     g.set_defaults(fn=cmd_golf)

@@ -60,7 +60,7 @@ def export_golf(run_dir, out, step: int | None = None, scheme: str = "int5", com
     # (an imported run may have no tokenizer yet: the artifact does not need one, eval --artifact then needs --run)
     run = run or Run.load(run_dir, step, tokenizer=(run_dir / "tokenizer.json").is_file())
     step = int(run.state["step"])
-    params = run.params if params is None else params
+    params = run.weights(weights) if params is None else params
     blob, acc, _ = build_artifact(params, run.cfg.model, scheme,
                                   source={"run": str(run_dir.absolute()), "step": step, "weights": weights},
                                   compressor=compressor, cap=cap)
@@ -126,19 +126,20 @@ def eval_artifact(path, run: str | None = None, tokens: int = 0, batch_size: int
            "post_quant": evaluate(step_fn, art.params, rows, batch_size)}
     src = art.header.get("source", {})
     src_run = run or src.get("run")
-    if compare and src_run and Path(src_run, "config.json").is_file() and src.get("weights", "raw") == "raw":
+    if compare and src_run and Path(src_run, "config.json").is_file():
         try:
-            raw = Run.load(src_run, src.get("step"), tokenizer=False)
+            source = Run.load(src_run, src.get("step"), tokenizer=False)
+            unquantised = source.weights(src.get("weights", "raw"))
         except CheckpointError as e:
             log(f"(no unquantised comparison: {e})")
         else:
-            out["pre_quant"] = evaluate(step_fn, raw.params, rows, batch_size)
+            out["pre_quant"] = evaluate(step_fn, unquantised, rows, batch_size)
     pq = out["post_quant"]
     line = (f"{path} ({out['scheme']}, {out['compressor']}, {art.nbytes:,} bytes): val loss {pq['val_loss']:.4f} | "
             f"val bpb {pq['val_bpb']:.4f}")
     if "pre_quant" in out:
         pre = out["pre_quant"]
-        line += (f" | unquantised ({src_run} step {src.get('step')}): val loss {pre['val_loss']:.4f} | val bpb "
+        line += (f" | unquantised ({src_run} step {src.get('step')}, {src.get('weights', 'raw')} weights): val loss {pre['val_loss']:.4f} | val bpb "
                  f"{pre['val_bpb']:.4f} | quantisation costs {pq['val_bpb'] - pre['val_bpb']:+.4f} bpb")
     log(line + f" ({pq['val_tokens']:,} tokens, {pq['val_bytes']:,} bytes)")
     return out
