@@ -154,6 +154,8 @@ def test_export_command_and_its_refusals(run, tmp_path, capsys):
     assert "is a file" in capsys.readouterr().err and (tmp_path / "file").read_text() == "keep"
     assert main(["export", str(tmp_path / "no-run"), "--format", "golf", "--out", str(tmp_path / "x")]) == 2
     assert "not a jaxchat run directory" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main(["export", str(run), "--format", "golf", "--out", str(tmp_path / "y"), "--weights", "ema"]) == 2
+    assert "no EMA weights" in capsys.readouterr().err and not (tmp_path / "y").exists()
     assert main(["eval"]) == 2 and "--run RUN_DIR" in capsys.readouterr().err
     assert main(["eval", "--artifact", str(tmp_path / "nope.golf")]) == 2
     assert "is not a file" in capsys.readouterr().err
@@ -172,14 +174,24 @@ def test_eval_artifact_and_golf_commands(run, tmp_path, capsys):
     assert nums[0] != nums[1] and abs(nums[0] - nums[1]) < 0.5  # quantised vs unquantised: close, not equal
 
     sub_dir = tmp_path / "sub"
-    assert main(["golf", str(run), "--out", str(sub_dir), "--quant", "int6", "--batch-size", "4"]) == 0
+    assert main(["golf", str(run), "--out", str(sub_dir), "--quant", "int6", "--batch-size", "4", "--tokens", "1024",
+                 "--stride", "32", "--ttt-chunk", "256", "--ttt-epochs", "1", "--ttt-freeze-blocks", "1"]) == 0
     sub = json.loads((sub_dir / "submission.json").read_text())
-    assert sub["scheme"] == "int6" and sub["steps"] == 0 and sub["params"] > 300_000
+    assert sub["scheme"] == "int6" and sub["steps"] == 0 and sub["params"] > 300_000 and sub["weights"] == "raw"
+    assert sub["ttt"] == "score-first" and sub["ttt_legal"] is True and sub["sliding_stride"] == 32
+    # TTT's "before" is the sliding score; training on the 3 earlier chunks of 4 changes the score
+    assert 0 < sub["val_bpb_sliding"] < 20 and sub["val_bpb_ttt"] != sub["val_bpb_sliding"]
     assert sub["total_bytes"] == sub["model_bytes"] + sub["code_bytes"]
     assert sub["model_bytes"] == (sub_dir / "model.golf").stat().st_size
     assert sub["val_bpb_post_quant"] != sub["val_bpb_pre_quant"]
     assert "train_wall_s" not in sub  # (an imported run has no summary.json: absent, not made up)
     assert (sub_dir / "README.md").is_file() and "val bpb before quantisation" in (sub_dir / "README.md").read_text()
+    assert main(["golf", str(run), "--out", str(tmp_path / "plain"), "--stride", "0", "--ttt", "none",
+                 "--batch-size", "4"]) == 0
+    plain = json.loads((tmp_path / "plain" / "submission.json").read_text())
+    assert not any(k.startswith(("val_bpb_sliding", "val_bpb_ttt", "ttt")) for k in plain)  # absent, not faked
+    assert main(["golf", str(run), "--out", str(tmp_path / "bad"), "--stride", "0"]) == 2
+    assert "give --stride" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert main(["golf", str(tmp_path / "no-run"), "--out", str(tmp_path / "sub2")]) == 2
     assert "not a jaxchat run directory" in capsys.readouterr().err
     assert not (tmp_path / "sub2").exists()
