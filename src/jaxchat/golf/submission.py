@@ -61,6 +61,8 @@ def make_submission(run_dir, out, step: int | None = None, scheme: str = "int5",
     context = context or run.cfg.model.sequence_len
     if stride:
         check_window(context, stride)
+    if ttt_mode != "none":  # (bad TTT settings fail here, before anything is evaluated or written)
+        (ttt or TTTConfig()).check(run.cfg.model.n_layer, stride)
     weights = auto_weights(run.state) if weights == "auto" else weights
     params = run.weights(weights)  # (a run without such weights fails here, before any work)
     ds = load_dataset(run.cfg, log=lambda *a: None)
