@@ -81,21 +81,22 @@ def make_submission(run_dir, out, step: int | None = None, scheme: str = "int5",
         f"{post['val_bpb']:.4f} ({post['val_bpb'] - pre['val_bpb']:+.4f})")
 
     measured = {}
+    if stride:  # (the sliding score, and non-overlapping windows of `context` on the same stream for comparison)
+        slide, chunks = eval_run_sliding(run.fns, art.params, run.tokenizer.token_bytes(), ds.val_rows, tokens,
+                                         context, stride, batch_size)
+        measured.update(val_loss_sliding=slide["val_loss"], val_bpb_sliding=slide["val_bpb"],
+                        val_bpb_chunks=chunks["val_bpb"], sliding_context=context, sliding_stride=stride,
+                        sliding_tokens=slide["val_tokens"])
+        log(f"sliding window (round-tripped, context {context}, stride {stride}): val loss {slide['val_loss']:.4f} | "
+            f"val bpb {slide['val_bpb']:.4f} | chunks of {context} on the same {slide['val_tokens']:,} tokens: val "
+            f"bpb {chunks['val_bpb']:.4f}")
     if stride and ttt_mode != "none":
         res = run_ttt(ttt_mode, run.fns, art.params, run.tokenizer.token_bytes(), ds.val_rows, tokens, context,
                       stride, ttt or TTTConfig(), batch_size)
-        slide, after = res["before"], res["after"]
+        after = res["after"]
         measured.update(val_loss_ttt=after["val_loss"], val_bpb_ttt=after["val_bpb"], ttt=ttt_mode,
                         ttt_legal=res["legal"], ttt_note=LEGAL_NOTE[res["legal"]],
                         ttt_config=asdict(ttt or TTTConfig()))
-    elif stride:
-        slide, _ = eval_run_sliding(run.fns, art.params, run.tokenizer.token_bytes(), ds.val_rows, tokens, context,
-                                    stride, batch_size)
-    if stride:
-        measured.update(val_loss_sliding=slide["val_loss"], val_bpb_sliding=slide["val_bpb"],
-                        sliding_context=context, sliding_stride=stride, sliding_tokens=slide["val_tokens"])
-        log(f"sliding window (round-tripped, context {context}, stride {stride}): val loss {slide['val_loss']:.4f} | "
-            f"val bpb {slide['val_bpb']:.4f} ({slide['val_tokens']:,} tokens)")
     if "val_bpb_ttt" in measured:
         log(f"{measured['ttt_note']}: val loss {measured['val_loss_ttt']:.4f} | val bpb {measured['val_bpb_ttt']:.4f}")
 
