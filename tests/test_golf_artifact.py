@@ -181,6 +181,7 @@ def test_eval_artifact_and_golf_commands(run, tmp_path, capsys):
     assert sub["ttt"] == "score-first" and sub["ttt_legal"] is True and sub["sliding_stride"] == 32
     # TTT's "before" is the sliding score; training on the 3 earlier chunks of 4 changes the score
     assert 0 < sub["val_bpb_sliding"] < 20 and sub["val_bpb_ttt"] != sub["val_bpb_sliding"]
+    assert 0 < sub["val_bpb_chunks"] < 20 and sub["val_bpb_chunks"] != sub["val_bpb_sliding"]
     assert sub["total_bytes"] == sub["model_bytes"] + sub["code_bytes"]
     assert sub["model_bytes"] == (sub_dir / "model.golf").stat().st_size
     assert sub["val_bpb_post_quant"] != sub["val_bpb_pre_quant"]
@@ -189,7 +190,8 @@ def test_eval_artifact_and_golf_commands(run, tmp_path, capsys):
     assert main(["golf", str(run), "--out", str(tmp_path / "plain"), "--stride", "0", "--ttt", "none",
                  "--batch-size", "4"]) == 0
     plain = json.loads((tmp_path / "plain" / "submission.json").read_text())
-    assert not any(k.startswith(("val_bpb_sliding", "val_bpb_ttt", "ttt")) for k in plain)  # absent, not faked
+    assert not any(k.startswith(("val_bpb_sliding", "val_bpb_chunks", "val_bpb_ttt", "ttt", "sliding"))
+                   for k in plain)  # absent, not faked
     assert main(["golf", str(run), "--out", str(tmp_path / "bad"), "--stride", "0"]) == 2
     assert "give --stride" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert main(["golf", str(run), "--out", str(tmp_path / "bad"), "--ttt-chunk", "100"]) == 2
