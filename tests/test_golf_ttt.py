@@ -9,7 +9,6 @@ import pytest
 
 from test_golf_sliding import golf_fixture
 from jaxchat.config import ConfigError
-from jaxchat.evaluate import make_eval_step
 from jaxchat.golf.sliding import windows
 from jaxchat.golf.ttt import TTTConfig, full_ttt, score_first_ttt
 from jaxchat.train import ModelFns
