@@ -9,7 +9,6 @@ import pytest
 
 from test_golf_sliding import golf_fixture
 from jaxchat.config import ConfigError
-from jaxchat.evaluate import make_eval_step
 from jaxchat.golf.sliding import windows
 from jaxchat.golf.ttt import TTTConfig, full_ttt, score_first_ttt
 from jaxchat.train import ModelFns
@@ -111,5 +110,7 @@ def test_full_ttt_trains_first_and_says_it_is_not_legal():
     assert out["legal"] is False
     assert abs(out["before"]["val_loss"] - float(d["sliding_loss"])) <= 1e-5  # before: the plain sliding score
     assert out["after"]["val_loss"] < out["before"]["val_loss"] - 1e-3  # it trained on what it scores
-    with pytest.raises(ConfigError, match="ttt-chunk-tokens"):
-        full_ttt(ModelFns(cfg), params, ones, d["stream"], L, S, TTTConfig(chunk_tokens=60), seq_len=L)
+    with pytest.raises(ConfigError, match=r"--ttt-freeze-blocks 4 must be in \[0, 3\]"):
+        full_ttt(ModelFns(cfg), params, ones, d["stream"], L, S, TTTConfig(freeze_blocks=4), seq_len=L)
+    with pytest.raises(ConfigError, match="--ttt-chunk 60 must be a positive multiple of the stride"):
+        score_first_ttt(ModelFns(cfg), params, ones, d["stream"], L, S, TTTConfig(chunk_tokens=60), seq_len=L)

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from jaxchat.checkpoint import CheckpointError
 from jaxchat.config import Config
 from jaxchat.dtypes import F32
+from jaxchat.optim import muon_overrides, schedules
+from jaxchat.optim.adamw import warmup_cosine
 
 WEIGHTS = ("raw", "ema", "swa")
 
@@ -70,10 +72,6 @@ class Averaging:
 def lr_scale_fn(cfg: Config):
     """(s, warmup): s(step) the lr relative to its peak at optimizer step `step` (traceable), and the number of
     warmup steps (during which s rises from near 0 and SWA does not collect)."""
-    from jaxchat.optim import muon_overrides  # (optim imports config, not this module)
-    from jaxchat.optim import schedules
-    from jaxchat.optim.adamw import warmup_cosine
-
     n = cfg.train.num_steps
     if cfg.optim.optimizer == "adamw":
         sched, peak = warmup_cosine(cfg.optim, n), cfg.optim.lr

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from jaxchat.config import ConfigError
+from jaxchat.evaluate import make_eval_step
 
 TAILS = ("reference", "once")
 
@@ -112,8 +113,6 @@ def eval_run_sliding(fns, params, token_bytes: np.ndarray, rows: np.ndarray, max
                      stride: int, batch_size: int = 32, tail: str = "reference") -> tuple[dict, dict]:
     """(sliding, chunks) on the first max_tokens targets of the val stream: the sliding-window score and, on the
     same targets, the plain score of non-overlapping windows of `context` (stride = context), for comparison."""
-    from jaxchat.evaluate import make_eval_step  # (evaluate imports nothing of golf; kept local for clarity)
-
     check_window(context, stride)
     stream = val_stream(rows, max_tokens)
     step = make_eval_step(fns, token_bytes)

@@ -29,7 +29,7 @@ import numpy as np
 from jaxchat.config import ConfigError
 from jaxchat.dtypes import F32
 from jaxchat.evaluate import make_eval_step
-from jaxchat.golf.sliding import check_window, score_windows, summarize, windows
+from jaxchat.golf.sliding import check_window, score_windows, summarize, val_stream, windows
 from jaxchat.train import global_norm
 
 FROZEN_TOP = ("wte", "value_embeds", "bigram", "smear_v1_gate", "smear_gate", "smear_lambda")  # embeddings, smear
@@ -46,7 +46,7 @@ class TTTConfig:
     freeze_blocks: int = 2
     batch_size: int = 32  # sequences per SGD step (full TTT's reference: 1)
 
-    def check(self, n_layer: int, stride: int) -> None:
+    def check(self, n_layer: int, stride: int, chunked: bool = True) -> None:
         bad = [(k, v, why) for k, v, why in [
             ("lr", self.lr, "> 0"), ("momentum", self.momentum, "in [0, 1)"), ("epochs", self.epochs, ">= 1"),
             ("chunk_tokens", self.chunk_tokens, f"a positive multiple of the stride ({stride})"),
@@ -54,10 +54,12 @@ class TTTConfig:
             ("freeze_blocks", self.freeze_blocks, f"in [0, {n_layer}]"), ("batch_size", self.batch_size, ">= 1")]
             if not {"lr": self.lr > 0 and math.isfinite(self.lr), "momentum": 0 <= self.momentum < 1,
                     "epochs": self.epochs >= 1, "grad_clip": self.grad_clip >= 0,
-                    "chunk_tokens": self.chunk_tokens > 0 and self.chunk_tokens % stride == 0,
+                    "chunk_tokens": not chunked or (self.chunk_tokens > 0 and self.chunk_tokens % stride == 0),
                     "freeze_blocks": 0 <= self.freeze_blocks <= n_layer, "batch_size": self.batch_size >= 1}[k]]
         if bad:
-            raise ConfigError("; ".join(f"--ttt-{k.replace('_', '-')} {v!r} must be {why}" for k, v, why in bad))
+            flag = {"chunk_tokens": "chunk", "batch_size": "batch"}  # (the other fields are named as their flags)
+            raise ConfigError("; ".join(f"--ttt-{flag.get(k, k).replace('_', '-')} {v!r} must be {why}"
+                                        for k, v, why in bad))
 
 
 def trainable_mask(params, n_layer: int, freeze_blocks: int):
@@ -175,7 +177,7 @@ def full_ttt(fns, params, token_bytes, stream, context: int, stride: int, cfg: T
     stream = np.asarray(stream, np.int32).reshape(-1)
     n, seq_len = len(stream) - 1, seq_len or fns.cfg.model.sequence_len
     check_window(context, stride, n)
-    cfg.check(fns.cfg.model.n_layer, stride)
+    cfg.check(fns.cfg.model.n_layer, stride, chunked=False)
     eval_step = make_eval_step(fns, token_bytes)
     wins = windows(n, context, stride, tail)
     before = score_windows(eval_step, params, stream, wins, context, eval_batch)
@@ -205,10 +207,6 @@ def ttt_config(args) -> TTTConfig:
 def run_ttt(mode: str, fns, params, token_bytes, rows, max_tokens: int, context: int, stride: int, cfg: TTTConfig,
             eval_batch: int = 32, tail: str = "reference") -> dict:
     """`score-first` or `full` TTT on the first max_tokens targets of the val stream (sliding.val_stream)."""
-    from jaxchat.golf.sliding import val_stream
-
-    if cfg.freeze_blocks > fns.cfg.model.n_layer:
-        raise ConfigError(f"--ttt-freeze-blocks {cfg.freeze_blocks} exceeds the model's {fns.cfg.model.n_layer} blocks")
     fn = {"score-first": score_first_ttt, "full": full_ttt}[mode]
     return fn(fns, params, token_bytes, val_stream(rows, max_tokens), context, stride, cfg, eval_batch=eval_batch,
               tail=tail)
