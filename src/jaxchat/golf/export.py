@@ -73,6 +73,7 @@ def export_golf(run_dir, out, step: int | None = None, scheme: str = "int5", com
                                 f"to write it anyway (marked fits: false)")
         log(f"warning: writing an artifact OVER the {cap:,}-byte cap (--allow-over-cap)")
     out.mkdir(parents=True, exist_ok=True)
+    (out / ARTIFACT).unlink(missing_ok=True)  # (--force: the old artifact goes first, so model.golf means complete)
     write_json_atomic(out / ACCOUNTING, {**acc.to_dict(), "source_run": str(run_dir.absolute()), "step": step,
                                          "weights": weights})
     write_json_atomic(out / "config.json", run.cfg.to_dict())

@@ -71,6 +71,8 @@ def make_submission(run_dir, out, step: int | None = None, scheme: str = "int5",
     step_fn = make_eval_step(run.fns, run.tokenizer.token_bytes())
     log(f"{run_dir} step {step}, {weights} weights")
 
+    if (out / "submission.json").is_file():  # (--force: the old one goes first, so submission.json means complete)
+        (out / "submission.json").unlink()
     pre = evaluate(step_fn, params, rows, batch_size)
     log(f"pre-quant: val loss {pre['val_loss']:.4f} | val bpb {pre['val_bpb']:.4f} ({pre['val_tokens']:,} tokens)")
     path, acc = export_golf(run_dir, out, scheme=scheme, compressor=compressor, force=True,
