@@ -200,7 +200,7 @@ def test_eval_artifact_and_golf_commands(run, tmp_path, capsys):
     assert main(["golf", str(run), "--out", str(tmp_path / "bad"), "--stride", "0"]) == 2
     assert "give --stride" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert main(["golf", str(run), "--out", str(tmp_path / "bad"), "--ttt-chunk", "100"]) == 2
-    assert "chunk-tokens 100 must be a positive multiple of the stride" in capsys.readouterr().err
+    assert "--ttt-chunk 100 must be a positive multiple of the stride (64)" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
     assert main(["golf", str(tmp_path / "no-run"), "--out", str(tmp_path / "sub2")]) == 2
     assert "not a jaxchat run directory" in capsys.readouterr().err
