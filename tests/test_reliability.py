@@ -372,18 +372,20 @@ def _logged(run: Path, since: float = 0.0, key: str = "loss") -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1])
-def test_killed_at_random_moments_then_resumed_is_bitwise_exact(tmp_path, seed):
+@pytest.mark.parametrize("seed,averaged", [(0, False), (1, True)])
+def test_killed_at_random_moments_then_resumed_is_bitwise_exact(tmp_path, seed, averaged):
     """SIGKILL at five random moments (starting up or compiling, a step, a save in flight, right after an eval,
     a later step), each restart by the command the run's state calls for (plain, --force, --resume), then to
-    the end: the curve, the evaluations, the final params and optimizer state equal an uninterrupted run's, and
-    summary.json counts every restart and every lost step."""
+    the end: the curve, the evaluations, the final params and optimizer state (and, `averaged`, the EMA and SWA
+    in it) equal an uninterrupted run's, and summary.json counts every restart and every lost step."""
     from jaxchat.checkpoint import SAVE_DELAY_ENV, SAVE_MARKER_ENV
-    from test_resume import assert_same_state
+    from test_resume import AVERAGING, assert_same_state
+
+    extra = AVERAGING if averaged else []
 
     rng = np.random.default_rng(seed)
     ref = tmp_path / "ref"
-    assert main(["train", "--preset", "tiny", "--run-dir", str(ref)] + sets()) == 0
+    assert main(["train", "--preset", "tiny", "--run-dir", str(ref)] + sets(*extra)) == 0
     run, held = tmp_path / "run", tmp_path / "save-held"
     kills = [("startup", float(rng.uniform(0.5, 3.0))), ("step", int(rng.integers(3, 8))),
              ("save", int(rng.choice([8, 12]))), ("eval", 16), ("step", int(rng.integers(17, 20)))]
@@ -397,7 +399,7 @@ def test_killed_at_random_moments_then_resumed_is_bitwise_exact(tmp_path, seed):
         held.unlink(missing_ok=True)
         t0 = time.time()
         p = subprocess.Popen([sys.executable, "-m", "jaxchat.cli", "train", "--preset", "tiny", "--run-dir",
-                              str(run)] + flags + sets(), env=env, stdout=subprocess.DEVNULL,
+                              str(run)] + flags + sets(*extra), env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
         due = {"startup": lambda: time.time() - t0 >= at, "step": lambda: _logged(run, t0) >= at,
                "save": lambda: held.exists(), "eval": lambda: _logged(run, t0, "val_loss") >= at,

@@ -48,12 +48,13 @@ def train_args(run_dir, *sets, preset=True, base=REF["set"]):
 def state_leaves(run_dir, step):
     from jaxchat.rundir import load_run_config
     from jaxchat.optim import build_optimizer
+    from jaxchat.averaging import Averaging
     from jaxchat.train import ModelFns, abstract_state
 
     cfg = load_run_config(run_dir)
     fns = ModelFns(cfg)
     ck = Checkpointer(run_dir, async_save=False, read_only=True)
-    state, _ = ck.restore(abstract_state(fns, build_optimizer(cfg, None)), step)
+    state, _ = ck.restore(abstract_state(fns, build_optimizer(cfg, None), averaging=Averaging.from_config(cfg)), step)
     ck.close()
     return jax.tree_util.tree_flatten_with_path(state)[0]
 
@@ -80,7 +81,7 @@ def reference(tmp_path_factory):
     real_batch, real_init = loop.get_batch, run_module.init_state
     loop.get_batch = lambda rows, step, bs, seed, **kw: calls.append((step, seed)) or real_batch(rows, step, bs,
                                                                                                  seed, **kw)
-    run_module.init_state = lambda fns, opt, seed: inits.append(seed) or real_init(fns, opt, seed)
+    run_module.init_state = lambda fns, opt, seed, *avg: inits.append(seed) or real_init(fns, opt, seed, *avg)
     try:
         assert main(train_args(run)) == 0
     finally:
@@ -275,6 +276,37 @@ def test_sigkill_mid_save_then_resume_is_exact(reference, tmp_path, capsys):
     assert t["restarts"] == round(restart["lost_s"], 2) and summary["restarts"] == 1
     assert abs(sum(t.values()) - summary["wall_s"]) < 0.05
     assert summary["wall_s"] > summary["process_wall_s"]  # the killed process's time up to step 8 is included
+
+
+AVERAGING = ["train.ema_decay=0.9", "train.swa_lr_below=0.6", "train.swa_every=2", "optim.warmup_steps=2"]
+
+
+@pytest.mark.slow
+def test_resume_with_ema_and_swa_is_exact(tmp_path, capsys):
+    """EMA and SWA on (collecting from step 10 of 20): a run that lost everything after its checkpoint of step 8
+    (the later checkpoints removed, as a kill after that save leaves it) resumes from 8 and ends bitwise equal
+    to the uninterrupted run: params, optimizer state, EMA, SWA sum and count. The restored averages are the
+    checkpoint's, so a resume that re-initialised them (or dropped them) would differ."""
+    import shutil
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert main(train_args(ref, *AVERAGING)) == 0
+    shutil.copytree(ref, run)
+    for step in (16, 20):
+        shutil.rmtree(run / "checkpoints" / str(step))
+    (run / "summary.json").unlink()
+    capsys.readouterr()
+    assert main(["train", "--run-dir", str(run), "--resume"]) == 0
+    assert "at step 8" in capsys.readouterr().out
+    assert curve(run) == curve(ref)
+    assert_same_state(run, ref, N)
+    leaves = dict((jax.tree_util.keystr(p), np.asarray(x)) for p, x in state_leaves(run, N))
+    assert any("['ema']" in k for k in leaves) and any("['swa_sum']" in k for k in leaves)
+    count = [v for k, v in leaves.items() if "swa_count" in k][0]
+    assert 0 < int(count) < N // 2  # SWA collected some steps, not all
+    # --resume with other averaging settings is refused before anything changes
+    assert main(["train", "--run-dir", str(run), "--resume", "--set", "train.ema_decay=0.5"]) == 2
+    assert "train.ema_decay: checkpoint has 0.9, now 0.5" in capsys.readouterr().err
 
 
 def test_checkpoint_save_is_async_and_atomic(tmp_path, monkeypatch):

@@ -267,6 +267,10 @@ class TrainConfig:
     trackers: str = ""  # where metrics also go, comma-separated: tensorboard, wandb (metrics.jsonl always)
     run_name: str = ""  # the run's name in the trackers (default: the run directory's name)
     wandb_project: str = "jaxchat"
+    # weight averaging (averaging.py), kept in the train state; off by default
+    ema_decay: float = 0.0  # > 0: EMA of the params, ema = ema * decay + params * (1 - decay) every step (golf 0.997)
+    swa_lr_below: float = 0.0  # > 0: SWA over the steps whose lr scale is below this, past warmup (golf 0.4)
+    swa_every: int = 1  # ... every this many steps (golf 1; other entries 50)
 
     @property
     def resolved(self) -> bool:
@@ -303,6 +307,13 @@ class TrainConfig:
                             f"{', '.join(TRACKERS)} (comma-separated), or '' for metrics.jsonl only")
         _check(isinstance(self.keep_every, int) and self.keep_every >= 0,
                f"train.keep_every={self.keep_every!r} must be >= 0 (0: keep only the last train.keep_last)")
+        _check(isinstance(self.ema_decay, (int, float)) and 0.0 <= self.ema_decay < 1.0,
+               f"train.ema_decay={self.ema_decay!r} must be in [0, 1): 0 turns the EMA off, golf uses 0.997")
+        _check(isinstance(self.swa_lr_below, (int, float)) and 0.0 <= self.swa_lr_below <= 1.0,
+               f"train.swa_lr_below={self.swa_lr_below!r} must be in [0, 1] (a fraction of the peak lr): 0 turns SWA "
+               f"off, golf uses 0.4")
+        _check(isinstance(self.swa_every, int) and self.swa_every >= 1,
+               f"train.swa_every={self.swa_every!r} must be a positive integer (1: every eligible step)")
         if self.keep_every:
             _check(self.save_every > 0, f"train.keep_every={self.keep_every} keeps saved steps for good, but "
                                         f"train.save_every=0 saves only the final step: set train.save_every too")

@@ -145,7 +145,7 @@ def dry_run(cfg: Config, memory_limit: int | None = None, max_probes: int = 8, s
     cfg, mesh, micro, fns, optimizer, abstract = run.cfg, run.mesh, run.micro, run.fns, run.optimizer, run.abstract
     n, T, A = mesh.size, cfg.model.sequence_len, cfg.train.grad_accum
     param_bytes, opt_bytes = tree_bytes(abstract["params"]), tree_bytes(abstract["opt_state"])
-    step = make_train_step(fns, optimizer)
+    step = make_train_step(fns, optimizer, averaging=run.averaging)  # (its EMA / SWA buffers count too)
 
     def compile_peak(accum: int, device_batch: int) -> tuple[int, object]:
         batch = jax.ShapeDtypeStruct((accum, device_batch * n, T), jnp.int32, sharding=batch_sharding(mesh))

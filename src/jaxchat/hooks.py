@@ -1,5 +1,6 @@
 """What the training loop does around its steps: report each step (with the non-finite policy), and every N steps
-evaluate and save. Each is a hook of the loop (loop.py); trackers and weight averaging plug in the same way.
+evaluate and save. Each is a hook of the loop (loop.py); trackers plug in the same way (weight averaging
+runs inside the train step instead: averaging.py).
 
 A periodic hook has `every` (0: never) and is called as `hook(step, state)` after the step that makes `step`
 a multiple of it, except the last step: the loop evaluates and saves that one itself (`finish`). Hooks run in

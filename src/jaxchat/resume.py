@@ -26,6 +26,8 @@ from jaxchat.fileio import append_jsonl, read_jsonl, write_json_atomic
 from jaxchat.rundir import is_marked, mark_run_dir, reconcile_metrics, remove_stale_temporaries
 
 
+AVERAGING_FIELDS = ("ema_decay", "swa_lr_below", "swa_every")  # the EMA / SWA live in the state (averaging.py)
+
 def check_resume_config(cfg: Config, saved: Config, batch: bool = True) -> None:
     """The model, optimizer and data of a resumed run must be the checkpoint's; so must the global batch (a
     batch is a function of (seed, step, batch size): another size would repeat or skip data), unless `batch` is
@@ -35,6 +37,8 @@ def check_resume_config(cfg: Config, saved: Config, batch: bool = True) -> None:
     diffs = [f"{sec}.{k}: checkpoint has {v!r}, now {getattr(getattr(cfg, sec), k)!r}"
              for sec in ("model", "optim", "data") for k, v in getattr(saved, sec).__dict__.items()
              if not same(sec, k, getattr(getattr(cfg, sec), k), v)]
+    diffs += [f"train.{k}: checkpoint has {getattr(saved.train, k)!r}, now {getattr(cfg.train, k)!r}"
+              for k in AVERAGING_FIELDS if getattr(saved.train, k) != getattr(cfg.train, k)]  # (in the state)
     if batch and cfg.train.batch_size != saved.train.batch_size:
         diffs.append(f"train.batch_size: checkpoint has {saved.train.batch_size}, now {cfg.train.batch_size}")
     if diffs:

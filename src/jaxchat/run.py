@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from jaxchat.averaging import Averaging, select_weights
 from jaxchat.cache import cache_dir
 from jaxchat.checkpoint import Checkpointer
 from jaxchat.clock import Clock
@@ -108,6 +109,7 @@ class Run:
     history: dict = field(default_factory=lambda: {"restarts": 0, "lost_steps": 0})
     lock: int | None = None         # the run directory's lock (rundir.lock_run_dir), held until close()
     trackers: Trackers | None = None  # TensorBoard / W&B (trackers.py), opened by the loop
+    averaging: Averaging | None = None  # EMA / SWA carried in the state (averaging.py), None when both are off
 
     @classmethod
     def build(cls, cfg: Config, mesh: Mesh | None = None, log=print) -> "Run":
@@ -118,8 +120,9 @@ class Run:
         micro = check_batch_fits(cfg, mesh.size)
         fns = ModelFns(cfg)
         optimizer = build_optimizer(cfg, None)
-        abstract = abstract_state(fns, optimizer, replicated(mesh))
-        return cls(cfg, mesh, micro, fns, optimizer, abstract, log=log)
+        averaging = Averaging.from_config(cfg)
+        abstract = abstract_state(fns, optimizer, replicated(mesh), averaging)
+        return cls(cfg, mesh, micro, fns, optimizer, abstract, log=log, averaging=averaging)
 
     def check_forward(self) -> None:
         """The forward traced on shapes, no compute: a backend this machine cannot run (splash off a TPU) or a
@@ -130,7 +133,7 @@ class Run:
 
     def init_state(self) -> dict:
         seed = self.cfg.train.init_seed
-        return jax.jit(lambda: init_state(self.fns, self.optimizer, seed),
+        return jax.jit(lambda: init_state(self.fns, self.optimizer, seed, self.averaging),
                        out_shardings=replicated(self.mesh))()
 
     @classmethod
@@ -209,17 +212,22 @@ class Run:
             tokenizer = load_run_tokenizer(run_dir) if tokenizer else None  # before any array is read)
             fns = ModelFns(cfg)
             optimizer = build_optimizer(cfg, None)
-            abstract = abstract_state(fns, optimizer, one_device())
+            averaging = Averaging.from_config(cfg)
+            abstract = abstract_state(fns, optimizer, one_device(), averaging)
             state, _ = ckpt.restore(abstract, step)
         finally:
             ckpt.close()
         mesh = make_mesh(jax.devices()[:1])
         return cls(cfg, mesh, cfg.train.batch_size // cfg.train.grad_accum, fns, optimizer, abstract, state=state,
-                   run_dir=run_dir, tokenizer=tokenizer)
+                   run_dir=run_dir, tokenizer=tokenizer, averaging=averaging)
 
     @property
     def params(self) -> dict:
         return self.state["params"]
+
+    def weights(self, which: str = "raw") -> dict:
+        """The params (raw), or their EMA or SWA average (averaging.py), with a clear error when the run has none."""
+        return select_weights(self.state, which, f"{self.run_dir} step {int(self.state['step'])}")
 
     def close(self) -> None:
         """Finish the trackers and an in-flight save (of a good state, even when training failed) and release the

@@ -1,7 +1,7 @@
 """The math of training: the jitted train step, the train state, the mesh and shardings.
 
-`make_train_step` builds a pure `step(state, batch) -> (state, metrics)`: state = {params, opt_state, step} (plain
-pytrees of arrays), batch = (inputs, targets) of shape (grad_accum, micro_batch, T). Gradients of the summed
+`make_train_step` builds a pure `step(state, batch) -> (state, metrics)`: state = {params, opt_state, step, skipped,
+and avg when the run averages weights (averaging.py)} (plain pytrees of arrays), batch = (inputs, targets) of shape (grad_accum, micro_batch, T). Gradients of the summed
 token NLL are accumulated over micro-batches with `lax.scan` and divided by the total token count, so
 accumulation equals the large batch. A non-finite loss or gradient never reaches the params or the optimizer
 moments: the update is discarded inside the step (no host sync) and the loop acts on it one step later.
@@ -96,7 +96,8 @@ def check_batch_fits(cfg: Config, n_devices: int) -> int:
     return micro
 
 
-def make_train_step(fns: ModelFns, optimizer: optax.GradientTransformation, nonfinite: str = "halt"):
+def make_train_step(fns: ModelFns, optimizer: optax.GradientTransformation, nonfinite: str = "halt",
+                    averaging=None):
     def loss_sum(params, x, y):
         nll = fns.module(params)(x, targets=y)  # fused lm_head + cross-entropy (model/head.py)
         return jnp.sum(nll), jnp.sum(y >= 0)
@@ -130,21 +131,27 @@ def make_train_step(fns: ModelFns, optimizer: optax.GradientTransformation, nonf
         new_state = {"params": keep(new_params, params), "opt_state": keep(opt_state, state["opt_state"]),
                      "step": state["step"] + 1,
                      "skipped": state["skipped"] + jnp.where(finite, 0, 1).astype(jnp.int32)}
+        if averaging is not None:  # EMA / SWA of the params the step keeps (averaging.py)
+            new_state["avg"] = averaging.update(state["avg"], new_state["params"], state["step"])
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "skipped": new_state["skipped"]}
         return new_state, metrics
 
     return jax.jit(step, donate_argnums=0, compiler_options=step_compiler_options() or None)
 
 
-def init_state(fns: ModelFns, optimizer, seed: int) -> dict:
+def init_state(fns: ModelFns, optimizer, seed: int, averaging=None) -> dict:
+    """{params, opt_state, step, skipped}, plus "avg" (the EMA / SWA, averaging.py) when `averaging` is given."""
     params = fns.init_params(seed)
-    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0), "skipped": jnp.int32(0)}
+    state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0), "skipped": jnp.int32(0)}
+    if averaging is not None:
+        state["avg"] = averaging.init(params)
+    return state
 
 
-def abstract_state(fns: ModelFns, optimizer, sharding=None) -> dict:
+def abstract_state(fns: ModelFns, optimizer, sharding=None, averaging=None) -> dict:
     """The train state as ShapeDtypeStructs (nothing allocated), each placed with `sharding` when given: the
     target Orbax restores into (a checkpoint saved on another device count restores onto this one)."""
-    shapes = jax.eval_shape(lambda: init_state(fns, optimizer, 0))
+    shapes = jax.eval_shape(lambda: init_state(fns, optimizer, 0, averaging))
     if sharding is None:
         return shapes
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)

@@ -64,7 +64,8 @@ def sft_config(base: Config, steps: int, eval_every: int, save_every: int) -> Co
                   for name, base_hp in {**ADAMW_BASE, "muon": MUON_BASE}.items()}
         groups.update(warmup_steps=0, warmdown_ratio=WARMDOWN_RATIO, final_lr_frac=0.0)
         optim = replace(o, groups=json.dumps({**old, **groups}))
-    train = replace(base.train, num_steps=steps, eval_every=eval_every, save_every=save_every, keep_every=0)
+    train = replace(base.train, num_steps=steps, eval_every=eval_every, save_every=save_every, keep_every=0,
+                    ema_decay=0.0, swa_lr_below=0.0)  # (SFT's state keeps no EMA/SWA: averaging.py)
     return replace(base, optim=optim, train=train)
 
 

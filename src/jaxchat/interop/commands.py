@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from jaxchat.golf.commands import add_export_args, cmd_export_golf
 from jaxchat.interop import common
 from jaxchat.interop.common import InteropError
+from jaxchat.averaging import WEIGHTS
 from jaxchat.interop.export import export_safetensors
 from jaxchat.interop.flaxchat import MLP_CHOICES, find_step_dir, import_flaxchat
 from jaxchat.interop.golf import import_golf
@@ -61,9 +63,12 @@ def cmd_import_golf(args) -> None:
 
 
 def cmd_export(args) -> None:
+    if args.format == "golf":
+        cmd_export_golf(args)
+        return
     if args.format != "safetensors":
-        raise InteropError(f"--format {args.format!r}: only safetensors is available")
-    export_safetensors(args.run, args.out, step=args.step, force=args.force)
+        raise InteropError(f"--format {args.format!r}: choose safetensors or golf")
+    export_safetensors(args.run, args.out, step=args.step, force=args.force, weights=args.weights)
 
 
 def _common_import_args(p, hub: bool = True) -> None:
@@ -111,10 +116,14 @@ def add_parsers(sub) -> None:
     _common_import_args(g, hub=False)
     g.set_defaults(fn=cmd_import_golf)
 
-    e = sub.add_parser("export", help="write a run's weights as safetensors with a documented config.json")
+    e = sub.add_parser("export", help="write a run's weights as safetensors with a documented config.json, or as a "
+                       "parameter-golf artifact (--format golf)")
     e.add_argument("run", metavar="RUN_DIR")
-    e.add_argument("--format", default="safetensors", choices=("safetensors",))
+    e.add_argument("--format", default="safetensors", choices=("safetensors", "golf"))
     e.add_argument("--out", required=True, metavar="DIR")
     e.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     e.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    e.add_argument("--weights", choices=WEIGHTS, default="raw",
+                   help="the trained params, or their EMA / SWA average (train.ema_decay, train.swa_lr_below)")
+    add_export_args(e)  # --quant, --compressor, --allow-over-cap (--format golf)
     e.set_defaults(fn=cmd_export)

@@ -50,25 +50,26 @@ def flat_params(params) -> dict[str, np.ndarray]:
             for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
-def read_params(run_dir: str | Path, step: int | None = None) -> tuple[object, dict, int]:
-    """(Config, params, step) of a run's checkpoint, on one device (the tokenizer is not needed)."""
+def read_params(run_dir: str | Path, step: int | None = None, weights: str = "raw") -> tuple[object, dict, int]:
+    """(Config, params, step) of a run's checkpoint, on one device (the tokenizer is not needed); `weights`: the
+    trained params (raw) or their EMA / SWA average (averaging.py)."""
     run = Run.load(run_dir, step, tokenizer=False)
-    return run.cfg, run.params, int(run.state["step"])
+    return run.cfg, run.weights(weights), int(run.state["step"])
 
 
 def export_safetensors(run_dir: str | Path, out: str | Path, step: int | None = None, force: bool = False,
-                       log=print) -> Path:
+                       log=print, weights: str = "raw") -> Path:
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"--out {out} is a file, not a directory: choose a directory for the export")
     if out.exists() and any(out.iterdir()) and not force:
         raise CheckpointError(f"--out {out} exists and is not empty: choose another directory or pass --force")
-    cfg, params, step = read_params(run_dir, step)
+    cfg, params, step = read_params(run_dir, step, weights)
     tensors = flat_params(params)
     m = cfg.model
     doc = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "architecture": "nanochat-style GPT (jaxchat)",
-        "source_run": str(run_dir.absolute()), "step": step, "model": dataclasses.asdict(m),
+        "source_run": str(run_dir.absolute()), "step": step, "weights": weights, "model": dataclasses.asdict(m),
         "derived": {"head_dim": m.head_dim, "padded_vocab_size": m.padded_vocab_size,
                     "window_sizes": list(m.window_sizes()),
                     "value_embed_layers": [i for i in range(m.n_layer) if m.has_value_embed(i)],
@@ -86,6 +87,6 @@ def export_safetensors(run_dir: str | Path, out: str | Path, step: int | None = 
     if tok_file is not None:
         shutil.copyfile(tok_file, out / tok_file.name)
     log(f"exported {len(tensors)} tensors ({doc['derived']['num_parameters']:,} parameters) of {run_dir} step "
-        f"{step} to {out / 'model.safetensors'} (+ config.json"
+        f"{step}" + (f" ({weights} weights)" if weights != "raw" else "") + f" to {out / 'model.safetensors'} (+ config.json"
         + (f", {tok_file.name})" if tok_file is not None else ")"))
     return out
