@@ -51,12 +51,12 @@ class Interrupted(Exception):
 
 
 def run_training(cfg: Config, run_dir: str | Path, resume: bool = False, force: bool = False,
-                 prompt: str = DEFAULT_PROMPT, log=print) -> dict:
+                 prompt: str = DEFAULT_PROMPT, log=print, **start) -> dict:
     """`jaxchat train`: build the run (run.py), train it, and turn what stops it into a message that says how
-    to continue."""
+    to continue. `start` goes to Run.start (dataset, init_params: `jaxchat sft`)."""
     run_dir, run = Path(run_dir), None
     try:
-        run = Run.start(cfg, run_dir, resume, force, log)
+        run = Run.start(cfg, run_dir, resume, force, log, **start)
         with jax.set_mesh(run.mesh):  # traced under the mesh: kernels without a partitioning rule shard_map over it
             return train(run, prompt)
     except (KeyboardInterrupt, Interrupted) as e:
