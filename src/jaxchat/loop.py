@@ -194,5 +194,6 @@ def _finish(run: Run, state, evaluate: Evaluate, save: Save, val, counts, prompt
     if summary["skipped_steps"]:
         log(f"skipped steps (non-finite loss or gradient): {summary['skipped_steps']}")
     log(f"checkpoint: {run.ckpt.dir / str(steps)}")
-    log(f"sample (temperature 0.8, top-k 50):\n{sample}")
+    if cfg.train.sample_tokens > 0:
+        log(f"sample (temperature 0.8, top-k 50):\n{sample}")
     return summary
