@@ -23,7 +23,6 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import jax
@@ -66,7 +65,7 @@ def nanochat_model(checkout: Path, args):
 
 def jaxchat_model(model, config: dict):
     """(fns, params) of jaxchat's GPT holding the torch model's tensors (interop/nanochat.py)."""
-    from jaxchat.config import Config
+    from jaxchat.config import Config, DataConfig
     from jaxchat.interop.nanochat import config_from_nanochat, model_from_state_dict
     from jaxchat.model.gpt import param_dict
     from jaxchat.train import ModelFns
@@ -74,8 +73,7 @@ def jaxchat_model(model, config: dict):
     mcfg = config_from_nanochat(config, compute_dtype="float32")
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     gpt = model_from_state_dict(state, mcfg)
-    cfg = Config()
-    cfg = replace(cfg, model=mcfg)
+    cfg = Config(model=mcfg, data=DataConfig(tokenizer_vocab=mcfg.vocab_size))
     return ModelFns(cfg), param_dict(gpt)
 
 
@@ -101,6 +99,9 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--batch", type=int, action="append", help="batch sizes (default 1 and 8)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="torch's intra-op threads (default 1: on a shared 2-core machine under load, torch's 2 "
+                         "OpenMP threads spin against other jobs and decode ~80x slower, which would flatter jaxchat)")
     args = ap.parse_args()
     if not (args.nanochat / "nanochat" / "engine.py").is_file():
         sys.exit(f"--nanochat {args.nanochat}: no nanochat/engine.py there; point it at a nanochat checkout")
@@ -108,6 +109,7 @@ def main() -> None:
         import torch
     except ImportError:
         sys.exit("torch is not installed: pip install -e .[torch] (torch==2.13.0, the CPU build)")
+    torch.set_num_threads(args.torch_threads)
     model, config = nanochat_model(args.nanochat, args)
     from nanochat.engine import Engine as NanoEngine  # (importable once nanochat_model put the checkout on the path)
 
