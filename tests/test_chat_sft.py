@@ -106,9 +106,11 @@ def test_sft_trains_then_sigkill_and_resume_is_bitwise_exact(base_run, tmp_path,
     """An uninterrupted SFT run (6 steps, saves and evals every 2) against one SIGKILLed while the save of step
     4 is held (test hook) and step 5 is logged: `jaxchat sft --out --resume` continues from step 2 and ends with
     the same per-step losses, evaluations, params and optimizer state, bitwise."""
-    base, data = base_run
+    base, shared = base_run
+    data = tmp_path / "chats.jsonl"  # (a copy: changed at the end)
+    data.write_text(shared.read_text())
     ref = tmp_path / "ref"
-    args = ["--from", str(base), "--data", str(data), "--steps", "6", "--save-every", "2", "--eval-every", "2"]
+    args = ["--from", str(base), "--data", f"{data}:1", "--steps", "6", "--save-every", "2", "--eval-every", "2"]
     assert main(["sft", *args, "--out", str(ref)]) == 0
     record = json.loads((ref / "data.json").read_text())
     assert record["source"] == "sft" and record["train_conversations"] == 57 and record["val_conversations"] == 3
@@ -143,6 +145,14 @@ def test_sft_trains_then_sigkill_and_resume_is_bitwise_exact(base_run, tmp_path,
     for a, b in zip(_leaves(ref, 6), _leaves(run, 6), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert json.loads((run / "data.json").read_text()) == record
+
+    with open(data, "a") as f:  # the recorded source changed: its rows would differ, so --resume refuses
+        f.write(json.dumps({"messages": [{"role": "user", "content": "add 1 and 1"},
+                                         {"role": "assistant", "content": "it is 2"}]}) + "\n")
+    capsys.readouterr()
+    assert main(["sft", "--out", str(run), "--resume"]) == 2
+    assert "have changed since" in capsys.readouterr().err
+    assert Checkpointer(run, read_only=True).all_steps()[-1] == 6
 
 
 @pytest.mark.slow

@@ -157,6 +157,11 @@ def run_sft(from_run: str, data: list[str], out: str, *, val: list[str] = (), st
     kept = {k: record[k] for k in ("from_step", "val_loss_before") if k in record} if resume else {}
     ds = build_dataset(list(data), list(val), tok, T + 1, cfg.data.data_seed, B, {"from": str(from_run), **kept})
     info = ds.info
+    if resume and record.get("dataset_id") != info["dataset_id"]:
+        files = ", ".join(s["path"] for s in record["sources"]) + "".join(f", {v}" for v in record["val"])
+        raise CheckpointError(f"{out_dir} was fine-tuned on conversations that have changed since ({files}, as "
+                              f"recorded in {out_dir}/data.json): its batches would differ from the ones the run "
+                              f"saw. Restore those files to resume, or start over with --force")
     if not resume:
         cfg = sft_config(cfg, steps or math.ceil(info["train_rows"] / B), eval_every, save_every)
     cfg = replace(cfg, train=replace(cfg.train, eval_tokens=len(ds.val_rows) * T))  # every held-out row
