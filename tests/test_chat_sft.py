@@ -1,4 +1,5 @@
-"""`jaxchat sft`: the recipe as config changes, the data order, and exact resume on the tiny-micro model."""
+"""`jaxchat sft`: the recipe as config changes, the loss mask folded into the rows, source weights, the held-out
+split, and (slow) a SIGKILL then `--resume` bitwise equal to an uninterrupted run, on the tiny-micro model."""
 
 import argparse
 import io
@@ -24,7 +25,6 @@ from jaxchat.config import ConfigError
 from jaxchat.overrides import apply_overrides
 from jaxchat.data.tokenizer import Tokenizer
 from jaxchat.loop import run_training
-from jaxchat.run import load_run
 from jaxchat.presets import get_preset
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny-micro-20.json"
