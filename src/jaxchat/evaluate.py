@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxchat.data.bytecount import ByteRule
+from jaxchat.data.loader import split_row
 from jaxchat.distributed import global_array, local_positions
 
 
@@ -71,11 +72,11 @@ def eval_rows(rows: np.ndarray, batch_size: int, max_tokens: int) -> np.ndarray:
 
 
 def evaluate(eval_step, params, rows: np.ndarray, batch_size: int, sharding=None) -> dict:
-    """Mean val loss (nats/token) and bpb over `rows` (N, T+1)."""
+    """Mean val loss (nats/token) and bpb over `rows` (N, T+1) (masked entries: data/loader.py)."""
     tot = {"nll": 0.0, "tokens": 0, "nll_bytes": 0.0, "bytes": 0}
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
-        x, y = chunk[:, :-1], chunk[:, 1:]
+        x, y = split_row(chunk)
         if sharding is not None and len(chunk) % sharding.mesh.size == 0:  # rows split over the mesh
             shape = x.shape
             mine = local_positions(sharding, shape, axis=0)  # (several processes: the rows this one's devices hold)
@@ -89,9 +90,9 @@ def evaluate(eval_step, params, rows: np.ndarray, batch_size: int, sharding=None
 
 
 def target_bytes(tokenizer, rows: np.ndarray) -> bytes:
-    """The UTF-8 bytes of every target token of `rows`, in order (specials contribute nothing). For the
-    SentencePiece kind each run of tokens between boundaries is decoded alone, so a word after BOS has no
-    leading space, as the byte rule counts it."""
+    """The UTF-8 bytes of every target token of `rows`, in order (specials and masked entries contribute
+    nothing). For the SentencePiece kind each run of tokens between boundaries is decoded alone, so a word after
+    BOS has no leading space, as the byte rule counts it."""
     specials = set(tokenizer.special_ids) if hasattr(tokenizer, "special_ids") else {tokenizer.bos_id}
     rule = tokenizer.byte_rule() if hasattr(tokenizer, "byte_rule") else None
     parts = []
@@ -105,7 +106,7 @@ def target_bytes(tokenizer, rows: np.ndarray) -> bytes:
                 else:
                     segment.append(t)
             continue
-        ids = [int(t) for t in row[1:] if int(t) not in specials]
+        ids = [int(t) for t in row[1:] if int(t) >= 0 and int(t) not in specials]
         parts.append(tokenizer.decode(ids).encode("utf-8"))
     return b"".join(parts)
 

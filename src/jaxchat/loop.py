@@ -51,12 +51,12 @@ class Interrupted(Exception):
 
 
 def run_training(cfg: Config, run_dir: str | Path, resume: bool = False, force: bool = False,
-                 prompt: str = DEFAULT_PROMPT, log=print) -> dict:
+                 prompt: str = DEFAULT_PROMPT, log=print, **start) -> dict:
     """`jaxchat train`: build the run (run.py), train it, and turn what stops it into a message that says how
-    to continue."""
+    to continue. `start` goes to Run.start (dataset, init_params: `jaxchat sft`)."""
     run_dir, run = Path(run_dir), None
     try:
-        run = Run.start(cfg, run_dir, resume, force, log)
+        run = Run.start(cfg, run_dir, resume, force, log, **start)
         with jax.set_mesh(run.mesh):  # traced under the mesh: kernels without a partitioning rule shard_map over it
             return train(run, prompt)
     except (KeyboardInterrupt, Interrupted) as e:
@@ -195,5 +195,6 @@ def _finish(run: Run, state, evaluate: Evaluate, save: Save, val, counts, prompt
     if summary["skipped_steps"]:
         log(f"skipped steps (non-finite loss or gradient): {summary['skipped_steps']}")
     log(f"checkpoint: {run.ckpt.dir / str(steps)}")
-    log(f"sample (temperature 0.8, top-k 50):\n{sample}")
+    if cfg.train.sample_tokens > 0:
+        log(f"sample (temperature 0.8, top-k 50):\n{sample}")
     return summary

@@ -13,6 +13,7 @@ its repair (while loading) changed and lost nothing, and is not counted: the nex
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -152,7 +153,12 @@ def continue_hint(run_dir: Path) -> str:
         return "nothing was written; run the same command again"
     steps = committed_steps(run_dir)
     at = f"from its latest checkpoint, step {steps[-1]}" if steps else "from step 0 (it has no checkpoint yet)"
-    return f"`jaxchat train --run-dir {run_dir} --resume` continues it {at} with its recorded config"
+    try:  # (a fine-tuning run records its sources in data.json: chat/sft.py)
+        sft = json.loads((Path(run_dir) / "data.json").read_text()).get("source") == "sft"
+    except (OSError, ValueError, AttributeError):
+        sft = False
+    command = f"jaxchat sft --out {run_dir}" if sft else f"jaxchat train --run-dir {run_dir}"
+    return f"`{command} --resume` continues it {at} with its recorded config"
 
 
 def out_of_memory_message(cfg: Config, micro: int, run_dir: Path, error: Exception) -> str:

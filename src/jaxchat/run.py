@@ -4,6 +4,7 @@ checkpointer, the dataset, the clock and the log.
 
     Run.build(cfg)                       shapes only, nothing read or written (bench, --dry-run)
     Run.start(cfg, run_dir, resume, force)   a training run: checked, restored or created (train)
+    Run.start(..., dataset=ds, init_params=f) the same, on a given dataset from given weights (jaxchat sft)
     Run.load(run_dir, step)              a run directory's checkpoint on one device (eval, sample, export)
 
 Order of `Run.start` (so that a mistake costs nothing and destroys nothing):
@@ -48,7 +49,7 @@ from jaxchat.plan import resolve
 from jaxchat.resume import check_resume_config, check_run_tokenizer, load_run_tokenizer, repair, restore_latest
 from jaxchat.rundir import check_run_dir, load_run_config, lock_run_dir, start_run_dir
 from jaxchat.trackers import Trackers, check_trackers
-from jaxchat.train import ModelFns, abstract_state, check_batch_fits, init_state, make_mesh, one_device, replicated
+from jaxchat.train import ModelFns, abstract_state, check_batch_fits, init_state, make_mesh, state_from_params, one_device, replicated
 
 
 def load_dataset(cfg: Config, log=print):
@@ -110,6 +111,8 @@ class Run:
     lock: int | None = None         # the run directory's lock (rundir.lock_run_dir), held until close()
     trackers: Trackers | None = None  # TensorBoard / W&B (trackers.py), opened by the loop
     averaging: Averaging | None = None  # EMA / SWA carried in the state (averaging.py), None when both are off
+    dataset: object = None          # given instead of the config's data.source (fine-tuning: chat/sft.py)
+    init_params: object = None      # () -> params that step 0 starts from, instead of the seeded init
 
     @classmethod
     def build(cls, cfg: Config, mesh: Mesh | None = None, log=print) -> "Run":
@@ -132,19 +135,24 @@ class Run:
             jax.eval_shape(lambda params, x: self.fns.module(params)(x, targets=x), self.abstract["params"], x)
 
     def init_state(self) -> dict:
+        if self.init_params is not None:  # fine-tuning: the given weights and a fresh optimizer state
+            return jax.jit(lambda p: state_from_params(p, self.optimizer, self.averaging),
+                           out_shardings=replicated(self.mesh))(self.init_params())
         seed = self.cfg.train.init_seed
         return jax.jit(lambda: init_state(self.fns, self.optimizer, seed, self.averaging),
                        out_shardings=replicated(self.mesh))()
 
     @classmethod
-    def start(cls, cfg: Config, run_dir: str | Path, resume: bool = False, force: bool = False, log=print) -> "Run":
+    def start(cls, cfg: Config, run_dir: str | Path, resume: bool = False, force: bool = False, log=print,
+              dataset=None, init_params=None) -> "Run":
         """A training run, checked, then restored (--resume) or created (module docstring: the order). Close it
-        (`with run:`) to finish an in-flight save and release the run's lock."""
+        (`with run:`) to finish an in-flight save and release the run's lock. `dataset` (a data.Dataset) replaces
+        the config's data.source, and `init_params` (a function returning params) the seeded initialisation."""
         primary = is_primary()
         run_dir = Path(run_dir)
         with together("checking the config and the run directory"):  # (every process looks before 0 writes)
             run = cls.build(cfg, log=log if primary else _quiet)
-            run.run_dir, run.primary = run_dir, primary
+            run.run_dir, run.primary, run.dataset, run.init_params = run_dir, primary, dataset, init_params
             run.check_forward()
             check_run_dir(run_dir, resume, force)
             if resume:
@@ -170,7 +178,7 @@ class Run:
                 self.state, meta = restore_latest(cfg, self.ckpt, self.abstract)
         with clock("data"):  # process 0 prepares the dataset; the others then find it in the cache
             with together("preparing the dataset"):
-                ds = load_dataset(cfg, log) if self.primary else None
+                ds = self.dataset or (load_dataset(cfg, log) if self.primary else None)
             with together("loading the dataset"):
                 self.ds = ds or load_dataset(cfg, log)
                 self.tokenizer = self.ds.tokenizer

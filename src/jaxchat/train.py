@@ -141,7 +141,11 @@ def make_train_step(fns: ModelFns, optimizer: optax.GradientTransformation, nonf
 
 def init_state(fns: ModelFns, optimizer, seed: int, averaging=None) -> dict:
     """{params, opt_state, step, skipped}, plus "avg" (the EMA / SWA, averaging.py) when `averaging` is given."""
-    params = fns.init_params(seed)
+    return state_from_params(fns.init_params(seed), optimizer, averaging)
+
+
+def state_from_params(params, optimizer, averaging=None) -> dict:
+    """The step-0 train state around `params` (seeded init, or fine-tuning's pretrained weights)."""
     state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0), "skipped": jnp.int32(0)}
     if averaging is not None:
         state["avg"] = averaging.init(params)

@@ -76,10 +76,12 @@ def add_parsers(sub) -> None:
 
     f = sub.add_parser("sft", help="fine-tune a pretrained run on conversations (nanochat's SFT recipe)")
     f.add_argument("--from", dest="from_run", metavar="RUN", help="the pretrained run directory")
-    f.add_argument("--data", nargs="+", metavar="SOURCE", help=".jsonl/.parquet files of {messages: [...]} records")
+    f.add_argument("--data", nargs="+", metavar="SOURCE",
+                   help=".jsonl/.parquet files of {messages: [...]} records; FILE:W weighs a source in the mixture "
+                        "(W x its conversations, e.g. 2 or 0.5; default 1)")
     f.add_argument("--out", required=True, metavar="RUN2", help="the new run directory")
     f.add_argument("--val", nargs="+", metavar="SOURCE",
-                   help="held-out conversations (default: every 20th conversation of --data)")
+                   help="held-out conversations (default: every 20th conversation of each --data source)")
     f.add_argument("--steps", type=count_int, default=0, help="optimizer steps (default 0: one epoch)")
     f.add_argument("--eval-every", type=count_int, default=0, help="evaluate every N steps (0: start and end only)")
     f.add_argument("--save-every", type=count_int, default=0, help="checkpoint every N steps (0: the end only)")

@@ -11,6 +11,9 @@ The permutations of the last few epochs asked for are cached.
 
 Shapes: rows (N, T+1) int32 (or the uint16/uint32 memmap of a prepared dataset) -> inputs (B, T) =
 rows[:, :-1], targets (B, T) = rows[:, 1:], both int32.
+A loss mask travels in the rows themselves: an entry e < 0 is the token ~e (= -e - 1), read as an input but
+never a target (its target is -1, which the loss ignores). Pretraining rows have none; `jaxchat sft` rows
+(chat/sft.py) mark every token but the assistant's this way, so the same loop and evaluation train on them.
 
 Multi-host: each process reads only the rows of the global batch its devices hold (`positions`, from the
 batch sharding: distributed.py), so the processes' parts of a step are disjoint and together are the global
@@ -54,8 +57,13 @@ def batch_indices(step: int, batch_size: int, num_rows: int, seed: int) -> np.nd
 
 
 def split_row(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(B, T+1) rows -> (inputs, targets), both (B, T) int32 and contiguous."""
+    """(B, T+1) rows -> (inputs, targets), both (B, T) int32 and contiguous; a masked entry ~t (module
+    docstring) is the input t and the target -1."""
     batch = np.asarray(batch, dtype=np.int32)
+    if batch.size and batch.min() < 0:
+        tokens = np.where(batch < 0, ~batch, batch)
+        targets = np.where(batch[:, 1:] < 0, -1, batch[:, 1:])
+        return np.ascontiguousarray(tokens[:, :-1]), np.ascontiguousarray(targets)
     return np.ascontiguousarray(batch[:, :-1]), np.ascontiguousarray(batch[:, 1:])
 
 
