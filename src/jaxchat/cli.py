@@ -25,6 +25,7 @@ from jaxchat.cpu_runtime import tune_cpu_runtime
 from jaxchat.data.commands import add_parsers as add_data_parsers
 from jaxchat.distributed import JobError, initialize
 from jaxchat.dryrun import dry_run, parse_bytes
+from jaxchat.evals.commands import add_eval_arguments, run_evals
 from jaxchat.evaluate import compressor_bpb, eval_rows, evaluate, make_eval_step, target_bytes
 from jaxchat.experiments.commands import add_parsers as add_experiment_parsers
 from jaxchat.interop.commands import add_parsers as add_interop_parsers
@@ -76,6 +77,8 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    if run_evals(args):  # --core / --chat (evals/commands.py)
+        return
     run = Run.load(args.run, args.step)
     tok = run.tokenizer
     ds = load_dataset(run.cfg, log=lambda *a: None)
@@ -175,11 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0..N-1 (with --coordinator)")
     t.set_defaults(fn=cmd_train)
 
-    e = sub.add_parser("eval", help="validation loss and bits per byte of a run's checkpoint")
+    e = sub.add_parser("eval", help="validation loss and bits per byte of a run's checkpoint; CORE (--core) and "
+                       "chat evals (--chat)")
     e.add_argument("--run", required=True, help="run directory")
     e.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     e.add_argument("--tokens", type=count_int, default=0, help="validation tokens (default: the run's eval_tokens)")
     e.add_argument("--batch-size", type=positive_int, default=8)
+    add_eval_arguments(e)  # --core, --chat (evals/commands.py)
     e.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("sample", help="generate text from a run's checkpoint")
