@@ -6,8 +6,8 @@ discovery (EleutherAI/lm-evaluation-harness PR #4013) read on their own. lm_eval
 this writing) does not read entry points yet; for it, `jaxchat-lm-eval ARGS` (lmeval_cli.py) imports this module
 and then runs lm_eval's own command line with ARGS (the same arguments as `lm_eval`).
 
-model_args: run=DIR (required), step=N (default: latest), batch_size=N (loglikelihood batches, default 8),
-max_gen_toks=N (default 256).
+model_args: run=DIR (required), step=N (default: latest), max_gen_toks=N (default 256); the loglikelihood batch
+size is lm_eval's own --batch_size (default 8 here; "auto" means 8).
 
 The three request types, on jaxchat's own forward (evals/scoring.py) and decode engine (chat/engine.py):
     loglikelihood          sum of log p over the continuation's tokens given the context, and whether greedy
@@ -52,6 +52,8 @@ class JaxchatLM(TemplateLM):
         self.tok = loaded.tokenizer
         self.context = loaded.cfg.model.sequence_len
         bs = 8 if str(batch_size).startswith("auto") else int(batch_size)
+        if bs < 1:
+            raise ConfigError(f"batch_size {batch_size} must be >= 1")
         self.scorer = Scorer(loaded.fns, loaded.params, self.tok.bos_id, bs)
         self.engine = Engine(loaded.fns, loaded.params, self.tok)
         self.max_gen_toks = int(max_gen_toks)
