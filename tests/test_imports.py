@@ -86,6 +86,6 @@ def test_every_module_imports_on_its_own():
     failed = []
     for m in modules():
         p = subprocess.run([sys.executable, "-c", f"import {m}"], capture_output=True, text=True, env=child_env())
-        if p.returncode:
+        if p.returncode and "pip install 'jaxchat[" not in p.stderr:  # (a module of an optional extra says which)
             failed.append(f"{m}: {p.stderr.strip().splitlines()[-1]}")
     assert not failed, "\n".join(failed)

@@ -11,7 +11,13 @@ import sys
 from pathlib import Path
 
 from jaxchat.argtypes import count_int, finite_non_negative, positive_int
+from jaxchat.chat.conversation import Specials
+from jaxchat.chat.engine import Engine, Sampling
 from jaxchat.config import ConfigError
+from jaxchat.evals.chat_eval import categorical_accuracy, centered_mean, generative_accuracy
+from jaxchat.evals.chat_tasks import TASKS, default_data_dir, download_task, load_task, task_files, task_spec
+from jaxchat.evals.core import download_bundle, evaluate_core, load_bundle
+from jaxchat.evals.scoring import Scorer
 from jaxchat.fileio import write_json_atomic
 from jaxchat.run import Run
 
@@ -51,7 +57,6 @@ def run_evals(args) -> bool:
     scorer = _scorer(run, args.batch_size)
     record = {"run": str(args.run), "step": step}
     if core_tasks is not None:
-        from jaxchat.evals.core import evaluate_core
         print(f"{args.run} step {step}: CORE on {len(core_tasks)} tasks from {args.core}")
         out = evaluate_core(scorer, run.tokenizer, core_tasks, args.max_per_task)
         print(f"CORE metric: {out['core_metric']:.4f}")
@@ -68,12 +73,10 @@ def run_evals(args) -> bool:
 
 
 def _scorer(run, batch_size: int):
-    from jaxchat.evals.scoring import Scorer
     return Scorer(run.fns, run.params, run.tokenizer.bos_id, batch_size)
 
 
 def _core_tasks(args):
-    from jaxchat.evals.core import download_bundle, load_bundle
     if args.max_per_task == 0 or args.max_per_task < -1:
         raise ConfigError(f"--max-per-task {args.max_per_task}: give N >= 1, or -1 for every example")
     if args.download and not (Path(args.core) / "core.yaml").is_file():
@@ -83,7 +86,6 @@ def _core_tasks(args):
 
 
 def _chat_tasks(args):
-    from jaxchat.evals.chat_tasks import default_data_dir, download_task, load_task, task_files, task_spec
     names = [n.strip() for n in args.chat.replace("|", ",").split(",") if n.strip()]
     if not names:
         raise ConfigError(f"--chat {args.chat!r} names no task: e.g. --chat ARC-Easy,GSM8K")
@@ -104,10 +106,6 @@ def _chat_tasks(args):
 
 
 def _run_chat(args, run, scorer, tasks: dict, step: int) -> dict:
-    from jaxchat.chat.conversation import Specials
-    from jaxchat.chat.engine import Engine, Sampling
-    from jaxchat.evals.chat_eval import categorical_accuracy, centered_mean, generative_accuracy
-    from jaxchat.evals.chat_tasks import TASKS
     Specials.of(run.tokenizer)  # a tokenizer without the chat tokens fails before anything compiles
     print(f"{args.run} step {step}: chat evals {', '.join(tasks)}")
     results = {}
