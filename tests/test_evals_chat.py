@@ -19,7 +19,7 @@ from jaxchat.chat.engine import Engine, Sampling
 from jaxchat.cli import main
 from jaxchat.config import ConfigError
 from jaxchat.evals import chat_tasks
-from jaxchat.evals.chat_eval import categorical_accuracy, centered_mean, generative_accuracy, prompt_ids
+from jaxchat.evals.chat_eval import categorical_accuracy, centered_mean, prompt_ids
 from jaxchat.evals.scoring import Scorer
 from jaxchat.run import Run
 
@@ -93,13 +93,15 @@ def test_gsm8k_generates_with_the_calculator(tmp_path, run):
     tok = run.tokenizer
     engine = Engine(run.fns, run.params, tok)
     convs = chat_tasks.load_task("GSM8K", data)
-    assert generative_accuracy(engine, tok, convs, max_new_tokens=24, name="GSM8K") == 0.5
+    # (the score of both problems, 1/2, is checked through the command line below, on the same compiled loop)
     # the calculator, not the model, wrote "12" between <|output_start|> and <|output_end|>
     sp = Specials.of(tok)
     gen = engine.generate(prompt_ids(tok, convs[0], "x"), 1, 24, Sampling(temperature=0.0, top_k=50), stop_ids=(sp.assistant_end,))
     text = tok.decode(gen.tokens[0])
     assert text == "<|python_start|>3*4<|python_end|><|output_start|>12<|output_end|> #### 12", text
     assert chat_tasks.extract_answer(text) == "12"
+    assert [chat_tasks.gsm8k_correct(c, text) for c in convs] == [c["messages"][0]["content"] == "What is 3*4?"
+                                                                   for c in convs]
 
 
 def test_cli_runs_the_tasks_and_prints_the_centered_mean(tmp_path, run_dir):
