@@ -47,6 +47,8 @@ def run_evals(args) -> bool:
         if args.download:
             raise ConfigError("--download fetches data for --core or --chat: pass one of them")
         return False
+    if getattr(args, "run", None) is None:
+        raise ConfigError("--core / --chat evaluate a run's checkpoint: pass --run RUN_DIR")
     core_tasks = chat_tasks = None
     if args.core:
         core_tasks = _core_tasks(args)
