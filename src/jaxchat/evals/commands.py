@@ -67,8 +67,8 @@ def run_evals(args) -> bool:
         record["chat"] = _run_chat(args, run, scorer, chat_tasks, step)
     out_dir = Path(args.run) / "evals"
     out_dir.mkdir(exist_ok=True)
-    path = out_dir / f"{'core' if args.core else ''}{'+' if args.core and args.chat else ''}" \
-                     f"{'chat' if args.chat else ''}_step{step:06d}.json"
+    kinds = "+".join(k for k, on in (("core", args.core), ("chat", args.chat)) if on)
+    path = out_dir / f"{kinds}_step{step:06d}.json"
     write_json_atomic(path, record)
     print(f"results written to {path}")
     return True
