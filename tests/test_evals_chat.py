@@ -96,7 +96,8 @@ def test_gsm8k_generates_with_the_calculator(tmp_path, run):
     # (the score of both problems, 1/2, is checked through the command line below, on the same compiled loop)
     # the calculator, not the model, wrote "12" between <|output_start|> and <|output_end|>
     sp = Specials.of(tok)
-    gen = engine.generate(prompt_ids(tok, convs[0], "x"), 1, 24, Sampling(temperature=0.0, top_k=50), stop_ids=(sp.assistant_end,))
+    gen = engine.generate(prompt_ids(tok, convs[0], "x"), 1, 24, Sampling(temperature=0.0, top_k=50),
+                          stop_ids=(sp.assistant_end,))
     text = tok.decode(gen.tokens[0])
     assert text == "<|python_start|>3*4<|python_end|><|output_start|>12<|output_end|> #### 12", text
     assert chat_tasks.extract_answer(text) == "12"
