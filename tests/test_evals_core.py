@@ -111,6 +111,13 @@ def test_scores_do_not_depend_on_batching(tmp_path, scorer):
         assert np.all(want < 0) and len(want) == len(s) - 1
         np.testing.assert_allclose(logp, want, atol=1e-5)
         np.testing.assert_array_equal(greedy, logits.argmax(-1))
+    assert tok.decode(seqs[0][2:3]) == " bird"  # position 2 of the first: logits favour " saw", elsewhere " the"
+    positions = [2] + [len(s) - 1 for s in seqs[1:]]
+    at = sc.logits_at(seqs, positions)  # (what the chat evals read the answer letters from)
+    for s, p, row in zip(seqs, positions, at):
+        want = np.asarray(forward(run.params, np.asarray([s], np.int32))[0, p])
+        assert np.abs(want).max() > 1
+        np.testing.assert_allclose(row, want, atol=1e-5)
 
 
 def test_core_cli_prints_the_metric_and_records_it(tmp_path, run_dir):
