@@ -86,6 +86,15 @@ def test_every_module_imports_on_its_own():
     failed = []
     for m in modules():
         p = subprocess.run([sys.executable, "-c", f"import {m}"], capture_output=True, text=True, env=child_env())
-        if p.returncode:
+        if p.returncode and "pip install 'jaxchat[" not in p.stderr:  # (a module of an optional extra says which)
             failed.append(f"{m}: {p.stderr.strip().splitlines()[-1]}")
     assert not failed, "\n".join(failed)
+
+
+def test_the_lm_eval_model_without_lm_eval_names_the_extra():
+    """jaxchat.evals.harness needs lm_eval (the `lmeval` extra); without it the import says what to install."""
+    code = ("import sys; sys.modules['lm_eval'] = None\n"
+            "try:\n    import jaxchat.evals.harness\nexcept ImportError as e:\n    print(e)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env(), timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "pip install 'jaxchat[lmeval]'" in p.stdout

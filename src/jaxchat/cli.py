@@ -26,12 +26,11 @@ from jaxchat.cpu_runtime import tune_cpu_runtime
 from jaxchat.data.commands import add_parsers as add_data_parsers
 from jaxchat.distributed import JobError, initialize
 from jaxchat.dryrun import dry_run, parse_bytes
+from jaxchat.evals.commands import add_eval_arguments, run_evals
 from jaxchat.evaluate import compressor_bpb, eval_rows, evaluate, make_eval_step, target_bytes
-from jaxchat.golf.sliding import TAILS, eval_run_sliding
-from jaxchat.golf.ttt import LEGAL_NOTE, run_ttt, ttt_config
 from jaxchat.experiments.commands import add_parsers as add_experiment_parsers
 from jaxchat.golf.commands import add_eval_args as add_golf_eval_args, add_parsers as add_golf_parsers
-from jaxchat.golf.commands import cmd_eval_artifact
+from jaxchat.golf.commands import cmd_eval_artifact, eval_sliding
 from jaxchat.interop.commands import add_parsers as add_interop_parsers
 from jaxchat.interop.common import InteropError
 from jaxchat.loop import Interrupted, run_training
@@ -86,6 +85,8 @@ def cmd_eval(args) -> None:
     if args.artifact:
         cmd_eval_artifact(args)
         return
+    if run_evals(args):  # --core / --chat (evals/commands.py)
+        return
     if args.run is None:
         raise ConfigError("jaxchat eval needs --run RUN_DIR (a checkpoint) or --artifact FILE (a golf artifact)")
     if (args.context or args.sliding_tail != "reference" or args.ttt) and not args.stride:
@@ -98,26 +99,8 @@ def cmd_eval(args) -> None:
     if ds.tokenizer.fingerprint() != tok.fingerprint():
         raise CheckpointError(f"the dataset's tokenizer differs from the one in {args.run}: the run's data "
                               f"config no longer reproduces its tokenizer (different Python stdlib?)")
-    if args.stride and args.ttt:  # test-time training (golf/ttt.py), scored with the sliding window
-        context = args.context or run.cfg.model.sequence_len
-        out = run_ttt(args.ttt, run.fns, params, tok.byte_rule(), ds.val_rows, args.tokens or
-                      run.cfg.train.eval_tokens, context, args.stride, ttt_config(args), args.batch_size,
-                      args.sliding_tail)
-        b, a = out["before"], out["after"]
-        print(f"{args.run} step {int(run.state['step'])}{_weights_note(args)}: {LEGAL_NOTE[out['legal']]}, sliding "
-              f"window (context {context}, stride {args.stride}): val bpb {b['val_bpb']:.4f} before -> "
-              f"{a['val_bpb']:.4f} after (val loss {b['val_loss']:.4f} -> {a['val_loss']:.4f}; "
-              f"{a['val_tokens']:,} tokens)")
-        return
-    if args.stride:  # golf's sliding-window score (golf/sliding.py), next to plain chunks of the same tokens
-        context = args.context or run.cfg.model.sequence_len
-        tokens = args.tokens or run.cfg.train.eval_tokens
-        slide, chunks = eval_run_sliding(run.fns, params, tok.byte_rule(), ds.val_rows, tokens, context,
-                                         args.stride, args.batch_size, args.sliding_tail)
-        print(f"{args.run} step {int(run.state['step'])}{_weights_note(args)}: sliding window (context {context}, stride {args.stride}, "
-              f"{slide['windows']:,} windows): val loss {slide['val_loss']:.4f} | val bpb {slide['val_bpb']:.4f} | "
-              f"chunks of {context} on the same tokens: val loss {chunks['val_loss']:.4f} | val bpb "
-              f"{chunks['val_bpb']:.4f} ({slide['val_tokens']:,} tokens, {slide['val_bytes']:,} bytes)")
+    if args.stride:  # golf's sliding-window score, with test-time training when asked (golf/commands.py)
+        eval_sliding(args, run, params, ds.val_rows, _weights_note(args))
         return
     rows = eval_rows(ds.val_rows, args.batch_size, args.tokens or run.cfg.train.eval_tokens)
     out = evaluate(make_eval_step(run.fns, tok.byte_rule()), params, rows, args.batch_size)
@@ -216,34 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0..N-1 (with --coordinator)")
     t.set_defaults(fn=cmd_train)
 
-    e = sub.add_parser("eval", help="validation loss and bits per byte of a run's checkpoint")
+    e = sub.add_parser("eval", help="validation loss and bits per byte of a run's checkpoint or a golf artifact; "
+                       "sliding window and TTT (--stride), CORE (--core) and chat evals (--chat)")
     e.add_argument("--run", help="run directory")
     e.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     e.add_argument("--tokens", type=count_int, default=0, help="validation tokens (default: the run's eval_tokens)")
     e.add_argument("--batch-size", type=positive_int, default=8, help="rows (with --stride: windows) per batch")
     e.add_argument("--weights", choices=WEIGHTS, default="raw", help=WEIGHTS_HELP)
-    e.add_argument("--stride", type=positive_int, metavar="N",
-                   help="golf's sliding-window eval: windows every N tokens, each scoring its last N targets "
-                        "(golf: 64); printed next to plain chunks of the same tokens")
-    e.add_argument("--context", type=positive_int, metavar="T",
-                   help="--stride: window length in tokens (default: the model's sequence_len)")
-    e.add_argument("--sliding-tail", choices=TAILS, default="reference",
-                   help="--stride: the end-aligned last window scores its last N targets as PR #334 does "
-                        "(reference; may re-score up to N-1) or only those not yet scored (once)")
-    tt = e.add_argument_group("test-time training (with --stride; docs/golf-eval.md)")
-    tt.add_argument("--ttt", choices=("score-first", "full"),
-                    help="score-first: each chunk scored, then trained on (leaderboard-legal); full: PR #334's "
-                         "training on the whole val stream before scoring it (NOT leaderboard-legal, said so)")
-    tt.add_argument("--ttt-lr", type=float, default=0.002, help="SGD lr (cosine across chunks in score-first)")
-    tt.add_argument("--ttt-momentum", type=float, default=0.9)
-    tt.add_argument("--ttt-epochs", type=positive_int, default=3, help="passes over each chunk (full: the stream)")
-    tt.add_argument("--ttt-chunk", type=positive_int, default=32768, metavar="TOKENS",
-                    help="score-first: tokens per chunk, a multiple of --stride")
-    tt.add_argument("--ttt-grad-clip", type=float, help="global-norm clip (default 1.0 score-first, 0 = none full)")
-    tt.add_argument("--ttt-freeze-blocks", type=count_int, default=2,
-                    help="the first N blocks stay frozen (embeddings, BigramHash and smear always are)")
-    tt.add_argument("--ttt-batch", type=positive_int, help="sequences per SGD step (default 32 score-first, 1 full)")
     add_golf_eval_args(e)  # --artifact
+    add_eval_arguments(e)  # --core, --chat (evals/commands.py)
     e.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("sample", help="generate text from a run's checkpoint")

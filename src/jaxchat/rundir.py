@@ -35,7 +35,7 @@ MARKER = ".jaxchat-run"
 # --force deletes these and nothing else.
 OWNED = (MARKER, "config.json", "tokenizer.json", "tokenizer.model", "data.json", "metrics.jsonl", "metrics.discarded.jsonl",
          "restarts.jsonl", "summary.json", "import.json", "environment.json", "trackers.json", "checkpoints",
-         "tensorboard", "wandb")
+         "tensorboard", "wandb", "evals")
 
 
 def is_marked(run_dir: Path) -> bool:

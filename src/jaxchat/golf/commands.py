@@ -6,6 +6,7 @@ from __future__ import annotations
 from jaxchat.argtypes import count_int, positive_int
 from jaxchat.averaging import WEIGHTS
 from jaxchat.golf.quant import MATRIX_SCHEMES
+from jaxchat.golf.sliding import TAILS
 
 
 def add_export_args(p) -> None:
@@ -27,6 +28,27 @@ def cmd_export_golf(args) -> None:
 
 
 def add_eval_args(p) -> None:
+    p.add_argument("--stride", type=positive_int, metavar="N",
+                   help="golf's sliding-window eval: windows every N tokens, each scoring its last N targets "
+                        "(golf: 64); printed next to plain chunks of the same tokens")
+    p.add_argument("--context", type=positive_int, metavar="T",
+                   help="--stride: window length in tokens (default: the model's sequence_len)")
+    p.add_argument("--sliding-tail", choices=TAILS, default="reference",
+                   help="--stride: the end-aligned last window scores its last N targets as PR #334 does "
+                        "(reference; may re-score up to N-1) or only those not yet scored (once)")
+    tt = p.add_argument_group("test-time training (with --stride; docs/golf-eval.md)")
+    tt.add_argument("--ttt", choices=("score-first", "full"),
+                    help="score-first: each chunk scored, then trained on (leaderboard-legal); full: PR #334's "
+                         "training on the whole val stream before scoring it (NOT leaderboard-legal, said so)")
+    tt.add_argument("--ttt-lr", type=float, default=0.002, help="SGD lr (cosine across chunks in score-first)")
+    tt.add_argument("--ttt-momentum", type=float, default=0.9)
+    tt.add_argument("--ttt-epochs", type=positive_int, default=3, help="passes over each chunk (full: the stream)")
+    tt.add_argument("--ttt-chunk", type=positive_int, default=32768, metavar="TOKENS",
+                    help="score-first: tokens per chunk, a multiple of --stride")
+    tt.add_argument("--ttt-grad-clip", type=float, help="global-norm clip (default 1.0 score-first, 0 = none full)")
+    tt.add_argument("--ttt-freeze-blocks", type=count_int, default=2,
+                    help="the first N blocks stay frozen (embeddings, BigramHash and smear always are)")
+    tt.add_argument("--ttt-batch", type=positive_int, help="sequences per SGD step (default 32 score-first, 1 full)")
     p.add_argument("--artifact", metavar="FILE", help="evaluate a golf artifact (model.golf) instead of a checkpoint, "
                    "next to its unquantised source when that can be read; data and tokenizer from --run, else "
                    "the export folder's config.json and tokenizer.json")
@@ -35,6 +57,33 @@ def add_eval_args(p) -> None:
 def cmd_eval_artifact(args) -> None:
     from jaxchat.golf.export import eval_artifact
     eval_artifact(args.artifact, run=args.run, tokens=args.tokens, batch_size=args.batch_size)
+
+
+def eval_sliding(args, run, params, val_rows, note: str) -> None:
+    """`jaxchat eval --stride N [--ttt MODE]`: the sliding-window score of `params`, before and after test-time
+    training when --ttt is given."""
+    from jaxchat.golf.sliding import eval_run_sliding
+    from jaxchat.golf.ttt import LEGAL_NOTE, run_ttt, ttt_config
+    if args.ttt:  # test-time training (golf/ttt.py), scored with the sliding window
+        context = args.context or run.cfg.model.sequence_len
+        out = run_ttt(args.ttt, run.fns, params, run.tokenizer.byte_rule(), val_rows, args.tokens or
+                      run.cfg.train.eval_tokens, context, args.stride, ttt_config(args), args.batch_size,
+                      args.sliding_tail)
+        b, a = out["before"], out["after"]
+        print(f"{args.run} step {int(run.state['step'])}{note}: {LEGAL_NOTE[out['legal']]}, sliding "
+              f"window (context {context}, stride {args.stride}): val bpb {b['val_bpb']:.4f} before -> "
+              f"{a['val_bpb']:.4f} after (val loss {b['val_loss']:.4f} -> {a['val_loss']:.4f}; "
+              f"{a['val_tokens']:,} tokens)")
+        return
+    # golf's sliding-window score (golf/sliding.py), next to plain chunks of the same tokens
+    context = args.context or run.cfg.model.sequence_len
+    tokens = args.tokens or run.cfg.train.eval_tokens
+    slide, chunks = eval_run_sliding(run.fns, params, run.tokenizer.byte_rule(), val_rows, tokens, context,
+                                     args.stride, args.batch_size, args.sliding_tail)
+    print(f"{args.run} step {int(run.state['step'])}{note}: sliding window (context {context}, stride {args.stride}, "
+          f"{slide['windows']:,} windows): val loss {slide['val_loss']:.4f} | val bpb {slide['val_bpb']:.4f} | "
+          f"chunks of {context} on the same tokens: val loss {chunks['val_loss']:.4f} | val bpb "
+          f"{chunks['val_bpb']:.4f} ({slide['val_tokens']:,} tokens, {slide['val_bytes']:,} bytes)")
 
 
 def cmd_golf(args) -> None:
