@@ -20,7 +20,8 @@ from jaxchat.chat.commands import add_parsers as add_chat_parsers
 from jaxchat.checkpoint import CheckpointError
 from jaxchat.compilation import enable_compilation_cache
 from jaxchat.config import ConfigError
-from jaxchat.overrides import all_keys, apply_overrides, config_from_file
+from jaxchat.keyhelp import format_keys
+from jaxchat.overrides import apply_overrides, config_from_file
 from jaxchat.cpu_runtime import tune_cpu_runtime
 from jaxchat.data.commands import add_parsers as add_data_parsers
 from jaxchat.distributed import JobError, initialize
@@ -134,7 +135,7 @@ def cmd_plan(args) -> None:
 
 def cmd_presets(args) -> None:
     if args.keys:
-        print("\n".join(all_keys()))
+        print(format_keys())
         return
     width = max(map(len, PRESETS))
     for name, (desc, _) in PRESETS.items():
@@ -205,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("presets", help="list presets with one-line descriptions")
     pr.add_argument("--show", metavar="NAME", help="also print one preset's full config")
-    pr.add_argument("--keys", action="store_true", help="list every config key --set accepts")
+    pr.add_argument("--keys", action="store_true", help="list every config key --set accepts, with its type, "
+                    "default and a line of help")
     pr.set_defaults(fn=cmd_presets)
 
     add_interop_parsers(sub)  # import flaxchat|nanochat, export
