@@ -132,7 +132,7 @@ def test_generate_and_tokenizer(case, tmp_path, tok_path):
     out = tmp_path / "hf"
     run_cmd("export", run, "--format", "hf", "--out", out)
     model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=case == "remote")
-    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=case == "remote")  # (reads config)
     ours = Tokenizer.load(tok_path)
     text = "def field(default):"
     assert hf_tok(text)["input_ids"] == ours.encode(text)
