@@ -21,8 +21,13 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+# Files jaxchat writes into Hugging Face exports, imported by transformers from there (they need torch): data of
+# the package, not modules of it.
+NOT_MODULES = SRC / "jaxchat" / "interop" / "hf_files"
+
+
 def modules() -> dict[str, Path]:
-    return {module_name(p): p for p in sorted((SRC / "jaxchat").rglob("*.py"))}
+    return {module_name(p): p for p in sorted((SRC / "jaxchat").rglob("*.py")) if NOT_MODULES not in p.parents}
 
 
 def top_level_imports(name: str, path: Path, known: set[str]) -> set[str]:

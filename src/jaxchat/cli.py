@@ -15,13 +15,14 @@ import sys
 from pathlib import Path
 
 from jaxchat import __version__, bench
-from jaxchat.argtypes import count_int, finite_non_negative, positive_int
+from jaxchat.argtypes import count_int, finite_non_negative, positive_float, positive_int, step_range
 from jaxchat.averaging import WEIGHTS
 from jaxchat.chat.commands import add_parsers as add_chat_parsers
 from jaxchat.checkpoint import CheckpointError
 from jaxchat.compilation import enable_compilation_cache
 from jaxchat.config import ConfigError
-from jaxchat.overrides import all_keys, apply_overrides, config_from_file
+from jaxchat.keyhelp import format_keys
+from jaxchat.overrides import apply_overrides, config_from_file
 from jaxchat.cpu_runtime import tune_cpu_runtime
 from jaxchat.data.commands import add_parsers as add_data_parsers
 from jaxchat.distributed import JobError, initialize
@@ -68,11 +69,16 @@ def cmd_train(args) -> None:
     keep = [f"train.keep_last={args.keep_last}"] * (args.keep_last is not None) + \
         [f"train.keep_every={args.keep_every}"] * (args.keep_every is not None)
     cfg = apply_overrides(cfg, args.set + keep)
+    if args.profile and cfg.train.num_steps > 0 and args.profile[1] - 1 > cfg.train.num_steps:
+        a, b = args.profile  # (checked again against the resumed step once the run is loaded: profiling.py)
+        raise ConfigError(f"--profile {a}:{b} traces steps {a}..{b - 1}, but this run executes steps "
+                          f"1..{cfg.train.num_steps}: pick a range inside it")
     if args.dry_run:
         dry_run(cfg, memory_limit=parse_bytes(args.memory_limit) if args.memory_limit else None)
         return
     try:
-        run_training(cfg, run_dir, resume=args.resume, force=args.force, prompt=args.prompt)
+        run_training(cfg, run_dir, resume=args.resume, force=args.force, prompt=args.prompt,
+                     peak_tflops=args.peak_tflops, profile=args.profile)
     except NonFiniteError as e:
         print(f"jaxchat train: halted: {e}", file=sys.stderr)
         raise SystemExit(3) from None
@@ -158,7 +164,7 @@ def cmd_plan(args) -> None:
 
 def cmd_presets(args) -> None:
     if args.keys:
-        print("\n".join(all_keys()))
+        print(format_keys())
         return
     width = max(map(len, PRESETS))
     for name, (desc, _) in PRESETS.items():
@@ -182,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
     t.add_argument("--force", action="store_true", help="delete an existing run in --run-dir and start over")
     t.add_argument("--prompt", default="def ", help="prompt of the sample printed at the end")
+    t.add_argument("--peak-tflops", type=positive_float, metavar="TFLOPS",
+                   help="peak TFLOP/s per device for MFU (default: the datasheet peak of known accelerators; on a CPU "
+                        "a matmul rate measured once and cached)")
+    t.add_argument("--profile", type=step_range, metavar="A:B",
+                   help="write a jax.profiler trace of steps A..B-1 (e.g. 5:8) into RUN_DIR/profile")
     t.add_argument("--keep-last", type=int, metavar="N", help="keep the last N checkpoints (>= 2; train.keep_last)")
     t.add_argument("--keep-every", type=int, metavar="M",
                    help="also keep every checkpoint whose step M divides, for good (train.keep_every)")
@@ -234,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("presets", help="list presets with one-line descriptions")
     pr.add_argument("--show", metavar="NAME", help="also print one preset's full config")
-    pr.add_argument("--keys", action="store_true", help="list every config key --set accepts")
+    pr.add_argument("--keys", action="store_true", help="list every config key --set accepts, with its type, "
+                    "default and a line of help")
     pr.set_defaults(fn=cmd_presets)
 
     add_interop_parsers(sub)  # import flaxchat|nanochat, export

@@ -51,27 +51,27 @@ TRACKERS = ("tensorboard", "wandb")  # train.trackers: see trackers.py
 class ModelConfig:
     """The GPT of docs/architecture.md §Forward; every architectural feature is a field."""
 
-    vocab_size: int = 32768
-    sequence_len: int = 2048
-    n_layer: int = 12
-    n_embd: int = 768
-    n_head: int = 6
-    n_kv_head: int = 6
+    vocab_size: int = 32768  # token ids the model embeds (>= the tokenizer's vocab)
+    sequence_len: int = 2048  # tokens per training sequence (T); also the long attention window
+    n_layer: int = 12  # transformer blocks (depth)
+    n_embd: int = 768  # model width C
+    n_head: int = 6  # query heads (head_dim = n_embd / n_head)
+    n_kv_head: int = 6  # key/value heads, dividing n_head (GQA when fewer)
     mlp: str = "relu2"  # one of MLP_KINDS
     window_pattern: str = "SSSL"  # tiled over layers, last layer forced to L
-    tie_embeddings: bool = False
+    tie_embeddings: bool = False  # the output head reuses wte (no separate lm_head)
     norm_eps: float = 2.0**-23  # nanochat: fp32 machine epsilon (1.19e-07); flaxchat: 1e-6
-    rope_base: float = 100000.0
+    rope_base: float = 100000.0  # RoPE base frequency
     qk_scale: float = 1.2  # q, k = norm(q) * qk_scale, norm(k) * qk_scale
     logit_softcap: float = 15.0  # 0 turns the tanh cap off
-    smear: bool = True
-    smear_channels: int = 24
-    backout: bool = True
-    value_embeds: bool = True
-    ve_gate_channels: int = 12
+    smear: bool = True  # nanochat's smear: mix the previous token's embedding in through a gate
+    smear_channels: int = 24  # channels the smear gate reads
+    backout: bool = True  # subtract the middle layer's residual (scaled by a learned lambda) before the head
+    value_embeds: bool = True  # per-token value embeddings gated into v on alternating layers
+    ve_gate_channels: int = 12  # channels the value-embedding gate reads
     residual_lambdas: bool = True  # resid_lambdas and x0_lambdas
     pad_vocab_to: int = 64  # embedding tables are padded up to a multiple of this
-    yatnmn_eps: float = 1e-3
+    yatnmn_eps: float = 1e-3  # eps of the yatnmn MLP's distance denominator
     attention: str = "auto"  # attention backend, see model/attention.py (auto: the fastest that runs here)
     rope_norm: str = "auto"  # RoPE + QK-norm implementation, one of ROPE_NORM_IMPLS (model/rotary.py)
     compute_dtype: str = "auto"  # params stay fp32; matmuls run in this dtype (resolve_compute_dtype)
@@ -190,14 +190,14 @@ class OptimConfig:
     nanochat's schedules and batch scaling; see optim/groups.py), tuned through `groups`, a JSON object of
     overrides, e.g. '{"muon": {"lr": 0.03}, "lm_head": {"lr": 0.004}, "warmup_steps": 20}'."""
 
-    optimizer: str = "adamw"
-    lr: float = 0.01
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.01
+    optimizer: str = "adamw"  # adamw (seed cards' recipe) or muon (nanochat's recipe)
+    lr: float = 0.01  # peak learning rate (adamw)
+    b1: float = 0.9  # AdamW beta1
+    b2: float = 0.999  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
     grad_clip: float = 1.0  # global-norm clip; 0 disables
-    warmup_steps: int = 500
+    warmup_steps: int = 500  # linear warmup steps before the cosine decay
     end_lr_frac: float = 0.05  # cosine decays to this fraction of the peak
     groups: str = ""  # muon only: JSON overrides of the nanochat recipe's groups and schedules
 
@@ -222,9 +222,9 @@ class OptimConfig:
 @dataclass(frozen=True)
 class DataConfig:
     source: str = "stdlib"  # the embedded stdlib corpus, or a directory made by `jaxchat data prepare`
-    tokenizer_vocab: int = 32768
+    tokenizer_vocab: int = 32768  # size of the BPE tokenizer trained for the run (specials included)
     tokenizer_path: str = ""  # a tokenizer.json to use instead of training one
-    data_seed: int = 0
+    data_seed: int = 0  # seed of the batch order (a batch is a pure function of seed and step)
     max_train_chars: int = 0  # 0 = the whole source; else a deterministic prefix of the documents
 
     def __post_init__(self):
@@ -250,23 +250,23 @@ class TrainConfig:
     turns these into concrete numbers before a run."""
 
     num_steps: int = 1000  # -1: derive from target_flops or target_param_data_ratio
-    target_flops: float = -1.0
+    target_flops: float = -1.0  # > 0: derive num_steps from this compute budget (FLOPs)
     target_param_data_ratio: float = -1.0  # nanochat's default when deriving is 12
     batch_size: int = 32  # sequences per optimizer step (global); -1: nanochat's batch-size rule
     grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
     device_batch_size: int = 0  # > 0: sequences per device per micro-batch; grad_accum is then derived
-    init_seed: int = 0
+    init_seed: int = 0  # seed of the parameter initialisation
     eval_every: int = 250  # 0: only at the end
     eval_tokens: int = 65536  # validation tokens per evaluation
     save_every: int = 0  # 0: only at the end
-    log_every: int = 10
-    sample_tokens: int = 64
+    log_every: int = 10  # steps between metrics records and progress lines
+    sample_tokens: int = 64  # tokens sampled at the end of the run (0: no sample)
     nonfinite: str = "halt"  # NaN/Inf loss or gradient: "halt" (stop, nothing corrupt saved) or "skip" the step
     keep_last: int = 2  # checkpoints kept: the latest keep_last (>= 2, so a bad latest one has a fallback) ...
     keep_every: int = 0  # ... plus every step divisible by keep_every, kept for good (0: none)
     trackers: str = ""  # where metrics also go, comma-separated: tensorboard, wandb (metrics.jsonl always)
     run_name: str = ""  # the run's name in the trackers (default: the run directory's name)
-    wandb_project: str = "jaxchat"
+    wandb_project: str = "jaxchat"  # the W&B project, with train.trackers=wandb
     # weight averaging (averaging.py), kept in the train state; off by default
     ema_decay: float = 0.0  # > 0: EMA of the params, ema = ema * decay + params * (1 - decay) every step (golf 0.997)
     swa_lr_below: float = 0.0  # > 0: SWA over the steps whose lr scale is below this, past warmup (golf 0.4)

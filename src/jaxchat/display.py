@@ -1,10 +1,12 @@
-"""What a run shows while it runs: the progress line and how times and MFU are written."""
+"""What a run shows while it runs: the progress line (step, loss, learning rate, tokens/s, MFU, device memory where
+the runtime reports it) and how times, MFU, learning rates and memory are written."""
 
 from __future__ import annotations
 
 import sys
 import time
 
+import jax
 from tqdm import tqdm
 
 
@@ -50,3 +52,29 @@ def fmt_time(sec: float) -> str:
 
 def format_mfu(m: float | None) -> str:
     return "n/a (unknown peak)" if m is None else f"{100 * m:.1f}%"
+
+
+def format_lr(key: str, value: float) -> str:
+    """AdamW's learning rate, or the multiplier nanochat's recipe applies to every group's lr."""
+    return f"lr {value:.3g}" if key == "lr" else f"lr x{value:.3f}"
+
+
+def device_memory(device=None) -> tuple[int, int | None] | None:
+    """(bytes in use, bytes limit or None) on the first local device, or None where the runtime reports no
+    memory stats (CPU)."""
+    device = device or jax.local_devices()[0]
+    try:
+        stats = device.memory_stats()
+    except Exception:  # not implemented by every backend
+        return None
+    if not stats or "bytes_in_use" not in stats:
+        return None
+    return int(stats["bytes_in_use"]), stats.get("bytes_limit")
+
+
+def format_memory(mem) -> str:
+    """` | mem 12.3/80.0 GiB` (in use / limit), or nothing without stats."""
+    if mem is None:
+        return ""
+    used, limit = mem
+    return f" | mem {used / 2**30:.1f}" + (f"/{limit / 2**30:.1f}" if limit else "") + " GiB"

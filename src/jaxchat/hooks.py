@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 
 from jaxchat.clock import PARTS
-from jaxchat.display import Progress, format_mfu
+from jaxchat.display import Progress, device_memory, format_lr, format_memory, format_mfu
 from jaxchat.evaluate import evaluate
 from jaxchat.fileio import append_jsonl, read_jsonl
 from jaxchat.model.accounting import mfu
@@ -79,6 +79,9 @@ class Reporter:
                "tok_per_s": round(tps, 1), "skipped": int(m["skipped"])}
         if u is not None:
             rec["mfu"] = round(u, 4)
+        mem = device_memory()  # (None on CPU: its runtime reports no memory stats)
+        if mem is not None:
+            rec["mem_gib"] = round(mem[0] / 2**30, 3)
         self.metrics(rec)
         if not m["finite"]:
             if cfg.train.nonfinite == "halt":
@@ -89,7 +92,8 @@ class Reporter:
                     f"skip such steps.")
             self.progress.write(f"step {step}: non-finite loss or gradient; update skipped "
                                 f"({rec['skipped']} skipped so far)")
-        self.progress.update(step, f"loss {rec['loss']:.4f} | {tps:,.0f} tok/s | MFU {format_mfu(u)}")
+        self.progress.update(step, f"loss {rec['loss']:.4f} | {format_lr(self.lr_key, rec[self.lr_key])} | "
+                                   f"{tps:,.0f} tok/s | MFU {format_mfu(u)}" + format_memory(mem))
         return rec
 
 

@@ -29,9 +29,11 @@ from jaxchat.evaluate import compressor_bpb, eval_rows, make_eval_step, target_b
 from jaxchat.experiments.results import curve_summary, step_records
 from jaxchat.fileio import write_json_atomic
 from jaxchat.hooks import Evaluate, MetricsLog, Reporter, Save, due
-from jaxchat.model.accounting import count, device_peak_flops
+from jaxchat.model.accounting import count
 from jaxchat.model.gpt import resolved_kernels
 from jaxchat.model.scan import describe as describe_layers
+from jaxchat.peak import peak_flops
+from jaxchat.profiling import ProfileWindow
 from jaxchat.resume import continue_hint, out_of_memory_message
 from jaxchat.run import Run
 from jaxchat.sample import Sampler
@@ -51,14 +53,16 @@ class Interrupted(Exception):
 
 
 def run_training(cfg: Config, run_dir: str | Path, resume: bool = False, force: bool = False,
-                 prompt: str = DEFAULT_PROMPT, log=print, **start) -> dict:
+                 prompt: str = DEFAULT_PROMPT, log=print, peak_tflops: float | None = None,
+                 profile: tuple[int, int] | None = None, **start) -> dict:
     """`jaxchat train`: build the run (run.py), train it, and turn what stops it into a message that says how
-    to continue. `start` goes to Run.start (dataset, init_params: `jaxchat sft`)."""
+    to continue. `peak_tflops`: MFU's peak per device (default: peak.py); `profile` (A, B): trace steps A..B-1
+    (profiling.py); `start` goes to Run.start (dataset, init_params: `jaxchat sft`)."""
     run_dir, run = Path(run_dir), None
     try:
         run = Run.start(cfg, run_dir, resume, force, log, **start)
         with jax.set_mesh(run.mesh):  # traced under the mesh: kernels without a partitioning rule shard_map over it
-            return train(run, prompt)
+            return train(run, prompt, peak_tflops, profile)
     except (KeyboardInterrupt, Interrupted) as e:
         _close(run)  # (a save in flight commits first, so the hint names it)
         at = f" at step {e.step}" if getattr(e, "step", None) is not None else ""
@@ -89,9 +93,11 @@ def _close(run: Run | None) -> None:
             pass
 
 
-def train(run: Run, prompt: str = DEFAULT_PROMPT) -> dict:
+def train(run: Run, prompt: str = DEFAULT_PROMPT, peak_tflops: float | None = None,
+          profile: tuple[int, int] | None = None) -> dict:
     cfg, mesh, clock, state = run.cfg, run.mesh, run.clock, run.state
     counts, start, steps = count(cfg.model), int(state["step"]), cfg.train.num_steps
+    window = ProfileWindow(profile, run.run_dir, start, steps, run.log) if profile else None
     B, T, A = cfg.train.batch_size, cfg.model.sequence_len, cfg.train.grad_accum
     _log_header(run, counts)
 
@@ -113,8 +119,11 @@ def train(run: Run, prompt: str = DEFAULT_PROMPT) -> dict:
     val = eval_rows(run.ds.val_rows, run.micro, cfg.train.eval_tokens)
     run.trackers = Trackers(cfg, run.run_dir, run.primary)  # (finished by _finish, or by run.close() on an error)
     metrics = MetricsLog(run.run_dir, run.proc, run.primary, run.trackers)
+    peak, peak_source = peak_flops(cfg.model.compute_dtype, peak_tflops, run.log)
+    run.log(f"MFU against {peak / 1e12:,.3g} TFLOP/s per device ({peak_source})" if peak
+            else f"MFU: n/a ({peak_source})")
     progress = Progress(steps, start, cfg.train.log_every, shown=run.primary)
-    reporter = Reporter(run, counts, device_peak_flops(), metrics, progress, synchronous_dispatch())
+    reporter = Reporter(run, counts, peak, metrics, progress, synchronous_dispatch())
     evaluate, save = Evaluate(run, eval_step, val, metrics, progress), Save(run)
     hooks = [evaluate, save]  # in this order: a step's evaluation is logged before its checkpoint is saved
 
@@ -125,7 +134,11 @@ def train(run: Run, prompt: str = DEFAULT_PROMPT) -> dict:
         for step in range(start, steps):
             with clock("data"):  # the wait for the prefetched batch, and its copy to the devices
                 batch = tuple(global_array(a, sharding, shape) for a in prefetch.get(step))
+            if window:
+                window.before(step + 1, step_fn)
             state, step_metrics = step_fn(state, batch)
+            if window:
+                window.after(step + 1, state)
             run.ckpt.poll()  # a background save that failed is reported now, with its step
             reporter.push(step + 1, step_metrics)
             now_due = [h for h in hooks if due(h, step + 1, steps)]
@@ -138,6 +151,8 @@ def train(run: Run, prompt: str = DEFAULT_PROMPT) -> dict:
         raise Interrupted(step) from None
     finally:
         prefetch.close()
+        if window:
+            window.stop()  # (a run stopped inside the window still leaves its trace)
     progress.close()
     clock.switch("other")
     run.state = state

@@ -14,8 +14,11 @@ from jaxchat.averaging import WEIGHTS
 from jaxchat.interop.export import export_safetensors
 from jaxchat.interop.flaxchat import MLP_CHOICES, find_step_dir, import_flaxchat
 from jaxchat.interop.golf import import_golf
+from jaxchat.interop.hf import HF_TYPES, export_hf, push_to_hub, validate_repo
 from jaxchat.interop.nanochat_files import import_nanochat
 
+
+EXPORT_FORMATS = ("safetensors", "hf", "golf")
 
 
 def from_hub(repo: str, revision: str | None, args, use_config: bool, log=print) -> Path:
@@ -63,12 +66,25 @@ def cmd_import_golf(args) -> None:
 
 
 def cmd_export(args) -> None:
+    if args.format not in EXPORT_FORMATS:
+        raise InteropError(f"--format {args.format!r}: choose one of {', '.join(EXPORT_FORMATS)}")
+    if args.format != "hf" and (args.push_to_hub or args.hf_type != "auto"):
+        raise InteropError("--push-to-hub and --hf-type apply to --format hf only")
+    if not Path(args.run).is_dir():
+        raise InteropError(f"{args.run} is not a directory: give a jaxchat run directory (the --run-dir of "
+                           f"`jaxchat train`)")
     if args.format == "golf":
         cmd_export_golf(args)
         return
-    if args.format != "safetensors":
-        raise InteropError(f"--format {args.format!r}: choose safetensors or golf")
-    export_safetensors(args.run, args.out, step=args.step, force=args.force, weights=args.weights)
+    if args.format == "safetensors":
+        export_safetensors(args.run, args.out, step=args.step, force=args.force, weights=args.weights)
+        return
+    if args.push_to_hub:
+        validate_repo(args.push_to_hub)  # before the export, so a typo costs nothing
+    out = export_hf(args.run, args.out, step=args.step, force=args.force, hf_type=args.hf_type,
+                    weights=args.weights)
+    if args.push_to_hub:
+        push_to_hub(out, args.push_to_hub, private=args.private)
 
 
 def _common_import_args(p, hub: bool = True) -> None:
@@ -117,9 +133,19 @@ def add_parsers(sub) -> None:
     g.set_defaults(fn=cmd_import_golf)
 
     e = sub.add_parser("export", help="write a run's weights as safetensors with a documented config.json, or as a "
-                       "parameter-golf artifact (--format golf)")
+                       "Hugging Face transformers model (--format hf), or a parameter-golf artifact (--format golf)")
     e.add_argument("run", metavar="RUN_DIR")
-    e.add_argument("--format", default="safetensors", choices=("safetensors", "golf"))
+    e.add_argument("--format", default="safetensors", choices=EXPORT_FORMATS,
+                   help="safetensors: jaxchat's own names and layout; hf: a directory transformers' "
+                        "AutoModelForCausalLM loads (docs/interop.md); golf: the quantised, compressed artifact "
+                         "(docs/golf.md)")
+    e.add_argument("--hf-type", default="auto", choices=HF_TYPES,
+                   help="hf only: nanochat = transformers' own model type (no remote code; only for runs with "
+                        "exactly that architecture), jaxchat = jaxchat's PyTorch model (trust_remote_code=True, "
+                        "every switch), auto = nanochat where it fits, else jaxchat")
+    e.add_argument("--push-to-hub", metavar="REPO", help="hf only: then upload the directory to this Hugging Face "
+                   "Hub model repo (OWNER/NAME; created if missing; needs jaxchat[hub] and a login)")
+    e.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     e.add_argument("--out", required=True, metavar="DIR")
     e.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     e.add_argument("--force", action="store_true", help="write into a non-empty --out")

@@ -46,8 +46,8 @@ LAYOUT = {
 
 
 def flat_params(params) -> dict[str, np.ndarray]:
-    return {path_str(p): np.ascontiguousarray(np.asarray(v))
-            for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    # (copy, not np.ascontiguousarray: that turns a 0-d parameter such as bigram.scale into shape (1,))
+    return {path_str(p): np.asarray(v).copy(order="C") for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 def read_params(run_dir: str | Path, step: int | None = None, weights: str = "raw") -> tuple[object, dict, int]:
