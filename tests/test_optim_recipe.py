@@ -18,7 +18,7 @@ from jaxchat.model.gpt import GPT, cross_entropy, param_path
 from jaxchat.optim import groups as G
 from jaxchat.optim import schedules as S
 from jaxchat.optim.groups import ParamGroupError, assign_groups, describe_groups, group_hparams, nanochat_optimizer
-from jaxchat.optim.muon import POLAR_EXPRESS_COEFFS, lr_factor
+from jaxchat.optim.muon import lr_factor
 from jaxchat.optim.scaling import nanochat_config, nanochat_shape, reference_config, scaling_params
 from jaxchat.plan import make_plan
 from jaxchat.presets import get_preset
@@ -165,10 +165,19 @@ def test_plan_horizon_precedence_and_errors():
 
 TRAIN_STEPS, TRAIN_BATCH = 30, 2**20
 
+# karpathy/nanochat@92d63d4 nanochat/optim.py `polar_express_coeffs`, written out so the reference is independent
+NANOCHAT_POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
 
 def polar_express_poly(s):
     """What the 5 Polar Express steps do to each normalised singular value."""
-    for a, b, c in POLAR_EXPRESS_COEFFS:
+    for a, b, c in NANOCHAT_POLAR_EXPRESS_COEFFS:
         s = a * s + b * s**3 + c * s**5
     return s
 
