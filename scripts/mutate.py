@@ -56,15 +56,18 @@ EQUIVALENT_DOC = ROOT / "docs" / "mutation.md"
 
 # module (relative to src/jaxchat) -> the pytest arguments that cover it. Kept tight: every mutant pays these.
 MODULE_TESTS: dict[str, list[str]] = {
-    "model/gpt.py": ["tests/test_model.py", "tests/test_init_tables.py"],
+    "model/gpt.py": ["tests/test_parity.py", "tests/test_model.py", "-k",
+                     "nanochat_logits or nanochat_loss or greedy_logits or golf_pr334 or kv_cache or causality "
+                     "or smear or window or parameter_counts"],
     "model/attention.py": ["tests/test_attention.py", "-k", "not slow and not profile"],
     "model/rotary.py": ["tests/test_rotary.py"],
-    "model/mlp.py": ["tests/test_model.py", "tests/test_init_tables.py", "tests/test_parity.py"],
+    "model/mlp.py": ["tests/test_parity.py", "tests/test_model.py", "-k",
+                     "nanochat_logits or yatnmn or golf_pr334 or gelu or swiglu"],
     "model/init.py": ["tests/test_init_tables.py"],
     "model/head.py": ["tests/test_head.py"],
-    "model/embeddings.py": ["tests/test_golf_model.py", "tests/test_init_tables.py"],
+    "model/embeddings.py": ["tests/test_golf_model.py", "tests/test_parity.py", "-k", "not every"],
     "model/scan.py": ["tests/test_scan.py"],
-    "model/remat.py": ["tests/test_scan.py", "tests/test_model.py"],
+    "model/remat.py": ["tests/test_scan.py"],
     "model/accounting.py": ["tests/test_model.py", "tests/test_golf_model.py", "tests/test_optim_recipe.py", "-k",
                             "flops or param or count or accounting or plan"],
     "optim/muon.py": ["tests/test_muon.py"],
@@ -403,27 +406,34 @@ def write_report(args, results: list[dict], per_module: dict) -> None:
     lines = [f"# Mutation report", "", f"last command: `python scripts/mutate.py {' '.join(sys.argv[1:])}` (results of earlier --resume runs into "
              f"the same --out included)",
              f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
-             "| module | mutants in module | run | killed | survived | equivalent | score |",
-             "|---|---|---|---|---|---|---|"]
-    tot = [0, 0, 0, 0]
+             "| module | mutants in module | run | killed | survived | timed out | equivalent | score |",
+             "|---|---|---|---|---|---|---|---|"]
+    tot = [0, 0, 0, 0, 0]
     for m, ms in per_module.items():
         rs = [r for r in results if r["module"] == m]
         if not rs:
             continue
         equiv = sum(r["id"] in eq for r in rs)
-        killed = sum(r["status"] != "passed" and r["id"] not in eq for r in rs)
+        killed = sum(r["status"] == "failed" and r["id"] not in eq for r in rs)
+        timeouts = sum(r["status"] == "timeout" and r["id"] not in eq for r in rs)
         surv = sum(r["status"] == "passed" and r["id"] not in eq for r in rs)
         score = f"{100 * killed / max(killed + surv, 1):.0f}%"
-        lines.append(f"| {m} | {len(ms)} | {len(rs)} | {killed} | {surv} | {equiv} | {score} |")
-        for i, v in enumerate((len(rs), killed, surv, equiv)):
+        lines.append(f"| {m} | {len(ms)} | {len(rs)} | {killed} | {surv} | {timeouts} | {equiv} | {score} |")
+        for i, v in enumerate((len(rs), killed, surv, timeouts, equiv)):
             tot[i] += v
     score = 100 * tot[1] / max(tot[1] + tot[2], 1)
+    strict = 100 * tot[1] / max(tot[1] + tot[2] + tot[3], 1)
     lines.append(f"| **all** | {sum(len(ms) for ms in per_module.values())} | {tot[0]} | {tot[1]} | {tot[2]} | "
-                 f"{tot[3]} | **{score:.1f}%** |")
-    lines += ["", "Score = killed / (killed + survived), equivalent mutants (docs/mutation.md) left out.", "",
-              "## Surviving mutants", ""]
+                 f"{tot[3]} | {tot[4]} | **{score:.1f}%** |")
+    lines += ["", "Score = killed / (killed + survived); equivalent mutants (docs/mutation.md) left out, and so are "
+              "timeouts (a loaded machine can time out a survivor).",
+              f"Counting every timeout as a survivor: {strict:.1f}%.", "", "## Surviving mutants", ""]
     for r in results:
         if r["status"] == "passed" and r["id"] not in eq:
+            lines.append(f"- `{r['id']}`: `{r['original']}` => `{r['replacement']}`")
+    lines += ["", "## Timed out", ""]
+    for r in results:
+        if r["status"] == "timeout" and r["id"] not in eq:
             lines.append(f"- `{r['id']}`: `{r['original']}` => `{r['replacement']}`")
     lines += ["", "## Equivalent mutants seen", ""]
     for r in results:
