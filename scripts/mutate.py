@@ -71,7 +71,7 @@ MODULE_TESTS: dict[str, list[str]] = {
     "model/accounting.py": ["tests/test_model.py", "tests/test_golf_model.py", "tests/test_optim_recipe.py", "-k",
                             "flops or param or count or accounting or plan"],
     "optim/muon.py": ["tests/test_muon.py"],
-    "optim/adamw.py": ["tests/test_optim_recipe.py"],
+    "optim/adamw.py": ["tests/test_adamw.py"],
     "optim/groups.py": ["tests/test_optim_recipe.py"],
     "optim/schedules.py": ["tests/test_schedules.py", "tests/test_optim_recipe.py::test_schedules_at_chosen_steps"],
     "optim/scaling.py": ["tests/test_optim_recipe.py", "-k", "not trained and not step"],

@@ -108,3 +108,16 @@ def test_compressor_bpb_is_eight_times_the_compressed_ratio():
     assert out["gzip_bpb"] == 8 * len(gzip.compress(data, compresslevel=9)) / 2048
     assert out["xz_bpb"] == 8 * len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)) / 2048
     assert 0 < out["gzip_bpb"] < 8 and out["gzip_bpb"] != out["xz_bpb"]
+
+
+def test_rows_split_over_the_mesh_give_the_same_numbers(model):
+    """The sharded path (rows placed over a data mesh, here of every local device) equals the plain one."""
+    from jaxchat.train import make_mesh, rows_sharding
+
+    fns, params = model
+    step = make_eval_step(fns, BYTES)
+    plain = evaluate(step, params, ROWS, 4)
+    sharded = evaluate(step, params, ROWS, 4, sharding=rows_sharding(make_mesh()))
+    assert sharded["val_bytes"] == plain["val_bytes"] == TARGET_BYTES
+    assert sharded["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-6)
+    assert sharded["val_bpb"] == pytest.approx(plain["val_bpb"], rel=1e-6)
