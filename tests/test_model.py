@@ -296,3 +296,10 @@ def test_nanochat_d12_flops_per_token_by_hand():
     assert f["lm_head"] == 6 * 25_165_824 and f["mlp"] == 6 * 56_623_104 and f["gates"] == 6 * 456
     assert f["attention"] == 6 * 28_311_552 + 12 * 6 * 128 * 10_752
     assert f["total"] == 6 * 110_100_936 + 99_090_432 == 759_696_048
+
+
+def test_bigram_projection_counts_as_a_matmul_its_table_does_not():
+    """BigramHash: the (bigram_dim, C) projection is a matmul (6 FLOPs per weight), the bucket table a lookup."""
+    cfg = ModelConfig(vocab_size=320, sequence_len=64, n_layer=2, n_embd=64, n_head=2, n_kv_head=2, smear=False,
+                      value_embeds=False, bigram_buckets=32, bigram_dim=16)
+    assert count(cfg).flops["gates"] == 6 * 16 * 64
