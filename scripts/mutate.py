@@ -80,8 +80,9 @@ MODULE_TESTS: dict[str, list[str]] = {
     "train.py": ["tests/test_train.py"],
     "checkpoint.py": ["tests/test_train.py", "tests/test_resume.py", "tests/test_reliability.py", "-k",
                       "checkpoint_round_trip or retention or async or damaged or temporaries"],
-    "resume.py": ["tests/test_resume.py", "tests/test_reliability.py", "-k",
-                  "sigkill or reconcile or no_sequence or garbage_tokenizer or no_checkpoint or restart_accounting"],
+    "resume.py": ["tests/test_scan.py", "tests/test_resume.py", "tests/test_reliability.py", "-k",
+                  "execution_options or compute_dtype_auto or sigkill or reconcile or no_sequence or garbage_tokenizer "
+                  "or no_checkpoint or restart_accounting"],
 }
 CORE = list(MODULE_TESTS)
 
