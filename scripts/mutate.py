@@ -345,7 +345,7 @@ def main(argv=None) -> int:
         done = {r["id"]: r for r in map(json.loads, results_path.read_text().splitlines())}
     elif results_path.exists():
         results_path.unlink()
-    todo = [x for x in chosen if x.id not in done]
+    todo = chosen if args.only else [x for x in chosen if x.id not in done]  # --only reruns what it names
     cache = args.out / "xla-cache"  # compiled programs shared across mutants (keys are the programs' HLO)
     work = Path(tempfile.mkdtemp(prefix="jaxchat-mutate-"))
     module_of = {x.id: m for m, ms in per_module.items() for x in ms}
