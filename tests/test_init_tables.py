@@ -154,7 +154,7 @@ def orthogonal(k, scale=1.0):
 def test_golf_ortho_init():
     """Linears with min(shape) >= 64 are orthogonal; below 64 PyTorch's default; the bigram projection (64 -> 128,
     ortho) is scaled by 1/sqrt(2 L); the c_proj stay zero."""
-    p = params(init="golf_ortho", n_embd=128, n_head=2, n_kv_head=1, mlp="swiglu", bigram_buckets=16,
+    p = params(init="golf_ortho", n_layer=2, n_embd=128, n_head=2, n_kv_head=1, mlp="swiglu", bigram_buckets=16,
                bigram_dim=64)
     for b in p["blocks"].values():
         orthogonal(b["attn"]["c_q"]["kernel"])  # (128, 128)
@@ -165,8 +165,9 @@ def test_golf_ortho_init():
         orthogonal(b["mlp"]["c_gate"]["kernel"])
         is_const(b["attn"]["c_proj"]["kernel"], 0.0)
         is_const(b["mlp"]["c_proj"]["kernel"], 0.0)
-    orthogonal(p["bigram"]["proj"]["kernel"], 1 / math.sqrt(2 * L))
-    small = params(init="golf_ortho", n_embd=64, n_head=2, n_kv_head=1, bigram_buckets=16, bigram_dim=32)
+    orthogonal(p["bigram"]["proj"]["kernel"], 1 / math.sqrt(2 * 2))  # 1/sqrt(2 L), L = 2
+    small = params(init="golf_ortho", n_layer=1, n_embd=64, n_head=2, n_kv_head=1, bigram_buckets=16,
+                   bigram_dim=32)
     k = small["blocks"][0]["attn"]["c_k"]["kernel"]  # (64, 32): below 64, PyTorch's default
     is_uniform(k, -1 / 8, 1 / 8)
     is_const(small["bigram"]["proj"]["kernel"], 0.0)  # below 64 the bigram projection stays zero
