@@ -303,3 +303,11 @@ def test_bigram_projection_counts_as_a_matmul_its_table_does_not():
     cfg = ModelConfig(vocab_size=320, sequence_len=64, n_layer=2, n_embd=64, n_head=2, n_kv_head=2, smear=False,
                       value_embeds=False, bigram_buckets=32, bigram_dim=16)
     assert count(cfg).flops["gates"] == 6 * 16 * 64
+
+
+def test_mfu_by_hand():
+    from jaxchat.model.accounting import mfu
+
+    assert mfu(759_696_048, 10_000, 989.5e12, 8) == pytest.approx(759_696_048 * 10_000 / (8 * 989.5e12))  # 0.096%
+    assert mfu(1e9, 1e3, 1e12) == pytest.approx(1.0)
+    assert mfu(1e9, 1e3, None) is None and mfu(1e9, 1e3, 0.0) is None  # no known peak (CPU): no MFU
