@@ -283,3 +283,13 @@ def test_muon_receives_the_nanochat_schedules(monkeypatch):
     rows = {r["group"]: r for r in describe_groups(param_shapes(cfg), cfg, n, B)}
     assert rows["scalars"]["tensors"] == 3 + 2 * cfg.n_layer  # smear gate/lambda, backout + yatnmn bias, alpha
     assert rows["muon"]["wd"] == pytest.approx(wd0)
+
+
+def test_adamw_betas_and_weight_decay_are_nanochats():
+    """betas, eps and weight decay per AdamW group, written out from karpathy/nanochat@92d63d4 gpt.py
+    `setup_optimizer` (the first update, checked above, cannot see beta2: Adam's bias correction cancels it)."""
+    nanochat = {"lm_head": ((0.8, 0.96), 0.01), "wte": ((0.8, 0.995), 0.001), "value_embeds": ((0.8, 0.995), 0.01),
+                "resid_lambdas": ((0.8, 0.95), 0.05), "x0_lambdas": ((0.96, 0.95), 0.0),
+                "scalars": ((0.8, 0.95), 0.0)}
+    assert {g: (tuple(h["betas"]), h["wd"]) for g, h in G.ADAMW_BASE.items()} == nanochat
+    assert G.ADAMW_EPS == 1e-10

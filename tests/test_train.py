@@ -145,3 +145,13 @@ def test_train_step_compiles_with_its_compiler_options(setup, params0, monkeypat
     monkeypatch.setattr(train, "step_compiler_options", lambda: {"xla_jaxchat_no_such_option": True})
     with pytest.raises(Exception, match="xla_jaxchat_no_such_option"):
         train.make_train_step(fns, opt).lower(state, batch).compile()
+
+
+def test_check_batch_fits_by_hand():
+    from jaxchat.config import ConfigError
+    from jaxchat.train import check_batch_fits
+
+    assert check_batch_fits(small_cfg(grad_accum=2), 4) == 4  # 8 / 2 = 4 sequences per micro-batch, 1 per device
+    assert check_batch_fits(small_cfg(), 1) == 8
+    with pytest.raises(ConfigError, match="micro-batch of 4 sequences.*does not divide over 3 devices"):
+        check_batch_fits(small_cfg(grad_accum=2), 3)
