@@ -69,7 +69,7 @@ MODULE_TESTS: dict[str, list[str]] = {
     "model/scan.py": ["tests/test_scan.py"],
     "model/remat.py": ["tests/test_scan.py"],
     "model/accounting.py": ["tests/test_model.py", "tests/test_golf_model.py", "tests/test_optim_recipe.py", "-k",
-                            "flops or param or count or accounting or plan"],
+                            "flops or param or count or accounting or plan or mfu"],
     "optim/muon.py": ["tests/test_muon.py"],
     "optim/adamw.py": ["tests/test_adamw.py"],
     "optim/groups.py": ["tests/test_optim_recipe.py"],
