@@ -209,7 +209,7 @@ def mutants_of(path: Path) -> list[Mutant]:
             out.append(Mutant(id=f"{rel}:{node.lineno}:{node.col_offset}:{op}", path=rel, line=node.lineno,
                               col=node.col_offset, end_line=node.end_lineno, end_col=node.end_col_offset, op=op,
                               original=lines[node.lineno - 1].strip(), replacement=repl))
-    valid = []  # every edit must still parse (e.g. a slice bound inside an f-string-free subscript always does)
+    valid = []  # keep only edits that still parse
     for m in out:
         try:
             ast.parse(apply(src, m))
@@ -307,7 +307,8 @@ def main(argv=None) -> int:
     ap.add_argument("--list", action="store_true", help="print the mutant counts (and ids with -v), run nothing")
     ap.add_argument("--no-baseline", action="store_true", help="skip checking each module's tests pass unmutated")
     ap.add_argument("-v", "--verbose", action="store_true")
-    ap.add_argument("--report-only", action="store_true", help="rewrite <out>/report.md from results.jsonl, run nothing")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite <out>/report.md from results.jsonl, run nothing")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, _stop)
 
@@ -404,8 +405,9 @@ def report_from(args, results_path: Path) -> int:
 
 def write_report(args, results: list[dict], per_module: dict) -> None:
     eq = equivalent_ids()
-    lines = [f"# Mutation report", "", f"last command: `python scripts/mutate.py {' '.join(sys.argv[1:])}` (results of earlier --resume runs into "
-             f"the same --out included)",
+    lines = ["# Mutation report", "",
+             f"last command: `python scripts/mutate.py {' '.join(sys.argv[1:])}` (results of earlier --resume runs "
+             "into the same --out included)",
              f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
              "| module | mutants in module | run | killed | survived | timed out | equivalent | score |",
              "|---|---|---|---|---|---|---|---|"]

@@ -31,8 +31,9 @@ INPUT_BYTES = (0 + 1 + 1 + 3 + 0) + (0 + 2 + 2 + 0 + 3) + (0 + 1 + 4 + 2 + 3) + 
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = Config(data=DataConfig(tokenizer_vocab=V), model=ModelConfig(vocab_size=V, sequence_len=8, n_layer=1, n_embd=32, n_head=2, n_kv_head=1,
-                                   smear_channels=8, ve_gate_channels=4, compute_dtype="float32"))
+    model = ModelConfig(vocab_size=V, sequence_len=8, n_layer=1, n_embd=32, n_head=2, n_kv_head=1, smear_channels=8,
+                        ve_gate_channels=4, compute_dtype="float32")
+    cfg = Config(data=DataConfig(tokenizer_vocab=V), model=model)
     fns = ModelFns(cfg)
     return fns, fns.init_params(3)
 

@@ -180,7 +180,8 @@ def test_remat_prevents_cse_outside_a_scan_only():
     from jaxchat.model.remat import remat
 
     def params_of(fn):
-        eqns = [e for e in jax.make_jaxpr(fn)(jnp.ones(3)).jaxpr.eqns if e.primitive.name in ("checkpoint", "remat", "remat2")]
+        eqns = [e for e in jax.make_jaxpr(fn)(jnp.ones(3)).jaxpr.eqns
+                if e.primitive.name in ("checkpoint", "remat", "remat2")]
         assert len(eqns) == 1
         return eqns[0].params
 
