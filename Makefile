@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train test test-slow clean
+.PHONY: train test test-slow mutate clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,12 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# Mutation testing, on demand only (never in CI; see docs/mutation.md). Hours for every mutant on 2 cores, so it
+# samples: `make mutate MUTATE_ARGS="--sample 3 --seed 1 --jobs 2"`; `--modules optim/muon.py` narrows it.
+MUTATE_ARGS ?= --sample 10 --seed 0 --jobs 2
+mutate: $(STAMP)
+	$(BIN)/python scripts/mutate.py $(MUTATE_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -386,3 +386,16 @@ def test_cudnn_model_loss_and_grads_match_xla():
     ga = jax.tree.leaves(g_a)  # (cuDNN's backward may accumulate dq with atomics: not bitwise run to run)
     for i in big:
         assert rel_err(ga[i], gc[i]) < 1e-3, i
+
+
+def test_splash_takes_any_multiple_of_its_smallest_block():
+    """Splash tiles T by the largest of (512, 256, 128) dividing it: 384 (128 x 3, not a multiple of 256) is
+    accepted, 200 is refused naming 128 (checked without a TPU: the input rule needs none)."""
+    from jaxchat.model.attention import _splash_input_reason
+
+    q = jnp.zeros((1, 384, 2, 64))
+    if isinstance(reason := _splash_input_reason(q, q, None), str) and "multiple" not in reason:
+        pytest.skip(f"splash's modules are not importable here: {reason}")
+    assert reason is None
+    q = jnp.zeros((1, 200, 2, 64))
+    assert "multiple of 128" in _splash_input_reason(q, q, None)

@@ -157,7 +157,7 @@ def test_export_command_and_its_refusals(run, tmp_path, capsys):
     assert main(["export", str(run), "--format", "golf", "--out", str(tmp_path / "file")]) == 2
     assert "is a file" in capsys.readouterr().err and (tmp_path / "file").read_text() == "keep"
     assert main(["export", str(tmp_path / "no-run"), "--format", "golf", "--out", str(tmp_path / "x")]) == 2
-    assert "not a jaxchat run directory" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert "a jaxchat run directory" in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert main(["export", str(run), "--format", "golf", "--out", str(tmp_path / "y"), "--weights", "ema"]) == 2
     assert "no EMA weights" in capsys.readouterr().err and not (tmp_path / "y").exists()
     assert main(["eval"]) == 2 and "--run RUN_DIR" in capsys.readouterr().err

@@ -171,3 +171,11 @@ def test_backward_shares_or_recomputes_the_softcap_as_told(monkeypatch, share):
     t = jnp.zeros((4, 64), jnp.int32)
     grad = jax.jit(jax.grad(lambda x, w: head_nll(x, w, t, 15.0, 0).mean(), argnums=(0, 1)))
     assert len(re.findall(r" tanh\(", grad.lower(x, w).compile().as_text())) == (1 if share else 2)
+
+
+def test_the_softcap_is_shared_on_cpu_only():
+    """The rule the test above takes as given: share on CPU (the transcendental is the cost there), recompute on
+    accelerators (memory is)."""
+    from jaxchat.model.head import share_softcap_with_forward
+
+    assert share_softcap_with_forward() is (jax.default_backend() == "cpu")

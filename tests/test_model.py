@@ -276,3 +276,38 @@ def test_gelu_mlp_backward_follows_the_device_choice(monkeypatch, by_hand):
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(other)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
     assert max(float(jnp.abs(a).max()) for a in jax.tree.leaves(grads)) > 1e-2
+
+
+def test_peak_flops_table_is_the_vendors():
+    """bf16 dense peak FLOP/s per device, written out from the vendors' data sheets (NVIDIA H100/H200 SXM 989.5 T,
+    A100 312 T; Google Cloud TPU v6e 918 T, v5p 459 T, v5e 197 T, v4 275 T): MFU divides by these."""
+    from jaxchat.model.accounting import PEAK_FLOPS
+
+    assert PEAK_FLOPS == {"H100": 989.5e12, "H200": 989.5e12, "A100": 312e12, "TPU v6e": 918e12,
+                          "TPU v6 lite": 918e12, "TPU v5p": 459e12, "TPU v5e": 197e12, "TPU v5 lite": 197e12,
+                          "TPU v4": 275e12}
+
+
+def test_nanochat_d12_flops_per_token_by_hand():
+    """nanochat's estimate_flops (karpathy/nanochat@92d63d4 gpt.py): 6 x matmul weights + 12 H D min(w, T) per
+    layer. d12: lm_head 25,165,824 + attention 28,311,552 + MLP 56,623,104 + ve gates 432 + smear gate 24 =
+    110,100,936 weights; windows SSSL at T 2048: nine of 512, three of 2048 (10,752 positions) x 12 x 6 x 128."""
+    f = count(get_preset("nanochat-d12").model).flops
+    assert f["lm_head"] == 6 * 25_165_824 and f["mlp"] == 6 * 56_623_104 and f["gates"] == 6 * 456
+    assert f["attention"] == 6 * 28_311_552 + 12 * 6 * 128 * 10_752
+    assert f["total"] == 6 * 110_100_936 + 99_090_432 == 759_696_048
+
+
+def test_bigram_projection_counts_as_a_matmul_its_table_does_not():
+    """BigramHash: the (bigram_dim, C) projection is a matmul (6 FLOPs per weight), the bucket table a lookup."""
+    cfg = ModelConfig(vocab_size=320, sequence_len=64, n_layer=2, n_embd=64, n_head=2, n_kv_head=2, smear=False,
+                      value_embeds=False, bigram_buckets=32, bigram_dim=16)
+    assert count(cfg).flops["gates"] == 6 * 16 * 64
+
+
+def test_mfu_by_hand():
+    from jaxchat.model.accounting import mfu
+
+    assert mfu(759_696_048, 10_000, 989.5e12, 8) == pytest.approx(759_696_048 * 10_000 / (8 * 989.5e12))  # 0.096%
+    assert mfu(1e9, 1e3, 1e12) == pytest.approx(1.0)
+    assert mfu(1e9, 1e3, None) is None and mfu(1e9, 1e3, 0.0) is None  # no known peak (CPU): no MFU

@@ -18,7 +18,6 @@ from jaxchat.model.gpt import GPT, cross_entropy, param_path
 from jaxchat.optim import groups as G
 from jaxchat.optim import schedules as S
 from jaxchat.optim.groups import ParamGroupError, assign_groups, describe_groups, group_hparams, nanochat_optimizer
-from jaxchat.optim.muon import POLAR_EXPRESS_COEFFS, lr_factor
 from jaxchat.optim.scaling import nanochat_config, nanochat_shape, reference_config, scaling_params
 from jaxchat.plan import make_plan
 from jaxchat.presets import get_preset
@@ -165,10 +164,19 @@ def test_plan_horizon_precedence_and_errors():
 
 TRAIN_STEPS, TRAIN_BATCH = 30, 2**20
 
+# karpathy/nanochat@92d63d4 nanochat/optim.py `polar_express_coeffs`, written out so the reference is independent
+NANOCHAT_POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
 
 def polar_express_poly(s):
     """What the 5 Polar Express steps do to each normalised singular value."""
-    for a, b, c in POLAR_EXPRESS_COEFFS:
+    for a, b, c in NANOCHAT_POLAR_EXPRESS_COEFFS:
         s = a * s + b * s**3 + c * s**5
     return s
 
@@ -241,7 +249,7 @@ def test_first_update_of_every_group_uses_its_hyperparameters(trained):
         if np.abs(u).max() > 0:  # (smear_gate's gradient is 0 while smear_lambda is 0)
             seen.add(lab)
         if lab == "muon":
-            lr_eff = 0.02 * s / 40 * lr_factor(p.shape)
+            lr_eff = 0.02 * s / 40 * math.sqrt(max(1.0, p.shape[-1] / p.shape[-2]))  # sqrt(max(1, out / in))
             if np.abs(g).max() == 0:  # q/k/v behind the zero-init c_proj: X = 0, pure decay
                 np.testing.assert_allclose(u, -lr_eff * muon_wd * p, rtol=1e-5, atol=1e-12)
                 seen.add("muon: decay only")
@@ -275,3 +283,13 @@ def test_muon_receives_the_nanochat_schedules(monkeypatch):
     rows = {r["group"]: r for r in describe_groups(param_shapes(cfg), cfg, n, B)}
     assert rows["scalars"]["tensors"] == 3 + 2 * cfg.n_layer  # smear gate/lambda, backout + yatnmn bias, alpha
     assert rows["muon"]["wd"] == pytest.approx(wd0)
+
+
+def test_adamw_betas_and_weight_decay_are_nanochats():
+    """betas, eps and weight decay per AdamW group, written out from karpathy/nanochat@92d63d4 gpt.py
+    `setup_optimizer` (the first update, checked above, cannot see beta2: Adam's bias correction cancels it)."""
+    nanochat = {"lm_head": ((0.8, 0.96), 0.01), "wte": ((0.8, 0.995), 0.001), "value_embeds": ((0.8, 0.995), 0.01),
+                "resid_lambdas": ((0.8, 0.95), 0.05), "x0_lambdas": ((0.96, 0.95), 0.0),
+                "scalars": ((0.8, 0.95), 0.0)}
+    assert {g: (tuple(h["betas"]), h["wd"]) for g, h in G.ADAMW_BASE.items()} == nanochat
+    assert G.ADAMW_EPS == 1e-10

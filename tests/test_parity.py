@@ -52,6 +52,29 @@ def test_nanochat_greedy(nanochat):
     assert out == [int(t) for t in d["greedy"]]
 
 
+def test_nanochat_greedy_logits_at_every_step(nanochat):
+    """Tokens alone cannot see a decode bug that moves the logits but not their argmax (a cache off by a little):
+    the logits of every step of the Sampler's own prefill + cached decode are compared with the full forward over
+    prompt + the fixture's greedy reply (that forward is nanochat's to 1e-4, test_nanochat_logits), and the greedy
+    token is their argmax by a margin."""
+    d, _, model = nanochat
+    cfg = Config(model=model.config, data=DataConfig(tokenizer_vocab=model.config.vocab_size))
+    params = param_dict(model)
+    sampler = Sampler(ModelFns(cfg))
+    prompt, greedy = [int(t) for t in d["prompt"]], [int(t) for t in d["greedy"]]
+    full = np.asarray(model(jnp.asarray([prompt + greedy])))[0, len(prompt) - 1:-1]  # (24, V): step j's logits
+    cache = model.init_cache(1, len(prompt) + len(greedy))
+    logits, cache = sampler.forward(params, jnp.asarray([prompt], jnp.int32), cache)
+    steps = [np.asarray(logits)[0, -1]]
+    for t in greedy[:-1]:
+        logits, cache = sampler.forward(params, jnp.asarray([[t]], jnp.int32), cache)
+        steps.append(np.asarray(logits)[0, -1])
+    steps = np.stack(steps)
+    assert np.abs(np.diff(full, axis=0)).max() > 0.1  # the logits move from step to step
+    np.testing.assert_allclose(steps, full, rtol=0, atol=1e-4)
+    assert steps.argmax(-1).tolist() == greedy
+
+
 def test_every_fixture_tensor_is_used_and_changes_output(nanochat):
     """Perturbing any single tensor must move the logits: no parameter is silently ignored. (The input is the
     fixture's whole idx, 2 x 256 tokens, past the short window of 128: the forward's ops at this shape are

@@ -179,3 +179,13 @@ def test_pallas_kernels_run_per_batch_shard_on_a_mesh(tmp_path):
     np.testing.assert_allclose(r["loss"][0], r["loss"][1], rtol=1e-5)
     assert r["grad_max"] > 0.05 and r["grad_err"] < 2e-6
     assert r["grad_spec"][0] == "data" and not r["all_gather"]
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_a_zero_head_stays_zero_through_the_reference_path(norm_first):
+    """RMSNorm's eps is added under the root: an all-zero head (e.g. a zero-init projection's output) gives zeros,
+    not NaN, on the reference path that golf's order and partial RoPE take (rms(x) = x / sqrt(mean(x^2) + eps))."""
+    cos, sin = rope_tables(jnp.arange(4), 8, 10000.0)
+    x = jnp.zeros((1, 4, 2, 16), jnp.float32)  # head_dim 16, rotating only 8 dims: the partial-RoPE branch
+    out = np.asarray(rope_norm_xla(x, cos, sin, eps=2.0**-23, scale=1.2, norm_first=norm_first))
+    assert np.isfinite(out).all() and (out == 0).all()

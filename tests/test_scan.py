@@ -172,3 +172,20 @@ def test_compute_dtype_auto_is_resolved_per_device_and_checked_on_resume():
 def test_bad_remat_name_is_refused():
     with pytest.raises(ConfigError, match="model.remat='dot'.*dots_no_batch"):
         replace(CFG, remat="dot")
+
+
+def test_remat_prevents_cse_outside_a_scan_only():
+    """Unscanned, jax.checkpoint must keep XLA from merging the recomputation into the forward (prevent_cse);
+    inside lax.scan the loop already does, and prevent_cse would only cost speed (model/remat.py)."""
+    from jaxchat.model.remat import remat
+
+    def params_of(fn):
+        eqns = [e for e in jax.make_jaxpr(fn)(jnp.ones(3)).jaxpr.eqns
+                if e.primitive.name in ("checkpoint", "remat", "remat2")]
+        assert len(eqns) == 1
+        return eqns[0].params
+
+    f = lambda x: jnp.sin(x) * 2  # noqa: E731
+    assert params_of(remat(f, "full"))["prevent_cse"] is True
+    assert params_of(remat(f, "full", in_scan=True))["prevent_cse"] is False
+    assert remat(f, "none") is f

@@ -72,6 +72,12 @@ def test_grad_accumulation_equals_large_batch(setup, params0):
     moved = [np.abs(a - b).max() for a, b in zip(leaves(s1["params"]), init)]
     assert sum(m > 0 for m in moved) >= 5 and max(moved) > 1e-3  # (zero-init c_proj blocks the rest at step 0)
     np.testing.assert_allclose(float(m1["loss"]), float(m4["loss"]), rtol=1e-6)
+    # the reported loss is the mean token NLL, by hand: float64 log-softmax of the model's logits
+    logits = np.asarray(fns.logits(params0, jnp.asarray(x)), np.float64)[..., :V]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, y[..., None], -1).mean()
+    assert nll > 1.0 and float(m4["loss"]) == pytest.approx(nll, rel=1e-4)
     for a, b, i in zip(leaves(s1["params"]), leaves(s4["params"]), init):
         np.testing.assert_allclose(a - i, b - i, atol=2e-7, rtol=1e-4)
 
@@ -139,3 +145,13 @@ def test_train_step_compiles_with_its_compiler_options(setup, params0, monkeypat
     monkeypatch.setattr(train, "step_compiler_options", lambda: {"xla_jaxchat_no_such_option": True})
     with pytest.raises(Exception, match="xla_jaxchat_no_such_option"):
         train.make_train_step(fns, opt).lower(state, batch).compile()
+
+
+def test_check_batch_fits_by_hand():
+    from jaxchat.config import ConfigError
+    from jaxchat.train import check_batch_fits
+
+    assert check_batch_fits(small_cfg(grad_accum=2), 4) == 4  # 8 / 2 = 4 sequences per micro-batch, 1 per device
+    assert check_batch_fits(small_cfg(), 1) == 8
+    with pytest.raises(ConfigError, match="micro-batch of 4 sequences.*does not divide over 3 devices"):
+        check_batch_fits(small_cfg(grad_accum=2), 3)
