@@ -54,8 +54,8 @@ def describe(state, batch, all_reduce):
             "all_reduce": all_reduce}
 
 
-def make_train_step(fns, opt):  # loop.py: make_train_step(...).lower(state, batch_shapes).compile()
-    jitted = real_make(fns, opt)
+def make_train_step(fns, opt, **kw):  # loop.py: make_train_step(...).lower(state, batch_shapes).compile()
+    jitted = real_make(fns, opt, **kw)
 
     class Lowered:
         def __init__(self, lowered):
