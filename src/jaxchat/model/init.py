@@ -7,6 +7,10 @@
   one named `proj` (the BigramHash projection; the block projections are zero) is then scaled by 1/sqrt(2L).
   The bigram projection is zeroed in its reference constructor, so below 64 it stays zero.
 
+- `marin` (speedrun PR #2184): nanochat's table, but the untied lm_head is zero (as the O and MLP down
+  projections already are), the x0 skip starts at resid_lambdas 1.1 and x0_lambdas 0 for every layer, and the
+  backout lambda at 0.5.
+
 Kernels here are (in, out), PyTorch's weights (out, in): "in" is the first axis, and a matrix is orthogonal in
 the same sense either way (K^T K = I when in >= out, else K K^T = I).
 """
@@ -152,5 +156,19 @@ def init_weights(model, rngs: nnx.Rngs) -> None:
         if model.bigram.proj is not None:
             zeros(model.bigram.proj.kernel)
         assign(model.bigram.scale, jnp.asarray(cfg.bigram_scale, F32))
-    if cfg.init != "nanochat":
+    if cfg.init == "marin":
+        marin_init(model)
+    elif cfg.init != "nanochat":
         golf_init(model, rngs, ortho=cfg.init == "golf_ortho")
+
+
+def marin_init(model) -> None:
+    """marin's changes to nanochat's table: zero lm_head, x0 skip lambdas 1.1 and 0, backout lambda 0.5."""
+    cfg = model.config
+    if model.lm_head is not None:
+        assign(model.lm_head.kernel, jnp.zeros(model.lm_head.kernel.shape, F32))
+    if cfg.residual_lambdas:
+        assign(model.resid_lambdas, jnp.full((cfg.n_layer,), 1.1, F32))
+        assign(model.x0_lambdas, jnp.zeros((cfg.n_layer,), F32))
+    if cfg.backout:
+        assign(model.backout_lambda, jnp.full((1,), 0.5, F32))
