@@ -216,7 +216,7 @@ class OptimConfig:
     """`adamw`: AdamW over every parameter with warmup then cosine decay and global-norm clipping (the seed model
     cards' recipe; the fields below). `muon`: nanochat's recipe (Muon for block matrices, six AdamW groups,
     nanochat's schedules and batch scaling; see optim/groups.py), tuned through `groups`, a JSON object of
-    overrides, e.g. '{"muon": {"lr": 0.03}, "lm_head": {"lr": 0.004}, "warmup_steps": 20}'."""
+    overrides (`golf`: parameter golf's recipe, optim/golf.py, with its own `groups` keys), e.g. '{"muon": {"lr": 0.03}, "lm_head": {"lr": 0.004}, "warmup_steps": 20}'."""
 
     optimizer: str = "adamw"
     lr: float = 0.01
@@ -230,8 +230,9 @@ class OptimConfig:
     groups: str = ""  # muon only: JSON overrides of the nanochat recipe's groups and schedules
 
     def __post_init__(self):
-        _check(self.optimizer in ("adamw", "muon"),
-               f"optim.optimizer={self.optimizer!r}: choose 'adamw' (seed cards) or 'muon' (nanochat recipe)")
+        _check(self.optimizer in ("adamw", "muon", "golf"),
+               f"optim.optimizer={self.optimizer!r}: choose 'adamw' (seed cards), 'muon' (nanochat recipe) or "
+               f"'golf' (parameter golf's Muon + Adam recipe, optim/golf.py)")
         if self.groups:
             try:
                 ok = isinstance(json.loads(self.groups), dict)

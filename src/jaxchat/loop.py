@@ -29,7 +29,7 @@ from jaxchat.evaluate import compressor_bpb, eval_rows, make_eval_step, target_b
 from jaxchat.experiments.results import curve_summary, step_records
 from jaxchat.fileio import write_json_atomic
 from jaxchat.hooks import Evaluate, MetricsLog, Reporter, Save, due
-from jaxchat.model.accounting import count, device_peak_flops
+from jaxchat.model.accounting import count, device_peak_flops, levanter_flops, run_flops
 from jaxchat.model.gpt import resolved_kernels
 from jaxchat.model.scan import describe as describe_layers
 from jaxchat.resume import continue_hint, out_of_memory_message
@@ -183,7 +183,11 @@ def _finish(run: Run, state, evaluate: Evaluate, save: Save, val, counts, prompt
                "tokens_per_s": round(tokens / max(parts["train"] + parts["data"], 1e-9), 1),
                "time_s": {k: round(v, 2) for k, v in parts.items()},
                "process_wall_s": round(time.perf_counter() - clock.t0, 2), **history,
-               "sample": sample, "params": counts.params["total"], "skipped_steps": int(state["skipped"])}
+               "sample": sample, "params": counts.params["total"], "skipped_steps": int(state["skipped"]),
+               # marin's accounting (model/accounting.py): Levanter's forward FLOPs, model = 3 x that x tokens,
+               # hardware = the steps' time x chips x peak (null on a device of unknown peak, e.g. CPU)
+               "levanter_flops_per_token": levanter_flops(cfg.model)["total"],
+               **run_flops(cfg.model, tokens, parts["train"], run.mesh.size, device_peak_flops())}
     if run.primary:
         write_json_atomic(run.run_dir / "summary.json", summary)
     run.trackers.finish(summary)

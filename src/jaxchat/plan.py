@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from jaxchat.config import Config, ConfigError, resolve_compute_dtype
 from jaxchat.model.accounting import count, param_shapes
-from jaxchat.optim import build_optimizer, muon_overrides, scaling
+from jaxchat.optim import build_optimizer, golf, muon_overrides, scaling
 from jaxchat.optim.groups import describe_groups
 from jaxchat.optim.scaling import DEFAULT_RATIO
 
@@ -67,7 +67,9 @@ def make_plan(cfg: Config, devices: int = 1) -> dict:
             "scaling_params": scaling.scaling_params(m), "optimizer": r.optim.optimizer}
     plan["tokens_per_scaling_param"] = plan["tokens"] / plan["scaling_params"]
     plan["tokens_per_param"] = plan["tokens"] / count(m).params["total"]
-    if r.optim.optimizer == "muon":
+    if r.optim.optimizer == "golf":
+        plan["groups"] = golf.describe(param_shapes(m), m, t.num_steps, muon_overrides(r))
+    elif r.optim.optimizer == "muon":
         ratio = t.target_param_data_ratio if t.target_param_data_ratio > 0 else DEFAULT_RATIO
         plan["groups"] = describe_groups(param_shapes(m), m, t.num_steps, batch_tokens,
                                          {"ratio": ratio, **muon_overrides(r)})
