@@ -135,3 +135,34 @@ def test_bad_overrides_are_named():
         golf.hparams(ModelConfig(), {"muon": {"nesterov": True}})
     with pytest.raises(ConfigError, match="optim.optimizer='lion'"):
         OptimConfig(optimizer="lion")
+
+
+@pytest.mark.slow  # two short trainings (~100 s on 2 cores)
+def test_max_seconds_stops_checkpointed_and_resumes(tmp_path):
+    """A run capped at 2 s of training (of 100,000 steps) stops part way, saves that step and summarises it; the
+    golf optimizer's wall-clock lr scale is in the checkpointed optimizer state, warming down (warmdown longer
+    than the run: below 1 from the start); --resume with a larger cap continues from the saved step."""
+    import json
+    from pathlib import Path
+
+    from jaxchat.cli import main
+    from jaxchat.run import Run
+
+    ref = json.loads((Path(__file__).parent / "golden" / "tiny-micro-20.json").read_text())
+    sets = [s for s in ref["set"] if not s.startswith(("train.num_steps", "train.save_every", "train.eval_every",
+                                                        "train.keep_every"))]
+    sets += ["train.num_steps=100000", "train.save_every=0", "train.eval_every=0", "optim.optimizer=golf",
+             'optim.groups={"warmdown_iters": 1000000}']
+    args = [a for s in sets for a in ("--set", s)]
+    run_dir = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--run-dir", str(run_dir)] + args
+                + ["--set", "train.max_seconds=2"]) == 0
+    s1 = json.loads((run_dir / "summary.json").read_text())
+    assert s1["stopped_at_max_seconds"] and 0 < s1["step"] < 100000
+    assert s1["time_s"]["train"] >= 2.0 and [int(p.name) for p in (run_dir / "checkpoints").iterdir()] == [s1["step"]]
+    scale = float(Run.load(run_dir, tokenizer=False).state["opt_state"].hyperparams["lr_scale_now"])
+    assert 0.0 < scale < 1.0
+    assert main(["train", "--preset", "tiny", "--run-dir", str(run_dir), "--resume"] + args
+                + ["--set", "train.max_seconds=4"]) == 0
+    s2 = json.loads((run_dir / "summary.json").read_text())
+    assert s2["stopped_at_max_seconds"] and s1["step"] < s2["step"] < 100000 and s2["time_s"]["train"] >= 4.0

@@ -298,6 +298,8 @@ class TrainConfig:
     trackers: str = ""  # where metrics also go, comma-separated: tensorboard, wandb (metrics.jsonl always)
     run_name: str = ""  # the run's name in the trackers (default: the run directory's name)
     wandb_project: str = "jaxchat"
+    max_seconds: float = 0.0  # > 0: stop when the run's step time (time_s.train, every process) reaches it,
+    #                           checkpointed; golf's optimizer then warms down by wall clock (optim/golf.py)
 
     @property
     def resolved(self) -> bool:
@@ -333,6 +335,8 @@ class TrainConfig:
         _check(isinstance(self.keep_last, int) and self.keep_last >= 2,
                f"train.keep_last={self.keep_last!r} must be an integer >= 2: with one checkpoint, a latest step that "
                f"turns out unreadable leaves nothing to resume from. Use train.keep_every to keep more for good.")
+        _check(self.max_seconds >= 0 and math.isfinite(self.max_seconds),
+               f"train.max_seconds={self.max_seconds} must be >= 0 seconds of training (0: no time cap)")
         unknown = [t for t in self.tracker_names if t not in TRACKERS]
         _check(not unknown, f"train.trackers={self.trackers!r}: unknown tracker(s) {unknown}; choose from "
                             f"{', '.join(TRACKERS)} (comma-separated), or '' for metrics.jsonl only")

@@ -32,6 +32,7 @@ from jaxchat.hooks import Evaluate, MetricsLog, Reporter, Save, due
 from jaxchat.model.accounting import count, device_peak_flops, levanter_flops, run_flops
 from jaxchat.model.gpt import resolved_kernels
 from jaxchat.model.scan import describe as describe_layers
+from jaxchat.optim import golf, muon_overrides
 from jaxchat.resume import continue_hint, out_of_memory_message
 from jaxchat.run import Run
 from jaxchat.sample import Sampler
@@ -120,9 +121,14 @@ def train(run: Run, prompt: str = DEFAULT_PROMPT) -> dict:
 
     prefetch = Prefetcher(host_batch, start)  # batches are computed on a background thread, ahead of the step
     clock.switch("train")
-    step = start
+    step, last = start, steps
+    cap = TimeCap(run, save)
     try:
         for step in range(start, steps):
+            if cap.reached(step):
+                last = step
+                break
+            state = cap.set_lr(state, step)
             with clock("data"):  # the wait for the prefetched batch, and its copy to the devices
                 batch = tuple(global_array(a, sharding, shape) for a in prefetch.get(step))
             state, step_metrics = step_fn(state, batch)
@@ -141,7 +147,43 @@ def train(run: Run, prompt: str = DEFAULT_PROMPT) -> dict:
     progress.close()
     clock.switch("other")
     run.state = state
-    return _finish(run, state, evaluate, save, val, counts, prompt)
+    return _finish(run, state, evaluate, save, val, counts, prompt, last)
+
+
+class TimeCap:
+    """`train.max_seconds`: the run stops (then evaluates, saves and summarises as at its end) once its step time
+    (the `train` part of time_s, over every process of the run: no setup, compile, evaluation or saving) reaches
+    the cap; `--resume --set train.max_seconds=...`
+    continues it. With golf's optimizer the lr scale is set before every step from the elapsed time (its
+    wall-clock warmdown, optim/golf.py)."""
+
+    def __init__(self, run: Run, save: Save):
+        self.run, self.save, self.cap = run, save, run.cfg.train.max_seconds
+        self.golf = self.cap > 0 and run.cfg.optim.optimizer == "golf"
+        if self.cap > 0 and jax.process_count() > 1:
+            raise ConfigError(f"train.max_seconds={self.cap:g} needs a single process (each process's clock would "
+                              f"stop it at another step): set it to 0 for multi-process runs")
+        if self.golf:
+            self.warmdown = golf.hparams(run.cfg.model, muon_overrides(run.cfg))["warmdown_iters"]
+
+    def elapsed(self) -> float:
+        return self.save.totals()["train"]
+
+    def reached(self, step: int) -> bool:
+        if not self.cap:
+            return False
+        elapsed = self.elapsed()
+        if elapsed < self.cap:
+            return False
+        self.run.log(f"\ntrain.max_seconds={self.cap:g} reached after {elapsed:.1f} s of training: stopping at "
+                     f"step {step} of {self.run.cfg.train.num_steps}")
+        return True
+
+    def set_lr(self, state: dict, step: int) -> dict:
+        if not self.golf:
+            return state
+        scale = golf.lr_scale_wallclock(self.elapsed(), step, self.cap, self.warmdown)
+        return {**state, "opt_state": golf.set_wallclock_scale(state["opt_state"], scale)}
 
 
 def _log_header(run: Run, counts) -> None:
@@ -157,9 +199,10 @@ def _log_header(run: Run, counts) -> None:
             + "".join(f" | xla {k}={v}" for k, v in step_compiler_options().items()))
 
 
-def _finish(run: Run, state, evaluate: Evaluate, save: Save, val, counts, prompt: str) -> dict:
-    """The last step's evaluation and checkpoint, the compressor baselines, a sample and summary.json."""
-    cfg, clock, log, steps, tok = run.cfg, run.clock, run.log, run.cfg.train.num_steps, run.tokenizer
+def _finish(run: Run, state, evaluate: Evaluate, save: Save, val, counts, prompt: str, steps: int) -> dict:
+    """The last step's evaluation and checkpoint, the compressor baselines, a sample and summary.json (`steps`:
+    the step reached, train.num_steps unless train.max_seconds stopped the run)."""
+    cfg, clock, log, tok = run.cfg, run.clock, run.log, run.tokenizer
     final = evaluate.measure(steps, state)
     if steps not in run.ckpt.all_steps():
         save(steps, state)
@@ -187,7 +230,8 @@ def _finish(run: Run, state, evaluate: Evaluate, save: Save, val, counts, prompt
                # marin's accounting (model/accounting.py): Levanter's forward FLOPs, model = 3 x that x tokens,
                # hardware = the steps' time x chips x peak (null on a device of unknown peak, e.g. CPU)
                "levanter_flops_per_token": levanter_flops(cfg.model)["total"],
-               **run_flops(cfg.model, tokens, parts["train"], run.mesh.size, device_peak_flops())}
+               **run_flops(cfg.model, tokens, parts["train"], run.mesh.size, device_peak_flops()),
+               "stopped_at_max_seconds": steps < cfg.train.num_steps}
     if run.primary:
         write_json_atomic(run.run_dir / "summary.json", summary)
     run.trackers.finish(summary)

@@ -36,7 +36,8 @@ def build_optimizer(cfg: Config, params=None) -> optax.GradientTransformation:
     if cfg.optim.optimizer == "golf":
         if cfg.train.num_steps < 1:
             raise ValueError("build_optimizer needs a concrete num_steps: call jaxchat.plan.resolve first")
-        return golf.golf_optimizer(params, cfg.model, cfg.train.num_steps, muon_overrides(cfg))
+        return golf.golf_optimizer(params, cfg.model, cfg.train.num_steps, muon_overrides(cfg),
+                                   wallclock=cfg.train.max_seconds > 0)
     if not cfg.train.resolved:
         raise ValueError("build_optimizer needs concrete num_steps and batch_size: call jaxchat.plan.resolve first")
     batch_tokens = cfg.train.batch_size * cfg.model.sequence_len
@@ -46,11 +47,13 @@ def build_optimizer(cfg: Config, params=None) -> optax.GradientTransformation:
     return nanochat_optimizer(params, cfg.model, cfg.train.num_steps, batch_tokens, overrides)
 
 
-def lr_at(cfg: Config, step: int) -> float:
+def lr_at(cfg: Config, step: int) -> float | None:
     """The peak-relative learning rate at `step` (AdamW: absolute lr; Muon recipe: the lr multiplier)."""
     if cfg.optim.optimizer == "adamw":
         return float(warmup_cosine(cfg.optim, cfg.train.num_steps)(step))
     if cfg.optim.optimizer == "golf":
+        if cfg.train.max_seconds > 0:  # by wall clock: known to the loop only (the optimizer state holds it)
+            return None
         return float(golf.lr_scale(step, cfg.train.num_steps, golf.hparams(cfg.model, muon_overrides(cfg))[
             "warmdown_iters"]))
     sched = {k: v for k, v in muon_overrides(cfg).items() if k in ("warmup_steps", "warmdown_ratio", "final_lr_frac")}

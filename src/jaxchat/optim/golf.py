@@ -186,30 +186,50 @@ def hparams(model_cfg: ModelConfig, overrides: dict | None = None) -> dict:
     return out
 
 
-def golf_optimizer(params_state, model_cfg: ModelConfig, num_steps: int,
-                   overrides: dict | None = None) -> optax.GradientTransformation:
+def golf_optimizer(params_state, model_cfg: ModelConfig, num_steps: int, overrides: dict | None = None,
+                   wallclock: bool = False) -> optax.GradientTransformation:
+    """Golf's Muon + Adam groups. `wallclock` (train.max_seconds set): the step warmdown is replaced by a scale the
+    training loop sets before every step from the elapsed time (`lr_scale_wallclock`, `set_wallclock_scale`); it
+    lives in the optimizer state (optax.inject_hyperparams), so it is checkpointed with it."""
     hp = hparams(model_cfg, overrides)
     labels = jax.tree_util.tree_map_with_path(lambda kp, x: group_of(param_path(kp), jnp.shape(x)), params_state)
     present = set(jax.tree.leaves(labels))
-    sched = lambda c: lr_scale(c, num_steps, hp["warmdown_iters"])  # noqa: E731
-    transforms = {}
-    for name in GROUPS:
-        if name not in present:
-            continue
-        if name == "muon":
-            m = hp["muon"]
-            transforms[name] = golf_muon(
-                learning_rate=lambda c, peak=m["lr"]: peak * sched(c),
-                momentum=lambda c: momentum_at(c, m["momentum_start"], m["momentum"], m["momentum_warmup_steps"]),
-                weight_decay=m["wd"], ns_steps=m["ns_steps"], ns_dtype=jnp.dtype(m["ns_dtype"]),
-                orthogonalizer=m["orthogonalizer"])
-        else:
-            h = hp[name]
-            transforms[name] = optax.adam(lambda c, peak=h["lr"]: peak * sched(c), b1=h["betas"][0],
-                                          b2=h["betas"][1], eps=ADAM_EPS)
     group_fn: Callable = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
         lambda kp, x: group_of(param_path(kp), jnp.shape(x)), params)
-    return optax.multi_transform(transforms, group_fn)
+
+    def build(lr_scale_now=None):
+        if lr_scale_now is None:
+            sched = lambda c: lr_scale(c, num_steps, hp["warmdown_iters"])  # noqa: E731
+        else:
+            sched = lambda c: jnp.asarray(lr_scale_now, F32)  # noqa: E731
+        transforms = {}
+        for name in GROUPS:
+            if name not in present:
+                continue
+            if name == "muon":
+                m = hp["muon"]
+                transforms[name] = golf_muon(
+                    learning_rate=lambda c, peak=m["lr"]: peak * sched(c),
+                    momentum=lambda c: momentum_at(c, m["momentum_start"], m["momentum"],
+                                                   m["momentum_warmup_steps"]),
+                    weight_decay=m["wd"], ns_steps=m["ns_steps"], ns_dtype=jnp.dtype(m["ns_dtype"]),
+                    orthogonalizer=m["orthogonalizer"])
+            else:
+                h = hp[name]
+                transforms[name] = optax.adam(lambda c, peak=h["lr"]: peak * sched(c), b1=h["betas"][0],
+                                              b2=h["betas"][1], eps=ADAM_EPS)
+        return optax.multi_transform(transforms, group_fn)
+
+    if not wallclock:
+        return build()
+    return optax.inject_hyperparams(build)(lr_scale_now=1.0)
+
+
+def set_wallclock_scale(opt_state, value: float):
+    """The optimizer state with its wall-clock lr scale set to `value` (placed as the old one)."""
+    old = opt_state.hyperparams["lr_scale_now"]
+    new = jax.device_put(jnp.asarray(value, old.dtype), old.sharding)
+    return opt_state._replace(hyperparams={**opt_state.hyperparams, "lr_scale_now": new})
 
 
 def describe(params_state, model_cfg: ModelConfig, num_steps: int, overrides: dict | None = None) -> list[dict]:
@@ -234,4 +254,5 @@ def describe(params_state, model_cfg: ModelConfig, num_steps: int, overrides: di
 
 
 __all__ = ["NS5_COEFFS", "newton_schulz5", "golf_muon", "golf_optimizer", "lr_scale", "lr_scale_wallclock",
+           "set_wallclock_scale",
            "momentum_at", "group_of", "describe"]
