@@ -195,3 +195,12 @@ def test_tokens_per_param_horizon_and_run_flops_match_the_pr():
     assert round(rf["levanter_model_flops"] / 1e15) == 219
     assert rf["hardware_flops"] == 1000.0 * 989.5e12
     assert rf["run_mfu"] == pytest.approx(rf["levanter_model_flops"] / 9.895e17)
+
+
+def test_params_command_prints_marin_counts_and_levanter_flops(capsys):
+    from jaxchat.cli import main
+
+    assert main(["params", "--preset", "marin-150m"]) == 0
+    out = capsys.readouterr().out
+    assert "marin-150m: 150,208,525 parameters" in out
+    assert ("194,396,160 = lm_head 131,334,144 + mlp 25,165,824 + attention 37,896,192") in out
