@@ -204,3 +204,13 @@ def test_params_command_prints_marin_counts_and_levanter_flops(capsys):
     out = capsys.readouterr().out
     assert "marin-150m: 150,208,525 parameters" in out
     assert ("194,396,160 = lm_head 131,334,144 + mlp 25,165,824 + attention 37,896,192") in out
+
+
+def test_marin_rope_forms_are_nothing_when_every_dim_rotates(idx):
+    """rope_partial=zero_freqs with rope_dims 0 or head_dim is the full rotation, bitwise (no slot is zero)."""
+    base = replace(GOLF_ALL, rope_dims=0)
+    params = randomized_params(base)
+    a = np.asarray(build(base, params)(idx))
+    for dims in (0, base.head_dim):
+        b = np.asarray(build(replace(base, rope_dims=dims, rope_partial="zero_freqs"), params)(idx))
+        np.testing.assert_array_equal(a, b)
