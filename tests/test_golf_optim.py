@@ -135,6 +135,11 @@ def test_bad_overrides_are_named():
         golf.hparams(ModelConfig(), {"muon": {"nesterov": True}})
     with pytest.raises(ConfigError, match="optim.optimizer='lion'"):
         OptimConfig(optimizer="lion")
+    from jaxchat.config import TrainConfig
+    with pytest.raises(ConfigError, match="train.max_seconds=-5"):
+        TrainConfig(max_seconds=-5)
+    with pytest.raises(ConfigError, match="train.tokens_per_param=0"):
+        TrainConfig(tokens_per_param=0)
 
 
 @pytest.mark.slow  # two short trainings (~100 s on 2 cores)
