@@ -42,7 +42,8 @@ _GOLF_PR334_MODEL = replace(_GOLF_BASELINE_MODEL, n_layer=11, mlp_mult=3, rope_b
 
 
 def _golf(model: ModelConfig, groups: str) -> Config:
-    return Config(model=model, data=DataConfig(tokenizer_vocab=1024), optim=OptimConfig(optimizer="golf", groups=groups),
+    return Config(model=model, data=DataConfig(tokenizer_vocab=1024),
+                  optim=OptimConfig(optimizer="golf", groups=groups),
                   train=TrainConfig(num_steps=20000, batch_size=512, device_batch_size=64, eval_every=1000,
                                     save_every=1000, eval_tokens=1024 * 1024))
 

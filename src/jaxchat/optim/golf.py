@@ -14,14 +14,16 @@ with gradient G, lr the scheduled matrix lr, mu the scheduled momentum:
 In PyTorch terms (weight W = K^T, (out, in)) the quintic transposes when rows > cols, so the Gram matrix is
 always the smaller one; the same holds here (see optim/muon.py on orientation).
 
-Adam (betas (0.9, 0.95), eps 1e-8, no weight decay) for the rest: the token embedding and the BigramHash table
+Adam (betas (0.9, 0.95), eps 1e-8, no weight decay by default: SPEC_SPEEDRUN §2 from the code; the PR page's
+summary lists Adam weight_decay 0.04, available as `{"scalars": {"wd": 0.04}}`, decoupled as torch's AdamW) for
+the rest: the token embedding and the BigramHash table
 (`embed`, lr 0.05 tied / 0.6 untied), the untied lm_head (`head`, 0.008) and every vector and scalar (`scalars`,
 0.04). Every lr follows `lr_scale`: 1, then linear to 0 over the last `warmdown_iters` steps. Muon's momentum
 warms up linearly from 0.85 to 0.95 over `momentum_warmup_steps` (500).
 
 `optim.groups` overrides, a JSON object: {"muon": {"lr", "wd", "momentum", "momentum_start",
 "momentum_warmup_steps", "ns_steps", "ns_dtype", "orthogonalizer"}, "embed" / "head" / "scalars": {"lr",
-"betas"}, "warmdown_iters"}.
+"betas", "wd"}, "warmdown_iters"}.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ NS_EPS = 1e-7
 
 GOLF_MUON = dict(lr=0.04, wd=0.04, momentum=0.95, momentum_start=0.85, momentum_warmup_steps=500, ns_steps=5,
                  ns_dtype="bfloat16", orthogonalizer="ns5")
-GOLF_ADAM = {"embed": dict(lr=0.05, betas=(0.9, 0.95)), "head": dict(lr=0.008, betas=(0.9, 0.95)),
-             "scalars": dict(lr=0.04, betas=(0.9, 0.95))}
+GOLF_ADAM = {"embed": dict(lr=0.05, betas=(0.9, 0.95), wd=0.0), "head": dict(lr=0.008, betas=(0.9, 0.95), wd=0.0),
+             "scalars": dict(lr=0.04, betas=(0.9, 0.95), wd=0.0)}
 UNTIED_EMBED_LR = 0.6
 ADAM_EPS = 1e-8
 WARMDOWN_ITERS = 3000
@@ -173,9 +175,9 @@ def hparams(model_cfg: ModelConfig, overrides: dict | None = None) -> dict:
         h = dict(base)
         if name == "embed" and not model_cfg.tie_embeddings:
             h["lr"] = UNTIED_EMBED_LR
-        extra = set(o.get(name, {})) - {"lr", "betas"}
+        extra = set(o.get(name, {})) - {"lr", "betas", "wd"}
         if extra:
-            raise ValueError(f"optim.groups {name}: unknown fields {sorted(extra)}; use lr, betas")
+            raise ValueError(f"optim.groups {name}: unknown fields {sorted(extra)}; use lr, betas, wd")
         out[name] = {**h, **o.get(name, {})}
     m = {**GOLF_MUON, **o.get("muon", {})}
     extra = set(o.get("muon", {})) - set(GOLF_MUON)
@@ -216,8 +218,8 @@ def golf_optimizer(params_state, model_cfg: ModelConfig, num_steps: int, overrid
                     orthogonalizer=m["orthogonalizer"])
             else:
                 h = hp[name]
-                transforms[name] = optax.adam(lambda c, peak=h["lr"]: peak * sched(c), b1=h["betas"][0],
-                                              b2=h["betas"][1], eps=ADAM_EPS)
+                transforms[name] = optax.adamw(lambda c, peak=h["lr"]: peak * sched(c), b1=h["betas"][0],
+                                               b2=h["betas"][1], eps=ADAM_EPS, weight_decay=h["wd"])
         return optax.multi_transform(transforms, group_fn)
 
     if not wallclock:
@@ -248,7 +250,8 @@ def describe(params_state, model_cfg: ModelConfig, num_steps: int, overrides: di
             rows.append(dict(group=name, kind="muon", tensors=len(n), params=sum(n), lr=m["lr"], wd=m["wd"],
                              betas=None))
         else:
-            rows.append(dict(group=name, kind="adam", tensors=len(n), params=sum(n), lr=hp[name]["lr"], wd=0.0,
+            rows.append(dict(group=name, kind="adam", tensors=len(n), params=sum(n), lr=hp[name]["lr"],
+                             wd=hp[name]["wd"],
                              betas=hp[name]["betas"]))
     return rows
 
