@@ -214,3 +214,18 @@ def test_marin_rope_forms_are_nothing_when_every_dim_rotates(idx):
     for dims in (0, base.head_dim):
         b = np.asarray(build(replace(base, rope_dims=dims, rope_partial="zero_freqs"), params)(idx))
         np.testing.assert_array_equal(a, b)
+
+
+def test_bigram_hash_learns_under_nanochats_init(idx):
+    """A zero table behind a zero projection would get zero gradients (and the projection too): under the nanochat
+    table the projection starts orthogonal / sqrt(2L), so the first gradient reaches the table."""
+    cfg = replace(ModelConfig(vocab_size=320, sequence_len=512, n_layer=2, n_embd=64, n_head=2, n_kv_head=2),
+                  bigram_buckets=37, bigram_dim=16)
+    graphdef, params = nnx.split(GPT(cfg, nnx.Rngs(0)))
+    assert np.all(np.asarray(params["bigram"]["embed"][...]) == 0)
+    grad = jax.grad(lambda p: nnx.merge(graphdef, p)(idx[:, :-1], targets=idx[:, 1:]).mean())
+    assert np.abs(np.asarray(grad(params)["bigram"]["embed"][...])).max() > 0
+    dead = jax.tree.map(lambda x: x, params)
+    dead["bigram"]["proj"]["kernel"] = jnp.zeros_like(dead["bigram"]["proj"]["kernel"][...])
+    g = grad(dead)  # the old init: nothing reaches either
+    assert not np.any(np.asarray(g["bigram"]["embed"][...])) and not np.any(np.asarray(g["bigram"]["proj"]["kernel"][...]))

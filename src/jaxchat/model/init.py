@@ -53,7 +53,9 @@ def golf_init(model, rngs: nnx.Rngs, ortho: bool) -> None:
         elif ortho and min(shape) >= 64:
             w = jax.nn.initializers.orthogonal()(rngs.params(), shape, F32)
             assign(var, w * scale_proj if proj else w)
-        elif not proj:  # the bigram projection keeps its constructor's zeros below 64
+        elif proj:  # the bigram projection keeps its reference constructor's zeros (baseline, or below 64)
+            assign(var, jnp.zeros(shape, F32))
+        else:
             assign(var, torch_default(rngs.params(), shape))
 
     assign(model.wte.embedding, cfg.embed_init_std * jax.random.normal(rngs.params(), model.wte.embedding.shape, F32))
@@ -89,7 +91,8 @@ def init_weights(model, rngs: nnx.Rngs) -> None:
     | resid_mix[i]                   | rows 1 (x) and 0 (x0)        |
     | attn_scale, mlp_scale, skip_weights | 1                       |
     | smear_v1_gate, bigram embed    | 0                            |
-    | bigram proj, bigram scale      | 0, model.bigram_scale        |
+    | bigram proj                    | orthogonal / sqrt(2L)        |
+    | bigram scale                   | model.bigram_scale           |
 
     wte's std is `model.embed_init_std` (0.8). With `model.init` golf or golf_ortho, `golf_init` below then
     replaces wte, lm_head, the block Linears and the bigram projection with golf's scheme.
@@ -153,8 +156,10 @@ def init_weights(model, rngs: nnx.Rngs) -> None:
         zeros(model.smear_v1_gate)
     if cfg.bigram_buckets:
         zeros(model.bigram.embed)
-        if model.bigram.proj is not None:
-            zeros(model.bigram.proj.kernel)
+        if model.bigram.proj is not None:  # PR #334's final init of it: a zero table and a zero projection would
+            # give each other zero gradients, so BigramHash would never learn (seen in docs/LOG.md's ablation)
+            ortho = jax.nn.initializers.orthogonal()(rngs.params(), model.bigram.proj.kernel.shape, F32)
+            assign(model.bigram.proj.kernel, ortho / math.sqrt(2 * L))
         assign(model.bigram.scale, jnp.asarray(cfg.bigram_scale, F32))
     if cfg.init == "marin":
         marin_init(model)
