@@ -26,4 +26,4 @@ for seed in 0 1; do
     $JAXCHAT sweep --out "$OUT/$cell-seed$seed" --preset tiny --seeds "$seed" --parallel 1 ${CELLS[$cell]}
   done
 done
-$JAXCHAT report "$OUT"/*/runs/* --metric val_bpb
+$JAXCHAT report "$OUT"/*/runs/* --metric val_bpb --out "$OUT/report"
