@@ -2,10 +2,8 @@
 runs the .py end to end (a short `tiny` run, the curves figure, a sample)."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

@@ -35,7 +35,7 @@ from jaxchat.golf.commands import cmd_eval_artifact, eval_sliding
 from jaxchat.interop.commands import add_parsers as add_interop_parsers
 from jaxchat.interop.common import InteropError
 from jaxchat.loop import Interrupted, run_training
-from jaxchat.model.accounting import count
+from jaxchat.model.accounting import count, levanter_flops
 from jaxchat.plan import make_plan
 from jaxchat.presets import PRESETS, get_preset
 from jaxchat.run import Run, load_dataset
@@ -143,6 +143,9 @@ def cmd_params(args) -> None:
     print(f"FLOPs per token (training, 6N + attention): {f['total']:,} = {f['total']:.3e}")
     for k in ("lm_head", "mlp", "attention", "gates"):
         print(f"  {k:<13} {f[k]:>14,}  {100 * f[k] / f['total']:5.1f}%")
+    lf = levanter_flops(cfg.model)
+    print(f"FLOPs per token (forward, Levanter's lm_flops_per_token): {lf['total']:,} = lm_head {lf['lm_head']:,} "
+          f"+ mlp {lf['mlp']:,} + attention {lf['attention']:,}")
 
 
 def cmd_plan(args) -> None:
@@ -153,7 +156,8 @@ def cmd_plan(args) -> None:
     print(f"  per device       {p['device_batch_size']:>16,} sequences x {p['grad_accum']} accumulation steps")
     print(f"  steps            {p['num_steps']:>16,}")
     print(f"  tokens           {p['tokens']:>16,} ({p['tokens'] / 1e9:.2f}B; "
-          f"{p['tokens_per_scaling_param']:.1f} per scaling param, N = {p['scaling_params']:,})")
+          f"{p['tokens_per_scaling_param']:.1f} per scaling param, N = {p['scaling_params']:,}; "
+          f"{p['tokens_per_param']:.2f} per parameter)")
     print(f"  FLOPs            {p['total_flops']:>16.3e} ({p['flops_per_token']:,} per token)")
     print("  groups:")
     for g in p["groups"]:

@@ -35,7 +35,8 @@ def resolve_compute_dtype(name: str) -> str:
 
 
 MLP_KINDS = ("relu2", "leaky_relu2", "gelu", "swiglu", "yatnmn", "yatnmn_softplus")
-INIT_SCHEMES = ("nanochat", "golf", "golf_ortho")  # see model/init.py
+INIT_SCHEMES = ("nanochat", "golf", "golf_ortho", "marin")  # see model/init.py
+ROPE_PARTIAL_FORMS = ("first_dims", "zero_freqs")  # how rope_dims < head_dim is realised, see model/rotary.py
 BIGRAM_MAX_BUCKETS = 32768  # the bigram hash is taken in int32 (model/embeddings.py)
 ATTENTION_BACKENDS = ("xla", "blocked", "cudnn", "splash", "auto")  # see model/attention.py; checked at first use
 ROPE_NORM_IMPLS = ("auto", "xla", "pallas")  # RoPE + QK-norm, see model/rotary.py
@@ -93,6 +94,12 @@ class ModelConfig:
     mlp_mult: int = 4  # MLP hidden width = mlp_mult * n_embd (relu2, leaky_relu2, gelu; golf: 2 or 3)
     embed_init_std: float = 0.8  # wte ~ N(0, embed_init_std) (golf tied: 0.005)
     init: str = "nanochat"  # initialisation scheme, one of INIT_SCHEMES (model/init.py)
+    # marin's forms (speedrun PR #2184) and XSA; defaults keep nanochat's model.
+    rope_partial: str = "first_dims"  # partial RoPE: golf's first rope_dims dims rotate, or marin's zero_freqs (the
+    #                                   frequency slots past rope_dims/2 are 0, pairs (i, i + D/2) as everywhere)
+    rope_rotate_half: bool = False  # Llama/HF rotate_half direction (x1 cos - x2 sin, x2 cos + x1 sin; marin)
+    backout_layer: int = -1  # the layer whose output the backout subtracts; -1: nanochat's L//2 (marin: 2L/3 - 1)
+    xsa_layers: int = 0  # > 0: XSA on the last N layers (attention output minus its part along the own value)
 
     def __post_init__(self):
         for name in ("vocab_size", "sequence_len", "n_layer", "n_embd", "n_head", "n_kv_head", "pad_vocab_to"):
@@ -132,7 +139,9 @@ class ModelConfig:
         D = self.head_dim
         _check(isinstance(self.rope_dims, int) and 0 <= self.rope_dims <= D and self.rope_dims % 2 == 0,
                f"model.rope_dims={self.rope_dims!r} must be an even integer in 0..head_dim={D} (0 rotates all dims)")
-        _check(self.rope_norm != "pallas" or not (self.rope_dims or self.qk_norm_before_rope),
+        _check(self.rope_partial in ROPE_PARTIAL_FORMS,
+               f"model.rope_partial={self.rope_partial!r} is unknown: choose one of {', '.join(ROPE_PARTIAL_FORMS)}")
+        _check(self.rope_norm != "pallas" or not (self.partial_first_dims or self.qk_norm_before_rope),
                f"model.rope_norm=pallas rotates every dim after the norm; model.rope_dims={self.rope_dims} and "
                f"model.qk_norm_before_rope={self.qk_norm_before_rope} need model.rope_norm=xla (or auto)")
         _check(self.q_gain >= 0, f"model.q_gain={self.q_gain} must be >= 0 (0: no per-head query gain)")
@@ -151,9 +160,15 @@ class ModelConfig:
                f"model.mlp_mult={self.mlp_mult} applies to relu2, leaky_relu2 and gelu only, not model.mlp="
                f"{self.mlp!r}: leave mlp_mult at 4")
         _check(self.embed_init_std > 0, f"model.embed_init_std={self.embed_init_std} must be > 0")
+        _check(isinstance(self.backout_layer, int) and -1 <= self.backout_layer < self.n_layer,
+               f"model.backout_layer={self.backout_layer!r} must be a layer index in 0..{self.n_layer - 1} "
+               f"(or -1 for nanochat's n_layer // 2)")
+        _check(isinstance(self.xsa_layers, int) and 0 <= self.xsa_layers <= self.n_layer,
+               f"model.xsa_layers={self.xsa_layers!r} must be an integer in 0..n_layer={self.n_layer} "
+               f"(how many of the last layers use XSA; 0: none)")
         _check(self.init in INIT_SCHEMES, f"model.init={self.init!r} is unknown: choose one of {', '.join(INIT_SCHEMES)}")
         if self.scan_layers:
-            for name in ("unet", "ln_scale"):
+            for name in ("unet", "ln_scale", "xsa_layers"):
                 _check(not getattr(self, name), f"model.{name}=true cannot run with model.scan_layers=true (the "
                        f"scanned groups share one compiled body): set model.scan_layers=false")
 
@@ -161,6 +176,19 @@ class ModelConfig:
     def rotary_dims(self) -> int:
         """How many of each head's dims RoPE rotates."""
         return self.rope_dims or self.head_dim
+
+    @property
+    def partial_first_dims(self) -> bool:
+        """Golf's partial RoPE (only the first rope_dims dims rotate): tables narrower than D/2, the xla path."""
+        return 0 < self.rope_dims < self.head_dim and self.rope_partial == "first_dims"
+
+    @property
+    def backout_at(self) -> int:
+        """The layer after which the backout takes the residual."""
+        return self.n_layer // 2 if self.backout_layer < 0 else self.backout_layer
+
+    def has_xsa(self, layer: int) -> bool:
+        return layer >= self.n_layer - self.xsa_layers
 
     @property
     def head_dim(self) -> int:
@@ -188,7 +216,7 @@ class OptimConfig:
     """`adamw`: AdamW over every parameter with warmup then cosine decay and global-norm clipping (the seed model
     cards' recipe; the fields below). `muon`: nanochat's recipe (Muon for block matrices, six AdamW groups,
     nanochat's schedules and batch scaling; see optim/groups.py), tuned through `groups`, a JSON object of
-    overrides, e.g. '{"muon": {"lr": 0.03}, "lm_head": {"lr": 0.004}, "warmup_steps": 20}'."""
+    overrides (`golf`: parameter golf's recipe, optim/golf.py, with its own `groups` keys), e.g. '{"muon": {"lr": 0.03}, "lm_head": {"lr": 0.004}, "warmup_steps": 20}'."""
 
     optimizer: str = "adamw"  # adamw (seed cards' recipe) or muon (nanochat's recipe)
     lr: float = 0.01  # peak learning rate (adamw)
@@ -202,8 +230,9 @@ class OptimConfig:
     groups: str = ""  # muon only: JSON overrides of the nanochat recipe's groups and schedules
 
     def __post_init__(self):
-        _check(self.optimizer in ("adamw", "muon"),
-               f"optim.optimizer={self.optimizer!r}: choose 'adamw' (seed cards) or 'muon' (nanochat recipe)")
+        _check(self.optimizer in ("adamw", "muon", "golf"),
+               f"optim.optimizer={self.optimizer!r}: choose 'adamw' (seed cards), 'muon' (nanochat recipe) or "
+               f"'golf' (parameter golf's Muon + Adam recipe, optim/golf.py)")
         if self.groups:
             try:
                 ok = isinstance(json.loads(self.groups), dict)
@@ -245,13 +274,15 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """How long and how wide a run is. Horizon precedence (nanochat): num_steps > 0, else target_flops > 0, else
-    target_param_data_ratio (tokens per scaling parameter). batch_size -1 picks nanochat's batch rule; with
+    tokens_per_param (marin's TPP, over all parameters), else target_param_data_ratio (tokens per scaling
+    parameter). batch_size -1 picks nanochat's batch rule; with
     device_batch_size > 0 the gradient accumulation is derived from it and the device count. `plan.resolve`
     turns these into concrete numbers before a run."""
 
     num_steps: int = 1000  # -1: derive from target_flops or target_param_data_ratio
     target_flops: float = -1.0  # > 0: derive num_steps from this compute budget (FLOPs)
     target_param_data_ratio: float = -1.0  # nanochat's default when deriving is 12
+    tokens_per_param: float = -1.0  # > 0: horizon = this x every parameter, embeddings included (marin: 2.5)
     batch_size: int = 32  # sequences per optimizer step (global); -1: nanochat's batch-size rule
     grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
     device_batch_size: int = 0  # > 0: sequences per device per micro-batch; grad_accum is then derived
@@ -271,6 +302,8 @@ class TrainConfig:
     ema_decay: float = 0.0  # > 0: EMA of the params, ema = ema * decay + params * (1 - decay) every step (golf 0.997)
     swa_lr_below: float = 0.0  # > 0: SWA over the steps whose lr scale is below this, past warmup (golf 0.4)
     swa_every: int = 1  # ... every this many steps (golf 1; other entries 50)
+    max_seconds: float = 0.0  # > 0: stop when the run's step time (time_s.train, every process) reaches it,
+    #                           checkpointed; golf's optimizer then warms down by wall clock (optim/golf.py)
 
     @property
     def resolved(self) -> bool:
@@ -288,8 +321,12 @@ class TrainConfig:
             v = getattr(self, name)
             _check(isinstance(v, int) and (v > 0 or v == -1),
                    f"train.{name}={v!r} must be a positive integer (or -1 to derive it)")
-        _check(self.num_steps > 0 or self.target_flops > 0 or self.target_param_data_ratio > 0,
-               "train.num_steps=-1 needs a horizon: set train.target_flops or train.target_param_data_ratio")
+        _check(self.num_steps > 0 or self.target_flops > 0 or self.target_param_data_ratio > 0
+               or self.tokens_per_param > 0,
+               "train.num_steps=-1 needs a horizon: set train.target_flops, train.tokens_per_param or "
+               "train.target_param_data_ratio")
+        _check(self.tokens_per_param == -1.0 or (self.tokens_per_param > 0 and math.isfinite(self.tokens_per_param)),
+               f"train.tokens_per_param={self.tokens_per_param} must be a positive number (or -1: unused)")
         _check(self.device_batch_size >= 0, f"train.device_batch_size={self.device_batch_size} must be >= 0")
         if self.batch_size > 0 and not self.device_batch_size:
             _check(self.batch_size % self.grad_accum == 0,
@@ -302,6 +339,8 @@ class TrainConfig:
         _check(isinstance(self.keep_last, int) and self.keep_last >= 2,
                f"train.keep_last={self.keep_last!r} must be an integer >= 2: with one checkpoint, a latest step that "
                f"turns out unreadable leaves nothing to resume from. Use train.keep_every to keep more for good.")
+        _check(self.max_seconds >= 0 and math.isfinite(self.max_seconds),
+               f"train.max_seconds={self.max_seconds} must be >= 0 seconds of training (0: no time cap)")
         unknown = [t for t in self.tracker_names if t not in TRACKERS]
         _check(not unknown, f"train.trackers={self.trackers!r}: unknown tracker(s) {unknown}; choose from "
                             f"{', '.join(TRACKERS)} (comma-separated), or '' for metrics.jsonl only")

@@ -29,7 +29,7 @@ from jaxchat.evaluate import compressor_bpb, eval_rows, make_eval_step, target_b
 from jaxchat.experiments.results import curve_summary, step_records
 from jaxchat.fileio import write_json_atomic
 from jaxchat.hooks import Evaluate, MetricsLog, Reporter, Save, due
-from jaxchat.model.accounting import count
+from jaxchat.model.accounting import count, levanter_flops, run_flops
 from jaxchat.model.gpt import resolved_kernels
 from jaxchat.model.scan import describe as describe_layers
 from jaxchat.peak import peak_flops
@@ -37,6 +37,7 @@ from jaxchat.profiling import ProfileWindow
 from jaxchat.resume import continue_hint, out_of_memory_message
 from jaxchat.run import Run
 from jaxchat.sample import Sampler
+from jaxchat.timecap import TimeCap
 from jaxchat.trackers import Trackers
 from jaxchat.train import batch_sharding, make_train_step, shaped_batch, step_compiler_options
 
@@ -129,9 +130,14 @@ def train(run: Run, prompt: str = DEFAULT_PROMPT, peak_tflops: float | None = No
 
     prefetch = Prefetcher(host_batch, start)  # batches are computed on a background thread, ahead of the step
     clock.switch("train")
-    step = start
+    step, last = start, steps
+    cap = TimeCap(run, save)
     try:
         for step in range(start, steps):
+            if cap.reached(step):
+                last = step
+                break
+            state = cap.set_lr(state, step)
             with clock("data"):  # the wait for the prefetched batch, and its copy to the devices
                 batch = tuple(global_array(a, sharding, shape) for a in prefetch.get(step))
             if window:
@@ -156,7 +162,7 @@ def train(run: Run, prompt: str = DEFAULT_PROMPT, peak_tflops: float | None = No
     progress.close()
     clock.switch("other")
     run.state = state
-    return _finish(run, state, evaluate, save, val, counts, prompt)
+    return _finish(run, state, evaluate, save, val, counts, prompt, last, peak)
 
 
 def _log_header(run: Run, counts) -> None:
@@ -172,9 +178,11 @@ def _log_header(run: Run, counts) -> None:
             + "".join(f" | xla {k}={v}" for k, v in step_compiler_options().items()))
 
 
-def _finish(run: Run, state, evaluate: Evaluate, save: Save, val, counts, prompt: str) -> dict:
-    """The last step's evaluation and checkpoint, the compressor baselines, a sample and summary.json."""
-    cfg, clock, log, steps, tok = run.cfg, run.clock, run.log, run.cfg.train.num_steps, run.tokenizer
+def _finish(run: Run, state, evaluate: Evaluate, save: Save, val, counts, prompt: str, steps: int,
+            peak: float | None) -> dict:
+    """The last step's evaluation and checkpoint, the compressor baselines, a sample and summary.json (`steps`:
+    the step reached, train.num_steps unless train.max_seconds stopped the run)."""
+    cfg, clock, log, tok = run.cfg, run.clock, run.log, run.tokenizer
     final = evaluate.measure(steps, state)
     if steps not in run.ckpt.all_steps():
         save(steps, state)
@@ -199,7 +207,13 @@ def _finish(run: Run, state, evaluate: Evaluate, save: Save, val, counts, prompt
                "tokens_per_s": round(tokens / max(parts["train"] + parts["data"], 1e-9), 1),
                "time_s": {k: round(v, 2) for k, v in parts.items()},
                "process_wall_s": round(time.perf_counter() - clock.t0, 2), **history,
-               "sample": sample, "params": counts.params["total"], "skipped_steps": int(state["skipped"])}
+               "sample": sample, "params": counts.params["total"], "skipped_steps": int(state["skipped"]),
+               # marin's accounting (model/accounting.py): Levanter's forward FLOPs, model = 3 x that x tokens,
+               # hardware = the steps' time x chips x peak (the progress line's MFU peak: datasheet, --peak-tflops
+               # or a CPU's measured matmul rate; null when unknown)
+               "levanter_flops_per_token": levanter_flops(cfg.model)["total"],
+               **run_flops(cfg.model, tokens, parts["train"], run.mesh.size, peak),
+               "stopped_at_max_seconds": steps < cfg.train.num_steps}
     if run.primary:
         write_json_atomic(run.run_dir / "summary.json", summary)
     run.trackers.finish(summary)

@@ -3,7 +3,8 @@ paying (`jaxchat plan`). The one place these rules are applied; optim/scaling.py
 
 `resolve(cfg, devices)` returns a Config whose train.num_steps, batch_size and grad_accum are concrete:
 - batch_size -1: nanochat's rule B = 2^round(log2(2^19 (D/D_d12)^0.383)) tokens (optim/scaling.py), in sequences;
-- num_steps -1: target_flops / (flops_per_token * B) if set, else ratio * N / B (N = block matrices + lm_head);
+- num_steps -1: target_flops / (flops_per_token * B) if set, else tokens_per_param * (all parameters) / B
+  (marin's TPP) if set, else ratio * N / B (N = block matrices + lm_head);
 - device_batch_size > 0: grad_accum = batch_size / (device_batch_size * devices);
 and whose model.compute_dtype is concrete ("auto": bfloat16 on a GPU/TPU, float32 on CPU).
 """
@@ -14,7 +15,7 @@ from dataclasses import replace
 
 from jaxchat.config import Config, ConfigError, resolve_compute_dtype
 from jaxchat.model.accounting import count, param_shapes
-from jaxchat.optim import build_optimizer, muon_overrides, scaling
+from jaxchat.optim import build_optimizer, golf, muon_overrides, scaling
 from jaxchat.optim.groups import describe_groups
 from jaxchat.optim.scaling import DEFAULT_RATIO
 
@@ -33,10 +34,13 @@ def resolve(cfg: Config, devices: int = 1) -> Config:
     if steps == -1:
         if t.target_flops > 0:
             steps = round(t.target_flops / (count(m).flops["total"] * batch * m.sequence_len))
+        elif t.tokens_per_param > 0:
+            steps = int(t.tokens_per_param * count(m).params["total"]) // (batch * m.sequence_len)
         else:
             steps = scaling.target_tokens(m, ratio) // (batch * m.sequence_len)
         if steps < 1:
-            raise ConfigError(f"the horizon gives {steps} steps: raise train.target_flops / the ratio, or set "
+            raise ConfigError(f"the horizon gives {steps} steps: raise train.target_flops / tokens_per_param / the "
+                              f"ratio, or set "
                               f"train.num_steps")
     accum = t.grad_accum
     if t.device_batch_size:
@@ -62,7 +66,10 @@ def make_plan(cfg: Config, devices: int = 1) -> dict:
             "total_flops": flops_per_token * batch_tokens * t.num_steps,
             "scaling_params": scaling.scaling_params(m), "optimizer": r.optim.optimizer}
     plan["tokens_per_scaling_param"] = plan["tokens"] / plan["scaling_params"]
-    if r.optim.optimizer == "muon":
+    plan["tokens_per_param"] = plan["tokens"] / count(m).params["total"]
+    if r.optim.optimizer == "golf":
+        plan["groups"] = golf.describe(param_shapes(m), m, t.num_steps, muon_overrides(r))
+    elif r.optim.optimizer == "muon":
         ratio = t.target_param_data_ratio if t.target_param_data_ratio > 0 else DEFAULT_RATIO
         plan["groups"] = describe_groups(param_shapes(m), m, t.num_steps, batch_tokens,
                                          {"ratio": ratio, **muon_overrides(r)})

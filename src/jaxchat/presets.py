@@ -7,8 +7,9 @@ the seed model cards (trained with flaxchat: tied embeddings, RMSNorm eps 1e-6, 
 batch 256, Chinchilla 20x tokens). `nanochat-*` follow nanochat's architecture (depth sets the width:
 C = ceil(64 * depth / 128) * 128, head_dim 128) and its Muon recipe, horizon and batch rules (see plan.py).
 `golf-*` are the parameter-golf models (docs/architecture.md §Golf): the naive baseline and PR #334, vocab 1024,
-seq 1024, 524,288 tokens per step. Only their models are golf's: golf's training recipe (Muon settings, warmdown
-by wall clock, EMA/SWA) is not in jaxchat yet, so they train with the default AdamW.
+seq 1024, 524,288 tokens per step, trained with golf's recipe (`optim.optimizer=golf`, optim/golf.py; PR #334:
+Muon wd 0.04, warmdown 3000; baseline: no Muon decay, warmdown 1200). `marin-*` are marin's speedrun models (PR
+#2184; 2.5 tokens per parameter), trained with the default AdamW.
 """
 
 from __future__ import annotations
@@ -40,10 +41,30 @@ _GOLF_PR334_MODEL = replace(_GOLF_BASELINE_MODEL, n_layer=11, mlp_mult=3, rope_b
                             ln_scale=True, smear_v1=True, bigram_buckets=2048, bigram_dim=64, init="golf_ortho")
 
 
-def _golf(model: ModelConfig) -> Config:
+def _golf(model: ModelConfig, groups: str) -> Config:
     return Config(model=model, data=DataConfig(tokenizer_vocab=1024),
+                  optim=OptimConfig(optimizer="golf", groups=groups),
                   train=TrainConfig(num_steps=20000, batch_size=512, device_batch_size=64, eval_every=1000,
                                     save_every=1000, eval_tokens=1024 * 1024))
+
+
+def _marin(n_layer: int, n_embd: int, n_head: int) -> Config:
+    """marin's speedrun PR #2184 model at one size (docs/architecture.md §Marin): head_dim 128 (K = H), MLP 4C
+    ReLU^2, untied, vocab 128,256 (Llama 3), seq 2048; partial RoPE as zero frequency slots (half the dims rotate,
+    theta 1024, Llama's rotate_half), QK-norm without weight (scale 1), attention scale 1.35/sqrt(D), the norm
+    after the embedding (every jaxchat model has it), x0 skip lambdas (1.1, 0), backout of the first 2L/3 layers
+    (lambda 0.5), zero-init O, MLP down and lm_head; none of nanochat's smear, value embeddings or windows, no
+    logit cap. Horizon 2.5 tokens per parameter (all of them), batch 192 x 2048; trained with the default AdamW
+    (marin's own optimizer settings are not in the PR's text)."""
+    model = ModelConfig(
+        vocab_size=128256, sequence_len=2048, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_kv_head=n_head,
+        mlp="relu2", tie_embeddings=False, rope_base=1024.0, rope_dims=64, rope_partial="zero_freqs",
+        rope_rotate_half=True, qk_scale=1.0, attn_scale_mult=1.35, window_pattern="L", smear=False,
+        value_embeds=False, residual_lambdas=True, backout=True, backout_layer=2 * n_layer // 3 - 1,
+        logit_softcap=0.0, init="marin")
+    return Config(model=model, data=DataConfig(tokenizer_vocab=128256),
+                  train=TrainConfig(num_steps=-1, tokens_per_param=2.5, batch_size=192, device_batch_size=16,
+                                    eval_every=500, save_every=500, eval_tokens=4 * 1024 * 1024))
 
 
 def nanochat_model(depth: int, sequence_len: int = 2048, vocab_size: int = 32768) -> ModelConfig:
@@ -92,12 +113,23 @@ PRESETS: dict[str, tuple[str, Config]] = {
         _seed_card("yatnmn", 0.03, 19920)),
     "golf-baseline": (
         "parameter-golf's naive baseline model (17,059,912 params): 9 U-Net golf blocks, C 512, 8 heads / 4 kv, "
-        "MLP 2x ReLU^2, tied, vocab 1024, seq 1024; trained with AdamW (golf's recipe is not in jaxchat yet)",
-        _golf(_GOLF_BASELINE_MODEL)),
+        "MLP 2x ReLU^2, tied, vocab 1024, seq 1024; golf's Muon (NS5) + Adam recipe, warmdown 1200",
+        _golf(_GOLF_BASELINE_MODEL, '{"muon": {"wd": 0.0}, "warmdown_iters": 1200}')),
     "golf-pr334": (
         "parameter-golf PR #334's model (26,666,073 params): 11 layers, MLP 3x, BigramHash 2048 x 64, SmearGate, "
-        "partial RoPE 16/64 base 50000, LN scale, OrthoInit; trained with AdamW (golf's recipe is not in jaxchat yet)",
-        _golf(_GOLF_PR334_MODEL)),
+        "partial RoPE 16/64 base 50000, LN scale, OrthoInit; PR #334's recipe: golf Muon lr 0.04 wd 0.04, Adam, "
+        "warmdown 3000",
+        _golf(_GOLF_PR334_MODEL, '{"muon": {"wd": 0.04}, "warmdown_iters": 3000}')),
+    "marin-150m": (
+        "marin speedrun PR #2184 150m: 6L, C 512, 4 heads of 128, MLP 4C ReLU^2, vocab 128,256 untied, seq 2048, "
+        "partial RoPE (zero freqs, theta 1024), x0 skip, backout 2L/3, 2.5 tokens/param; AdamW",
+        _marin(6, 512, 4)),
+    "marin-270m": (
+        "marin speedrun PR #2184 270m: 11L, C 768, 6 heads of 128, otherwise as marin-150m",
+        _marin(11, 768, 6)),
+    "marin-460m": (
+        "marin speedrun PR #2184 460m: 16L, C 1024, 8 heads of 128, otherwise as marin-150m",
+        _marin(16, 1024, 8)),
     "nanochat-d12": (
         "nanochat d12 (C 768, 6 heads of 128, untied, ReLU^2, seq 2048; 286,261,730 params), Muon recipe, ratio 12",
         _nanochat(12)),

@@ -40,7 +40,7 @@ LAYOUT = {
     "norm": "parameter-free RMSNorm x * rsqrt(mean(x^2) + norm_eps); there are no norm weights",
     "forward": "jaxchat's docs/architecture.md §Forward (nanochat architecture): smear, x0/resid lambdas, "
                "value embeddings on value_embed_layers, RoPE then QK-norm * qk_scale, sliding windows, "
-               "backout at n_layer//2, logits = logit_softcap * tanh(x @ W_out / logit_softcap), "
+               "backout at derived.backout_layer, logits = logit_softcap * tanh(x @ W_out / logit_softcap), "
                "W_out = wte.T when tied",
 }
 
@@ -73,7 +73,7 @@ def export_safetensors(run_dir: str | Path, out: str | Path, step: int | None = 
         "derived": {"head_dim": m.head_dim, "padded_vocab_size": m.padded_vocab_size,
                     "window_sizes": list(m.window_sizes()),
                     "value_embed_layers": [i for i in range(m.n_layer) if m.has_value_embed(i)],
-                    "backout_layer": m.n_layer // 2 if m.backout else None,
+                    "backout_layer": m.backout_at if m.backout else None,
                     "num_parameters": int(sum(v.size for v in tensors.values()))},
         "layout": LAYOUT,
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in sorted(tensors.items())},

@@ -6,6 +6,11 @@ FLOPs per token (training) = 6 * (every matmul weight: blocks, lm_head, value-em
 Embedding lookups (wte, value-embedding tables) cost no FLOPs. With tied embeddings the lm_head matmul still
 costs its 6 * C * V: the same weight, used as a matmul.
 MFU = flops_per_token * tokens_per_second / (peak_flops * devices).
+
+Levanter's convention (`levanter_flops`, marin's speedrun reports; forward only, full s x s attention with no
+causal halving or windows, gates and lambdas left out, F = MLP hidden width, V the true vocab):
+    L * (2*2*C*F + 2*C*(H*D + 2*K*D) + 2*C*C) + L * s * (4*H*D + 3*H) + 2*C*V
+(3*F for GLU MLPs: swiglu's gate is a third matrix). Run model FLOPs = 3 x that x tokens (`run_flops`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from flax import nnx
 
 from jaxchat.config import ModelConfig
 from jaxchat.model.gpt import GPT
+from jaxchat.model.mlp import swiglu_hidden
 
 # bf16 dense peak FLOP/s per device (docs/architecture.md §Counts).
 PEAK_FLOPS = {
@@ -85,6 +91,24 @@ def count(cfg: ModelConfig) -> Counts:
     flops["attention"] += attn_scores
     flops["total"] = sum(flops.values())
     return Counts(params=params, flops=flops)
+
+
+def levanter_flops(cfg: ModelConfig) -> dict:
+    """Forward FLOPs per token in Levanter's `lm_flops_per_token` convention, split lm_head / mlp / attention."""
+    C, L, H, K, D, s = cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.sequence_len
+    F = swiglu_hidden(C) if cfg.mlp == "swiglu" else cfg.mlp_mult * C
+    mlp = L * (2 * (3 if cfg.mlp == "swiglu" else 2) * C * F)
+    attention = L * (2 * C * (H * D + 2 * K * D) + 2 * C * C) + L * s * (4 * H * D + 3 * H)
+    lm_head = 2 * C * cfg.vocab_size
+    return {"lm_head": lm_head, "mlp": mlp, "attention": attention, "total": lm_head + mlp + attention}
+
+
+def run_flops(cfg: ModelConfig, tokens: int, step_seconds: float, chips: int, peak: float | None) -> dict:
+    """Marin's run-level accounting: model FLOPs = 3 x Levanter forward FLOPs/token x tokens; hardware FLOPs =
+    time spent in steps x chips x peak; MFU = model / hardware (None without a known peak)."""
+    model = 3 * levanter_flops(cfg)["total"] * tokens
+    hw = step_seconds * chips * peak if peak else None
+    return {"levanter_model_flops": model, "hardware_flops": hw, "run_mfu": model / hw if hw else None}
 
 
 def device_peak_flops(device: jax.Device | None = None) -> float | None:

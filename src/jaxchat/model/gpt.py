@@ -8,7 +8,8 @@
 - attention: RoPE (split halves, base 100000) on q and k, then QK-norm scaled by 1.2 (one op: model/rotary.py),
   GQA, a per-layer sliding window from the pattern string (last layer always long), softmax scale 1/sqrt(D);
 - value embeddings on alternating layers (the last included): `v += 3 * sigmoid(h[:12] Wg) * ve_i[idx]`;
-- backout: the residual after the middle block (i == L//2) is subtracted, scaled by `backout_lambda`;
+- backout: the residual after the middle block (i == L//2; `model.backout_layer`) is subtracted, scaled by
+  `backout_lambda` (marin's `norm(x_pred - lam_b * x_context)` is this form with the context's last layer 2L/3 - 1);
 - final norm, lm_head (or the tied `wte`), logits sliced to the true vocab, cast to fp32, soft-capped
   `15 * tanh(logits / 15)`; in training that head and the cross-entropy run as one op (model/head.py).
 
@@ -24,7 +25,9 @@ model above unchanged):
 - `unet`: encoder layers (i < L//2) push their outputs, decoder layer L//2 + j first adds
   `skip_weights[j] * pop()` (last pushed first);
 - `mlp_mult` (hidden width) and the `leaky_relu2` MLP; `logit_softcap` (golf 30); `embed_init_std`; `init`
-  (golf's PyTorch-default or OrthoInit schemes, model/init.py).
+  (golf's PyTorch-default or OrthoInit schemes, marin's zero lm_head and lambdas, model/init.py);
+- marin: `rope_partial=zero_freqs` (partial RoPE as zero frequency slots, model/rotary.py), `rope_rotate_half`
+  (Llama's rotation direction), `backout_layer`; `xsa_layers`: XSA (`exclusive`) on the last N layers.
 Decoding carries the previous token's normed embedding (`prev_x`, for both smears) and, with BigramHash, its id
 (`prev_tok`). U-Net and LN scale are per-layer-static, so they refuse `scan_layers` (config.py).
 
@@ -52,7 +55,7 @@ from jaxchat.model.head import head_nll
 from jaxchat.model.init import init_weights
 from jaxchat.model.mlp import Dense, make_mlp
 from jaxchat.model.remat import checkpoint_name, remat
-from jaxchat.model.rotary import Positions, positions, resolve_impl as resolve_rope_norm, rope_norm
+from jaxchat.model.rotary import Positions, model_positions, resolve_impl as resolve_rope_norm, rope_norm
 from jaxchat.model.scan import GroupLayer, scan_groups
 
 
@@ -74,6 +77,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         C, H, K, D = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.cfg, self.window = cfg, cfg.window_sizes()[layer]
+        self.xsa = cfg.has_xsa(layer)
         self.c_q, self.c_k, self.c_v = Dense(C, H * D), Dense(C, K * D), Dense(C, K * D)
         self.c_proj = Dense(H * D, C)
         self.ve_gate = Dense(cfg.ve_gate_channels, K) if cfg.has_value_embed(layer) else None
@@ -107,7 +111,23 @@ class Attention(nnx.Module):
             y = attend(q, k_all.astype(dt), v_all.astype(dt), window=self.window, q_pos=pos, k_pos=k_pos,
                        k_len=pos[-1] + 1, backend="xla")
             new_cache = {"k": k_all, "v": v_all}
+        if self.xsa:
+            y = exclusive(y, v)
         return self.c_proj(y.reshape(B, T, H * D), dt), new_cache
+
+
+def exclusive(y, v):
+    """XSA (exclusive self-attention, parameter golf's later records): each query head's output y (B, T, H, D)
+    minus its component along its own token's value vector v (B, T, K, D) of the head's kv group, so attention
+    carries only what the token does not already hold: y - (y . v_hat) v_hat, v_hat = v / max(|v|, 1e-12) (torch's
+    F.normalize), computed in fp32."""
+    B, T, H, D = y.shape
+    K = v.shape[2]
+    yg = y.astype(F32).reshape(B, T, K, H // K, D)
+    vf = v.astype(F32)
+    vn = (vf / jnp.maximum(jnp.linalg.norm(vf, axis=-1, keepdims=True), 1e-12))[:, :, :, None, :]
+    out = yg - jnp.sum(yg * vn, axis=-1, keepdims=True) * vn
+    return out.reshape(B, T, H, D).astype(y.dtype)
 
 
 class Block(nnx.Module):
@@ -173,7 +193,7 @@ class GPT(nnx.Module):
         cfg = self.config
         dt = jnp.dtype(resolve_compute_dtype(cfg.compute_dtype))
         start = 0 if cache is None else cache["pos"]
-        p = positions(start, idx.shape[1], cfg.rotary_dims, cfg.rope_base)  # rotary tables, for every layer
+        p = model_positions(cfg, start, idx.shape[1])  # rotary tables, for every layer
         x, e = self.embed(idx, dt, p.pos, cache)
         x0, x_mid = x, jnp.zeros_like(x)  # x_mid: x after the middle layer, for the backout
         skips = [] if cfg.unet else None  # the U-Net stack: encoder outputs, popped by the decoder layers
@@ -206,7 +226,8 @@ class GPT(nnx.Module):
     def layer(self, i: int | GroupLayer, block, x, x0, x_mid, idx, cache=None, skips=None):
         """Layer i's work, the one place it is written (training, scanned groups and decoding all call it):
         re-inject the input x0, run the block (attention, with the layer's value embedding of the tokens idx
-        gated into v, then the MLP), keep x after the middle layer L//2 for the backout. Per-layer features
+        gated into v, then the MLP), keep x after layer `backout_at` (nanochat's L//2, or model.backout_layer) for
+        the backout. Per-layer features
         plug in here.
 
         `block(x, ve, cache=) -> (x, cache)` is block i bound to this forward's positions: the Block itself when
@@ -222,7 +243,7 @@ class GPT(nnx.Module):
         x, cache = block(x, self.value_embed(i, idx), cache=cache)
         if skips is not None and i < n_enc:
             skips.append(x)
-        mid = self.config.n_layer // 2
+        mid = self.config.backout_at
         at_mid = i.is_layer(mid) if isinstance(i, GroupLayer) else i == mid
         if at_mid is True:
             x_mid = x
@@ -306,7 +327,7 @@ def resolved_kernels(cfg: ModelConfig, batch: int = 1) -> dict:
     q = jax.ShapeDtypeStruct((batch, T, cfg.n_head, D), dt)
     k = jax.ShapeDtypeStruct((batch, T, cfg.n_kv_head, D), dt)
     return {"attention": resolve_backend(cfg.attention, q, k),
-            "rope_norm": "xla" if cfg.rope_dims or cfg.qk_norm_before_rope
+            "rope_norm": "xla" if cfg.partial_first_dims or cfg.qk_norm_before_rope
             else resolve_rope_norm(cfg.rope_norm, q.shape, dt)}
 
 

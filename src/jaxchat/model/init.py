@@ -7,6 +7,10 @@
   one named `proj` (the BigramHash projection; the block projections are zero) is then scaled by 1/sqrt(2L).
   The bigram projection is zeroed in its reference constructor, so below 64 it stays zero.
 
+- `marin` (speedrun PR #2184): nanochat's table, but the untied lm_head is zero (as the O and MLP down
+  projections already are), the x0 skip starts at resid_lambdas 1.1 and x0_lambdas 0 for every layer, and the
+  backout lambda at 0.5.
+
 Kernels here are (in, out), PyTorch's weights (out, in): "in" is the first axis, and a matrix is orthogonal in
 the same sense either way (K^T K = I when in >= out, else K K^T = I).
 """
@@ -49,7 +53,9 @@ def golf_init(model, rngs: nnx.Rngs, ortho: bool) -> None:
         elif ortho and min(shape) >= 64:
             w = jax.nn.initializers.orthogonal()(rngs.params(), shape, F32)
             assign(var, w * scale_proj if proj else w)
-        elif not proj:  # the bigram projection keeps its constructor's zeros below 64
+        elif proj:  # the bigram projection keeps its reference constructor's zeros (baseline, or below 64)
+            assign(var, jnp.zeros(shape, F32))
+        else:
             assign(var, torch_default(rngs.params(), shape))
 
     assign(model.wte.embedding, cfg.embed_init_std * jax.random.normal(rngs.params(), model.wte.embedding.shape, F32))
@@ -85,7 +91,8 @@ def init_weights(model, rngs: nnx.Rngs) -> None:
     | resid_mix[i]                   | rows 1 (x) and 0 (x0)        |
     | attn_scale, mlp_scale, skip_weights | 1                       |
     | smear_v1_gate, bigram embed    | 0                            |
-    | bigram proj, bigram scale      | 0, model.bigram_scale        |
+    | bigram proj                    | orthogonal / sqrt(2L)        |
+    | bigram scale                   | model.bigram_scale           |
 
     wte's std is `model.embed_init_std` (0.8). With `model.init` golf or golf_ortho, `golf_init` below then
     replaces wte, lm_head, the block Linears and the bigram projection with golf's scheme.
@@ -149,8 +156,24 @@ def init_weights(model, rngs: nnx.Rngs) -> None:
         zeros(model.smear_v1_gate)
     if cfg.bigram_buckets:
         zeros(model.bigram.embed)
-        if model.bigram.proj is not None:
-            zeros(model.bigram.proj.kernel)
+        if model.bigram.proj is not None:  # PR #334's final init of it: a zero table and a zero projection would
+            # give each other zero gradients, so BigramHash would never learn (seen in docs/LOG.md's ablation)
+            ortho = jax.nn.initializers.orthogonal()(rngs.params(), model.bigram.proj.kernel.shape, F32)
+            assign(model.bigram.proj.kernel, ortho / math.sqrt(2 * L))
         assign(model.bigram.scale, jnp.asarray(cfg.bigram_scale, F32))
-    if cfg.init != "nanochat":
+    if cfg.init == "marin":
+        marin_init(model)
+    elif cfg.init != "nanochat":
         golf_init(model, rngs, ortho=cfg.init == "golf_ortho")
+
+
+def marin_init(model) -> None:
+    """marin's changes to nanochat's table: zero lm_head, x0 skip lambdas 1.1 and 0, backout lambda 0.5."""
+    cfg = model.config
+    if model.lm_head is not None:
+        assign(model.lm_head.kernel, jnp.zeros(model.lm_head.kernel.shape, F32))
+    if cfg.residual_lambdas:
+        assign(model.resid_lambdas, jnp.full((cfg.n_layer,), 1.1, F32))
+        assign(model.x0_lambdas, jnp.zeros((cfg.n_layer,), F32))
+    if cfg.backout:
+        assign(model.backout_lambda, jnp.full((1,), 0.5, F32))

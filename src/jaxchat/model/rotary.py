@@ -42,11 +42,21 @@ from jaxchat.dtypes import F32
 from jaxchat.model.attention import cuda_compute_capability
 
 
-def rope_tables(pos: jax.Array, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
-    """cos, sin of the rotary angles: (T, D/2) fp32, split-halves layout, inverse frequencies base^(-2i/D)."""
-    inv_freq = base ** (-jnp.arange(0, head_dim, 2, dtype=F32) / head_dim)
+def rope_tables(pos: jax.Array, head_dim: int, base: float, *, zero_from: int | None = None,
+                rotate_half: bool = False) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of the rotary angles: (T, D/2) fp32, split-halves layout, inverse frequencies base^(-2i/D).
+
+    marin's partial RoPE (`zero_from` = R/2 < D/2): the frequencies are base^(-2i/R) for the first R/2 slots and
+    0 after, so those slots' pairs (i, i + D/2) pass through unrotated (cos 1, sin 0): R of the D dims rotate, and
+    the tables stay (T, D/2), so the full-width path (and its kernel) serves it. `rotate_half`: Llama/HF's
+    direction, y = (x1 cos - x2 sin, x2 cos + x1 sin), i.e. nanochat's with sin negated."""
+    if zero_from is None:
+        inv_freq = base ** (-jnp.arange(0, head_dim, 2, dtype=F32) / head_dim)
+    else:
+        rotated = base ** (-jnp.arange(0, 2 * zero_from, 2, dtype=F32) / (2 * zero_from))
+        inv_freq = jnp.concatenate([rotated, jnp.zeros((head_dim // 2 - zero_from,), F32)])
     angles = pos.astype(F32)[:, None] * inv_freq[None, :]
-    return jnp.cos(angles), jnp.sin(angles)
+    return jnp.cos(angles), (-1.0 if rotate_half else 1.0) * jnp.sin(angles)
 
 
 class Positions(NamedTuple):
@@ -57,14 +67,24 @@ class Positions(NamedTuple):
     sin: jax.Array
 
 
-def positions(start, T: int, head_dim: int, base: float) -> Positions:
-    """Positions start..start+T-1 with their tables. A Python int `start` (training and evaluation: 0) makes them
+def positions(start, T: int, head_dim: int, base: float, *, zero_from: int | None = None,
+              rotate_half: bool = False) -> Positions:
+    """Positions start..start+T-1 with their tables (`rope_tables`; head_dim is the rotated width R for golf's
+    partial RoPE). A Python int `start` (training and evaluation: 0) makes them
     all compile-time constants: computed while tracing, they enter the program once. Computed in the graph
     instead, XLA:CPU fused the (T, D/2) cos and sin into each RoPE consumer and evaluated them again for every
     batch row and head (~70 ms of a cpu-bench step). A traced `start` (the decode cursor) keeps them in the graph."""
     with jax.ensure_compile_time_eval() if isinstance(start, int) else contextlib.nullcontext():
         pos = start + jnp.arange(T)
-        return Positions(pos, *rope_tables(pos, head_dim, base))
+        return Positions(pos, *rope_tables(pos, head_dim, base, zero_from=zero_from, rotate_half=rotate_half))
+
+
+def model_positions(cfg, start, T: int) -> Positions:
+    """`positions` for a ModelConfig: its rotated width, base, partial-RoPE form and rotation direction."""
+    if cfg.rope_dims and cfg.rope_dims < cfg.head_dim and cfg.rope_partial == "zero_freqs":
+        return positions(start, T, cfg.head_dim, cfg.rope_base, zero_from=cfg.rope_dims // 2,
+                         rotate_half=cfg.rope_rotate_half)
+    return positions(start, T, cfg.rotary_dims, cfg.rope_base, rotate_half=cfg.rope_rotate_half)
 
 
 def rope(x, cos, sin):
