@@ -15,28 +15,18 @@ model.golf last, so a folder with model.golf is complete. An over-cap artifact i
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from jaxchat.checkpoint import CheckpointError
 from jaxchat.config import Config
 from jaxchat.evaluate import eval_rows, evaluate, make_eval_step
-from jaxchat.fileio import write_json_atomic
+from jaxchat.fileio import write_bytes_atomic, write_json_atomic
 from jaxchat.golf.artifact import CAP_BYTES, Accounting, ArtifactError, build_artifact, read_artifact
 from jaxchat.rundir import load_run_config
 
 ARTIFACT = "model.golf"
 ACCOUNTING = "accounting.json"
 OWNED = (ARTIFACT, ACCOUNTING, "config.json", "tokenizer.json")
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def check_out_dir(out: Path, force: bool, owned=OWNED, flag: str = "--out") -> None:

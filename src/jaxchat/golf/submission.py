@@ -25,9 +25,9 @@ from pathlib import Path
 
 from jaxchat.config import ConfigError
 from jaxchat.evaluate import eval_rows, evaluate, make_eval_step
-from jaxchat.fileio import write_json_atomic
+from jaxchat.fileio import write_bytes_atomic, write_json_atomic
 from jaxchat.golf.artifact import read_artifact
-from jaxchat.golf.export import OWNED as EXPORT_OWNED, check_out_dir, export_golf, write_bytes_atomic
+from jaxchat.golf.export import OWNED as EXPORT_OWNED, check_out_dir, export_golf
 
 OWNED = EXPORT_OWNED + ("submission.json", "train_log.jsonl", "train_summary.json", "README.md")
 
