@@ -125,7 +125,11 @@ def test_golf_switch_rows():
     is_const(p["skip_weights"], 1.0)
     is_const(p["smear_v1_gate"], 0.0)
     is_const(p["bigram"]["embed"], 0.0)
-    is_const(p["bigram"]["proj"]["kernel"], 0.0)
+    # nanochat's table starts the projection as PR #334's final init (orthogonal / sqrt(2L), L = 4): a zero table
+    # behind a zero projection gets zero gradients and never learns
+    k = np.asarray(p["bigram"]["proj"]["kernel"], np.float64) * np.sqrt(2 * 4)
+    m = k if k.shape[0] <= k.shape[1] else k.T
+    np.testing.assert_allclose(m @ m.T, np.eye(m.shape[0]), atol=1e-5)
     np.testing.assert_allclose(p["bigram"]["scale"], 0.05, rtol=1e-6)
 
 
