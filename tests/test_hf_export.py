@@ -18,7 +18,7 @@ import pytest
 from jaxchat.config import Config, DataConfig, ModelConfig
 from jaxchat.data import Tokenizer
 from jaxchat.interop.common import ImportReport, InteropError, write_run
-from jaxchat.interop.hf import unexpressed_fields
+from jaxchat.interop.hf import nanochat_mismatches, unexpressed_fields
 from jaxchat.model.gpt import GPT, param_dict
 from jaxchat.presets import get_preset
 from jaxchat.train import ModelFns
@@ -164,6 +164,17 @@ def test_nanochat_type_needs_no_remote_code(tmp_path, tok_path):
     run_cmd("export", run, "--format", "hf", "--hf-type", "jaxchat", "--out", tmp_path / "remote")
     remote = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "remote", trust_remote_code=True)
     assert np.abs(hf_logits(remote, idx) - ref).max() <= 1e-4
+
+
+def test_marin_switches_and_the_nanochat_type():
+    """Llama's rotation and XSA change the function, so they keep a run off transformers' nanochat type (named);
+    rope_partial without rope_dims and backout_layer without backout change nothing, so they do not."""
+    native = {**BASE, **NANOCHAT}
+    assert nanochat_mismatches(ModelConfig(**native)) == []
+    assert nanochat_mismatches(ModelConfig(**native, rope_partial="zero_freqs", backout_layer=1, init="marin")) == []
+    assert nanochat_mismatches(ModelConfig(**native, rope_rotate_half=True)) == [
+        "model.rope_rotate_half=True (needs False)"]
+    assert nanochat_mismatches(ModelConfig(**native, xsa_layers=2)) == ["model.xsa_layers=2 (needs 0)"]
 
 
 def test_nanochat_type_refused_for_other_architectures(tmp_path, tok_path):

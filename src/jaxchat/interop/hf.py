@@ -3,7 +3,8 @@
 Two model types (docs/interop.md §Hugging Face):
 - `nanochat`: transformers' own NanoChatForCausalLM, where the run's architecture is exactly the one it
   implements (NANOCHAT_NATIVE below: nanochat's original model without smear, value embeddings, backout, lambdas,
-  sliding windows, QK scale or golf switches). Loads without remote code.
+  sliding windows, QK scale, golf switches,
+  Llama's rotation direction or XSA). Loads without remote code.
 - `jaxchat`: our PyTorch port of model/gpt.py (hf_files/modeling_jaxchat.py, configuration_jaxchat.py, copied
   into the export), loaded with `trust_remote_code=True`; it expresses every architectural switch of ModelConfig
   this version knows (HF_FIELDS). A run with any other field away from its default (a switch added after this
