@@ -18,8 +18,9 @@ import pytest
 from jaxchat.config import Config, DataConfig, ModelConfig
 from jaxchat.data import Tokenizer
 from jaxchat.interop.common import ImportReport, InteropError, write_run
-from jaxchat.interop.hf import unexpressed_fields
+from jaxchat.interop.hf import nanochat_mismatches, unexpressed_fields
 from jaxchat.model.gpt import GPT, param_dict
+from jaxchat.presets import get_preset
 from jaxchat.train import ModelFns
 from test_interop import run_cmd
 
@@ -44,7 +45,22 @@ CASES = {
                  bigram_buckets=97, bigram_dim=32, unet=True, golf_block=True, residual_lambdas=False,
                  logit_softcap=30.0, n_layer=5, value_embeds=False),
     "golf_bigram_full_width_with_smear": dict(bigram_buckets=64, bigram_dim=64, smear_v1=True, unet=True),
+    # marin-150m's architecture (6 layers, K = H, half the head dims rotating as zero frequency slots, theta 1024,
+    # Llama's rotation, backout after layer 2L/3 - 1 = 3, no cap, init=marin) at C 64, 2 heads of 32
+    "marin": dict(n_layer=6, n_head=2, n_kv_head=2, mlp="relu2", tie_embeddings=False, rope_base=1024.0, rope_dims=16,
+                  rope_partial="zero_freqs", rope_rotate_half=True, qk_scale=1.0, attn_scale_mult=1.35,
+                  window_pattern="L", smear=False, value_embeds=False, residual_lambdas=True, backout=True,
+                  backout_layer=3, logit_softcap=0.0, init="marin"),
+    # XSA on the last 3 layers with GQA and value embeddings (v includes them), golf's first-dims partial RoPE in
+    # Llama's direction, the backout after layer 0
+    "xsa_rotate_half_first_dims": dict(xsa_layers=3, rope_dims=8, rope_rotate_half=True, backout_layer=0),
+    # XSA on every layer, zero-frequency partial RoPE normed first, with q_gain and windows
+    "xsa_all_zero_freqs_norm_first": dict(xsa_layers=4, rope_dims=8, rope_partial="zero_freqs",
+                                          qk_norm_before_rope=True, q_gain=1.5, n_kv_head=4),
 }
+# the switches marin's speedrun added (config.py); each is on in a case above, and test_marin_switches_matter
+# checks that turning it off changes jaxchat's logits, so the comparison can tell whether the export reads it
+MARIN_SWITCHES = {"rope_partial": "first_dims", "rope_rotate_half": False, "backout_layer": -1, "xsa_layers": 0}
 NANOCHAT = dict(smear=False, backout=False, value_embeds=False, residual_lambdas=False, qk_scale=1.0,
                 window_pattern="L", n_kv_head=4)
 
@@ -81,7 +97,7 @@ def tokens(n=2, T=48, seed=0):
     return np.random.default_rng(seed).integers(0, VOCAB, size=(n, T))
 
 
-FAST_CASES = ("nanochat_default", "golf")  # the rest (~25 s each on 2 cores) run with -m slow
+FAST_CASES = ("nanochat_default", "golf", "marin")  # the rest (~25 s each on 2 cores) run with -m slow
 
 
 @pytest.mark.parametrize("case", [c if c in FAST_CASES else pytest.param(c, marks=pytest.mark.slow)
@@ -98,7 +114,39 @@ def test_remote_code_export_reproduces_logits(case, tmp_path, tok_path):
     idx = tokens(T=T)
     ref, got = jax_logits(m, params, idx), hf_logits(model, idx)
     assert got.shape == ref.shape == (2, T, VOCAB) and np.abs(ref).max() > 1.0
-    assert np.abs(got - ref).max() <= 1e-4, np.abs(got - ref).max()
+    diff = np.abs(got - ref).max()
+    print(f"{case}: max |logits| {np.abs(ref).max():.3f}, max abs diff {diff:.3e}")
+    assert diff <= 1e-4, diff
+
+
+def test_marin_case_is_the_marin_preset_at_small_size():
+    """The `marin` case is marin-150m's ModelConfig but for the sizes (head dim 32 instead of 128, so rope_dims
+    is half of it as in the preset)."""
+    preset = get_preset("marin-150m").model
+    sizes = {"vocab_size", "sequence_len", "n_embd", "n_head", "n_kv_head", "rope_dims", "compute_dtype",
+             "attention", "rope_norm"}
+    small = ModelConfig(**{**BASE, **CASES["marin"]})
+    differ = {f.name for f in dataclasses.fields(ModelConfig) if getattr(small, f.name) != getattr(preset, f.name)}
+    assert differ <= sizes, differ - sizes
+    assert preset.rope_dims * 2 == preset.head_dim and small.rope_dims * 2 == small.head_dim
+    assert preset.n_kv_head == preset.n_head and small.n_kv_head == small.n_head
+
+
+@pytest.mark.slow
+def test_marin_switches_matter(tok_path, tmp_path):
+    """Each marin switch, turned off on the same parameters, changes jaxchat's logits by far more than the 1e-4
+    the export must match, so an export that ignored it would fail the comparison above."""
+    for case in ("marin", "xsa_rotate_half_first_dims", "xsa_all_zero_freqs_norm_first"):
+        _, m, params = make_run(tmp_path / case, tok_path, **CASES[case])
+        idx = tokens(T=48)
+        ref = jax_logits(m, params, idx)
+        for field, off in MARIN_SWITCHES.items():
+            same_layer = field == "backout_layer" and m.backout_at == m.n_layer // 2  # marin at 6 layers: 3 = 6 // 2
+            if getattr(m, field) != off and not same_layer:
+                other = jax_logits(dataclasses.replace(m, **{field: off}), params, idx)
+                assert np.abs(other - ref).max() > 1e-2, (case, field)
+    covered = {f for f in MARIN_SWITCHES for c in CASES.values() if c.get(f, MARIN_SWITCHES[f]) != MARIN_SWITCHES[f]}
+    assert covered == set(MARIN_SWITCHES)
 
 
 def test_nanochat_type_needs_no_remote_code(tmp_path, tok_path):
@@ -118,6 +166,17 @@ def test_nanochat_type_needs_no_remote_code(tmp_path, tok_path):
     assert np.abs(hf_logits(remote, idx) - ref).max() <= 1e-4
 
 
+def test_marin_switches_and_the_nanochat_type():
+    """Llama's rotation and XSA change the function, so they keep a run off transformers' nanochat type (named);
+    rope_partial without rope_dims and backout_layer without backout change nothing, so they do not."""
+    native = {**BASE, **NANOCHAT}
+    assert nanochat_mismatches(ModelConfig(**native)) == []
+    assert nanochat_mismatches(ModelConfig(**native, rope_partial="zero_freqs", backout_layer=1, init="marin")) == []
+    assert nanochat_mismatches(ModelConfig(**native, rope_rotate_half=True)) == [
+        "model.rope_rotate_half=True (needs False)"]
+    assert nanochat_mismatches(ModelConfig(**native, xsa_layers=2)) == ["model.xsa_layers=2 (needs 0)"]
+
+
 def test_nanochat_type_refused_for_other_architectures(tmp_path, tok_path):
     run, _, _ = make_run(tmp_path / "run", tok_path)
     out = tmp_path / "hf"
@@ -126,13 +185,16 @@ def test_nanochat_type_refused_for_other_architectures(tmp_path, tok_path):
     assert not out.exists() and not list(tmp_path.glob(".hf.export-tmp*"))
 
 
-@pytest.mark.parametrize("case", ["remote", "nanochat"])
+@pytest.mark.parametrize("case", ["remote", "nanochat", pytest.param("marin", marks=pytest.mark.slow)])
 def test_generate_and_tokenizer(case, tmp_path, tok_path):
-    run, m, params = make_run(tmp_path / "run", tok_path, **(NANOCHAT if case == "nanochat" else {}))
+    arch = {"remote": {}, "nanochat": NANOCHAT, "marin": CASES["marin"]}[case]
+    run, m, params = make_run(tmp_path / "run", tok_path, **arch)
     out = tmp_path / "hf"
     run_cmd("export", run, "--format", "hf", "--out", out)
-    model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=case == "remote")
-    hf_tok = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=case == "remote")  # (reads config)
+    remote = case != "nanochat"
+    assert json.loads((out / "config.json").read_text())["model_type"] == ("jaxchat" if remote else "nanochat")
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=remote)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=remote)  # (reads config)
     ours = Tokenizer.load(tok_path)
     text = "def field(default):"
     assert hf_tok(text)["input_ids"] == ours.encode(text)

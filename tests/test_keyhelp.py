@@ -17,6 +17,14 @@ def test_every_key_has_type_default_and_help():
     assert by_key["optim.lr"] == ("float", "0.01", "peak learning rate (adamw)")
     assert by_key["model.scan_layers"][:2] == ("bool", "False")
     assert "relu2, leaky_relu2, gelu, swiglu" in by_key["model.mlp"][2]  # the choices spelled out
+    # marin's switches and XSA; a help comment continued on the next line is read whole
+    assert by_key["model.rope_partial"][2].endswith("pairs (i, i + D/2) as everywhere)")
+    assert "zero_freqs" in by_key["model.rope_partial"][2] and "frequency slots" in by_key["model.rope_partial"][2]
+    assert "rotate_half" in by_key["model.rope_rotate_half"][2]
+    assert by_key["model.backout_layer"][:2] == ("int", "-1") and "L//2" in by_key["model.backout_layer"][2]
+    assert by_key["model.xsa_layers"][:2] == ("int", "0") and "XSA" in by_key["model.xsa_layers"][2]
+    assert "marin" in by_key["model.init"][2]  # INIT_SCHEMES spelled out
+    assert by_key["train.max_seconds"][2].endswith("warms down by wall clock (optim/golf.py)")
 
 
 def test_presets_keys_cli():

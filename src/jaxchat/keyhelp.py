@@ -2,7 +2,9 @@
 
 The help is the comment that ends the field's line in config.py (`lr: float = 0.01  # peak learning rate`), read
 from the source with `tokenize`, so the dataclasses stay the one place a key is described: adding a field with a
-trailing comment is all it takes (tests/test_keyhelp.py fails for a field without one).
+trailing comment is all it takes (tests/test_keyhelp.py fails for a field without one). A comment too long for
+one line goes on in comment-only lines right below, indented past the `#` (`    #     more text`): those lines
+are part of the help.
 """
 
 from __future__ import annotations
@@ -24,14 +26,22 @@ from jaxchat.config import Config
 def field_comments() -> dict[tuple[str, str], str]:
     """{(class name, field name): its trailing comment} for the dataclasses of config.py."""
     source = inspect.getsource(config_module)
+    lines = source.splitlines()
     comments = {tok.start[0]: tok.string.lstrip("#").strip()
                 for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+
+    def continued(line_no: int) -> bool:  # a comment-only line indented past its `#`: the help goes on
+        line = lines[line_no - 1].lstrip() if line_no <= len(lines) else ""
+        return line_no in comments and line.startswith("#  ")
     out = {}
     for node in ast.parse(source).body:
         if isinstance(node, ast.ClassDef):
             for stmt in node.body:
                 if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
                     text = comments.get(stmt.end_lineno)
+                    line_no = stmt.end_lineno + 1
+                    while text and continued(line_no):
+                        text, line_no = f"{text} {comments[line_no]}", line_no + 1
                     if text:
                         out[(node.name, stmt.target.id)] = text
     return out

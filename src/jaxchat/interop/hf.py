@@ -3,7 +3,8 @@
 Two model types (docs/interop.md §Hugging Face):
 - `nanochat`: transformers' own NanoChatForCausalLM, where the run's architecture is exactly the one it
   implements (NANOCHAT_NATIVE below: nanochat's original model without smear, value embeddings, backout, lambdas,
-  sliding windows, QK scale or golf switches). Loads without remote code.
+  sliding windows, QK scale, golf switches,
+  Llama's rotation direction or XSA). Loads without remote code.
 - `jaxchat`: our PyTorch port of model/gpt.py (hf_files/modeling_jaxchat.py, configuration_jaxchat.py, copied
   into the export), loaded with `trust_remote_code=True`; it expresses every architectural switch of ModelConfig
   this version knows (HF_FIELDS). A run with any other field away from its default (a switch added after this
@@ -42,7 +43,8 @@ HF_FIELDS = ("vocab_size", "sequence_len", "n_layer", "n_embd", "n_head", "n_kv_
              "tie_embeddings", "norm_eps", "rope_base", "qk_scale", "logit_softcap", "smear", "smear_channels",
              "backout", "value_embeds", "ve_gate_channels", "residual_lambdas", "pad_vocab_to", "yatnmn_eps",
              "rope_dims", "qk_norm_before_rope", "q_gain", "attn_scale_mult", "ln_scale", "smear_v1",
-             "bigram_buckets", "bigram_dim", "unet", "golf_block", "mlp_mult")
+             "bigram_buckets", "bigram_dim", "unet", "golf_block", "mlp_mult", "rope_partial", "rope_rotate_half",
+             "backout_layer", "xsa_layers")
 # Fields that change neither the parameters' values nor the function once trained: initial values and how the
 # step is computed. compute_dtype: the export is fp32 (a bf16 run's logits then differ by bf16 rounding).
 NOT_ARCHITECTURE = EXECUTION_FIELDS + ("compute_dtype", "init", "embed_init_std", "bigram_scale")
@@ -51,7 +53,7 @@ NOT_ARCHITECTURE = EXECUTION_FIELDS + ("compute_dtype", "init", "embed_init_std"
 NANOCHAT_NATIVE = {"smear": False, "backout": False, "value_embeds": False, "residual_lambdas": False,
                    "qk_scale": 1.0, "attn_scale_mult": 1.0, "q_gain": 0.0, "rope_dims": 0,
                    "qk_norm_before_rope": False, "ln_scale": False, "smear_v1": False, "bigram_buckets": 0,
-                   "unet": False, "golf_block": False}
+                   "unet": False, "golf_block": False, "rope_rotate_half": False, "xsa_layers": 0}
 NANOCHAT_ACTS = {"relu2": "relu2", "gelu": "gelu_pytorch_tanh"}  # jaxchat mlp -> transformers hidden_act
 
 

@@ -1,6 +1,6 @@
 """Configuration of a jaxchat GPT exported for Hugging Face transformers (written by `jaxchat export --format hf`).
 
-The fields are jaxchat's ModelConfig fields that decide the function (docs/architecture.md §Forward and §Golf),
+The fields are jaxchat's ModelConfig fields that decide the function (docs/architecture.md §Forward and §Golf, where the marin switches are listed too),
 under their jaxchat names; the usual transformers names (hidden_size, num_hidden_layers, ...) are set beside them
 for tools that read those. This file needs only transformers; it is copied into every export unchanged.
 """
@@ -15,7 +15,8 @@ ARCH_DEFAULTS = {
     "backout": True, "value_embeds": True, "ve_gate_channels": 12, "residual_lambdas": True, "pad_vocab_to": 64,
     "yatnmn_eps": 1e-3, "rope_dims": 0, "qk_norm_before_rope": False, "q_gain": 0.0, "attn_scale_mult": 1.0,
     "ln_scale": False, "smear_v1": False, "bigram_buckets": 0, "bigram_dim": 128, "unet": False,
-    "golf_block": False, "mlp_mult": 4,
+    "golf_block": False, "mlp_mult": 4, "rope_partial": "first_dims", "rope_rotate_half": False,
+    "backout_layer": -1, "xsa_layers": 0,
 }
 
 
@@ -46,6 +47,15 @@ class JaxchatConfig(PretrainedConfig):
         ws = [long_w if pat[i % len(pat)] == "L" else short_w for i in range(self.n_layer)]
         ws[-1] = long_w
         return ws
+
+    @property
+    def backout_at(self) -> int:
+        """The layer after which the backout takes the residual: nanochat's L//2, or model.backout_layer."""
+        return self.n_layer // 2 if self.backout_layer < 0 else self.backout_layer
+
+    def has_xsa(self, layer: int) -> bool:
+        """XSA (exclusive self-attention) on the last xsa_layers layers."""
+        return layer >= self.n_layer - self.xsa_layers
 
     def has_value_embed(self, layer: int) -> bool:
         return bool(self.value_embeds) and layer % 2 == (self.n_layer - 1) % 2

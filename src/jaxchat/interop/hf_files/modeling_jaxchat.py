@@ -5,7 +5,9 @@ token embedding (+ golf's BigramHash), parameter-free RMSNorm, golf's SmearGate 
 layer: U-Net skip (decoder layers), x0 re-injection (resid/x0 lambdas, golf's resid_mix), pre-norm attention
 (value embedding gated into v, RoPE and QK-norm in either order, per-head q gain, GQA, sliding window) and MLP
 (relu2, leaky_relu2, gelu, swiglu, yatnmn, yatnmn_softplus), golf's per-dim branch scales and LN scale; backout
-of the middle layer's residual, final norm, head (or the tied wte), logits cut to the true vocab, soft-cap.
+of the middle layer's (or backout_layer's) residual, final norm, head (or the tied wte), logits cut to the true
+vocab, soft-cap. marin's switches: partial RoPE as zero frequency slots (rope_partial=zero_freqs) and Llama's
+rotation direction (rope_rotate_half); XSA (exclusive self-attention) on the last xsa_layers layers.
 
 Weights: nn.Linear weights are (out, in), the transpose of jaxchat's (in, out) kernels; every other tensor keeps
 jaxchat's name and layout under `model.`. There is no KV cache: `generate` runs the whole prefix again for every
@@ -45,6 +47,33 @@ def rope(x, cos, sin):
     c, s = cos[None, :, None, :], sin[None, :, None, :]
     x1, x2, rest = x[..., : R // 2], x[..., R // 2: R], x[..., R:]
     return torch.cat([x1 * c + x2 * s, -x1 * s + x2 * c, rest], dim=-1)
+
+
+def rope_tables(cfg, T, device):
+    """cos, sin (T, R/2) of jaxchat's model/rotary.py: inverse frequencies base^(-2i/R) over the rotated width R
+    (rope_dims, golf's first dims; or the head dim). marin's zero_freqs: the tables keep the head's width D/2, the
+    first rope_dims/2 slots with frequencies base^(-2i/rope_dims) and the rest 0 (cos 1, sin 0: those pairs pass
+    through). rope_rotate_half: Llama's direction, i.e. sin negated."""
+    D = cfg.n_embd // cfg.n_head
+    f32 = dict(device=device, dtype=torch.float32)
+    if cfg.rope_dims and cfg.rope_dims < D and cfg.rope_partial == "zero_freqs":
+        R = cfg.rope_dims
+        inv_freq = torch.cat([cfg.rope_base ** (-torch.arange(0, R, 2, **f32) / R), torch.zeros(D // 2 - R // 2, **f32)])
+    else:
+        R = cfg.rope_dims or D
+        inv_freq = cfg.rope_base ** (-torch.arange(0, R, 2, **f32) / R)
+    angles = torch.arange(T, **f32)[:, None] * inv_freq[None, :]
+    return angles.cos(), (-1.0 if cfg.rope_rotate_half else 1.0) * angles.sin()
+
+
+def exclusive(y, v):
+    """XSA: each query head's output y (B, T, H, D) minus its component along its own token's value v (B, T, K, D)
+    of the head's kv group (head h reads kv head h // (H/K)): y - (y . v_hat) v_hat, v_hat = v / max(|v|, 1e-12)."""
+    B, T, H, D = y.shape
+    K = v.shape[2]
+    yg = y.reshape(B, T, K, H // K, D)
+    vn = (v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12))[:, :, :, None, :]
+    return (yg - (yg * vn).sum(-1, keepdim=True) * vn).reshape(B, T, H, D)
 
 
 class BigramHash(nn.Module):
@@ -118,7 +147,7 @@ class Attention(nn.Module):
     def __init__(self, cfg, layer):
         super().__init__()
         C, H, K, D = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head
-        self.cfg, self.window = cfg, cfg.window_sizes()[layer]
+        self.cfg, self.window, self.xsa = cfg, cfg.window_sizes()[layer], cfg.has_xsa(layer)
         self.c_q, self.c_k, self.c_v, self.c_proj = linear(C, H * D), linear(C, K * D), linear(C, K * D), linear(H * D, C)
         self.ve_gate = linear(cfg.ve_gate_channels, K) if cfg.has_value_embed(layer) else None
         if cfg.q_gain > 0:
@@ -152,8 +181,10 @@ class Attention(nn.Module):
         vh = v.transpose(1, 2).repeat_interleave(G, dim=1)
         scores = (qh @ kh.transpose(-1, -2)) / math.sqrt(D)
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        y = torch.softmax(scores, dim=-1) @ vh
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, H * D))
+        y = (torch.softmax(scores, dim=-1) @ vh).transpose(1, 2)  # (B, T, H, D)
+        if self.xsa:
+            y = exclusive(y, v)  # v with the value embedding gated in, as in jaxchat
+        return self.c_proj(y.reshape(B, T, H * D))
 
 
 class Block(nn.Module):
@@ -208,10 +239,7 @@ class JaxchatModel(nn.Module):
         T = idx.shape[1]
         # the rotary tables, made here rather than kept as a buffer: transformers builds the model on the meta
         # device and loads only the checkpoint's tensors, so a non-persistent buffer would hold no values
-        R = cfg.rope_dims or cfg.n_embd // cfg.n_head
-        inv_freq = cfg.rope_base ** (-torch.arange(0, R, 2, device=idx.device, dtype=torch.float32) / R)
-        angles = torch.arange(T, device=idx.device, dtype=torch.float32)[:, None] * inv_freq[None, :]
-        cos, sin = angles.cos(), angles.sin()
+        cos, sin = rope_tables(cfg, T, idx.device)
         x = self.wte(idx)
         if cfg.bigram_buckets:
             x = x + self.bigram(idx)
@@ -235,7 +263,7 @@ class JaxchatModel(nn.Module):
             x = block(x, ve, cos, sin)
             if cfg.unet and i < n_enc:
                 skips.append(x)
-            if i == n_enc:
+            if i == cfg.backout_at:
                 x_mid = x
         if cfg.backout:
             x = x - self.backout_lambda * x_mid
