@@ -18,10 +18,11 @@ base_train does (`dynamic=False`); the optimizer runs eagerly. bf16: nanochat's 
 parameters and optimizer state stay fp32 on both sides.
 
 Before timing, the first step of every variant runs on the same starting weights and batch, and its loss is
-checked against nanochat's eager fp32 loss (fp32 variants within 1e-3, bf16 within 5e-2): the two frameworks
-compute the same model. Then --rounds rounds, each timing --steps consecutive steps of every variant in turn (the
-order rotates from round to round, so no variant always runs first after another's heap churn); tokens/s per
-variant is the median over rounds. Everything runs in one process, both frameworks on all cores; jaxchat's CPU
+checked against nanochat's fp32 loss (eager, or compiled with --no-eager; fp32 variants within 1e-3, bf16
+within 5e-2): the two frameworks compute the same model. Then --rounds rounds, each timing --steps consecutive
+steps of every variant in turn (the order rotates from round to round, so no variant always runs right after
+the same other one); tokens/s per variant is the median over rounds, and each ratio is also given as the median
+of its per-round ratios (steadier when the machine's load drifts). Everything runs in one process, both frameworks on all cores; jaxchat's CPU
 runtime settings (src/jaxchat/cpu_runtime.py: synchronous dispatch, glibc keeps freed memory) are applied at
 start as `jaxchat bench` does, and so hold for torch too. The 1-minute load average is printed at each round:
 on a shared machine compare ratios, not absolute numbers. Prints markdown rows for BENCHMARKS.md.
@@ -136,7 +137,8 @@ def main() -> None:
 
     _, cfg = bench_config(PRESET, [])
     o, B, T = cfg.optim, cfg.train.batch_size, cfg.model.sequence_len
-    args.lr, args.b1, args.b2, args.eps, args.weight_decay, args.grad_clip = o.lr, o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip
+    args.lr, args.b1, args.b2, args.eps = o.lr, o.b1, o.b2, o.eps
+    args.weight_decay, args.grad_clip = o.weight_decay, o.grad_clip
     model, gpt_config = nanochat_model(args.nanochat, cfg.model, args.seed)
     tokens = np.random.default_rng(args.seed + 1).integers(0, cfg.model.vocab_size, (B, T + 1))
     x_np, y_np = tokens[:, :-1].astype(np.int32), tokens[:, 1:].astype(np.int32)
@@ -172,9 +174,8 @@ def main() -> None:
         first[name] = fn(1)
         setup[name] = time.perf_counter() - t0
         print(f"first step  {name:32s} loss {first[name]:.6f}  ({setup[name]:.1f} s incl. compile)", flush=True)
-    ref = first.get("nanochat eager fp32", first.get("nanochat torch.compile fp32"))
-    if ref is None:
-        ref = next(v for k, v in first.items() if k.startswith("nanochat"))
+    ref_name = next(k for k in ("nanochat eager fp32", "nanochat torch.compile fp32", *first) if k in first)
+    ref = first[ref_name]
     bad = [f"{k}: {v:.6f} vs {ref:.6f}" for k, v in first.items() if abs(v - ref) > LOSS_TOLERANCE[kinds[k][2]]]
     if bad or not (8.0 < ref < 10.5):  # ln(8192) = 9.01: a fresh model on random tokens sits near it
         sys.exit("first-step losses disagree (the two models differ): " + "; ".join(bad or [f"reference {ref}"]))
@@ -199,7 +200,7 @@ def main() -> None:
     span = {k: (B * T / max(v), B * T / min(v)) for k, v in times.items()}
     print()
     print(f"config: {PRESET} (nanochat GPTConfig {gpt_config}), batch {B} x {T}, AdamW lr {args.lr}; "
-          f"first-step losses agree (nanochat eager fp32 {ref:.6f}; "
+          f"first-step losses agree ({ref_name} {ref:.6f}; "
           + ", ".join(f"{k} {v - ref:+.1e}" for k, v in first.items()) + ")")
     print(f"{device_label()} | torch {torch.__version__} ({torch.get_num_threads()} threads) | jax {jax.__version__} "
           f"| jaxchat {git_commit()} | cpu runtime: {cpu_runtime.current()} | median of {args.rounds} alternating "
