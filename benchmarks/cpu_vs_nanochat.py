@@ -17,15 +17,15 @@ base_train does (`dynamic=False`); the optimizer runs eagerly. bf16: nanochat's 
 `torch.autocast("cpu", torch.bfloat16)` (the backward outside it), jaxchat with `model.compute_dtype=bfloat16`;
 parameters and optimizer state stay fp32 on both sides.
 
-Before timing, the first step of every variant runs on the same starting weights and batch, and its loss is
-checked against nanochat's fp32 loss (eager, or compiled with --no-eager; fp32 variants within 1e-3, bf16
-within 5e-2): the two frameworks compute the same model. Then --rounds rounds, each timing --steps consecutive
-steps of every variant in turn (the order rotates from round to round, so no variant always runs right after
-the same other one); tokens/s per variant is the median over rounds, and each ratio is also given as the median
-of its per-round ratios (steadier when the machine's load drifts). Everything runs in one process, both frameworks on all cores; jaxchat's CPU
-runtime settings (src/jaxchat/cpu_runtime.py: synchronous dispatch, glibc keeps freed memory) are applied at
-start as `jaxchat bench` does, and so hold for torch too. The 1-minute load average is printed at each round:
-on a shared machine compare ratios, not absolute numbers. Prints markdown rows for BENCHMARKS.md.
+Before timing, the first step of every variant runs on the same starting weights and batch, and its loss is checked
+against nanochat's fp32 loss (eager, or compiled with --no-eager; fp32 variants within 1e-3, bf16 within 5e-2): the
+two frameworks compute the same model. Then --rounds rounds, each timing --steps consecutive steps of every variant
+in turn (the order rotates from round to round, so no variant always runs right after the same other one); tokens/s
+per variant is the median over rounds, and each ratio is also given as the median of its per-round ratios (steadier
+when the machine's load drifts). Everything runs in one process, both frameworks on all cores; jaxchat's CPU
+runtime settings (src/jaxchat/cpu_runtime.py: synchronous dispatch, glibc keeps freed memory) are applied at start
+as `jaxchat bench` does, and so hold for torch too. The 1-minute load average is printed at each round: on a shared
+machine compare ratios, not absolute numbers. Prints markdown rows for BENCHMARKS.md.
 """
 
 from __future__ import annotations
