@@ -88,9 +88,9 @@ def _bwd(cap, chunk, res, g):
     with jax.named_scope("loss"):
         dz = _dz(z if share_softcap_with_forward() else jax.lax.optimization_barrier(z), lse, targets, g, cap)
     with jax.named_scope("lm_head"):
-        f32 = cpu_dots.wants_f32_result(x.dtype) or None  # f32 results: XLA:CPU's bf16 GEMM path (cpu_dots.py)
-        dx = jnp.matmul(dz, w.T, preferred_element_type=f32 and F32).astype(x.dtype)
-        dw = jnp.einsum("...c,...v->cv", x, dz, preferred_element_type=f32 and F32).astype(w.dtype)
+        result = F32 if cpu_dots.wants_f32_result(x.dtype) else None  # XLA:CPU's bf16 GEMM path (cpu_dots.py)
+        dx = jnp.matmul(dz, w.T, preferred_element_type=result).astype(x.dtype)
+        dw = jnp.einsum("...c,...v->cv", x, dz, preferred_element_type=result).astype(w.dtype)
     return dx, dw, None
 
 
