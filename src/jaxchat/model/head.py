@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxchat.dtypes import F32
+from jaxchat.model import cpu_dots
 
 
 def _capped(z, cap: float):
@@ -74,7 +75,7 @@ def _fwd(x, w, targets, cap, chunk):
     if chunk:
         return _fwd_chunked(x, w, targets, cap, chunk)
     with jax.named_scope("lm_head"):
-        z = jnp.matmul(x, w)  # the logits in the compute dtype, as nanochat (autocast) makes them
+        z = cpu_dots.matmul(x, w)  # the logits in the compute dtype, as nanochat (autocast) makes them
     with jax.named_scope("loss"):
         nll, lse = _nll(z, targets, cap)
     return nll, (x, w, z, lse, targets)
@@ -87,8 +88,9 @@ def _bwd(cap, chunk, res, g):
     with jax.named_scope("loss"):
         dz = _dz(z if share_softcap_with_forward() else jax.lax.optimization_barrier(z), lse, targets, g, cap)
     with jax.named_scope("lm_head"):
-        dx = jnp.matmul(dz, w.T).astype(x.dtype)
-        dw = jnp.einsum("...c,...v->cv", x, dz).astype(w.dtype)
+        result = F32 if cpu_dots.wants_f32_result(x.dtype) else None  # XLA:CPU's bf16 GEMM path (cpu_dots.py)
+        dx = jnp.matmul(dz, w.T, preferred_element_type=result).astype(x.dtype)
+        dw = jnp.einsum("...c,...v->cv", x, dz, preferred_element_type=result).astype(w.dtype)
     return dx, dw, None
 
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxchat.dtypes import F32
+from jaxchat.model import cpu_dots
 
 
 def _param(*shape):
@@ -36,7 +37,7 @@ def _param(*shape):
 
 def matmul(x, w, dtype):
     """x @ w in the compute dtype with fp32 params cast at use."""
-    return jnp.matmul(x.astype(dtype), w.astype(dtype))
+    return cpu_dots.matmul(x.astype(dtype), w.astype(dtype))
 
 
 class Dense(nnx.Module):
