@@ -189,3 +189,21 @@ def test_remat_prevents_cse_outside_a_scan_only():
     assert params_of(remat(f, "full"))["prevent_cse"] is True
     assert params_of(remat(f, "full", in_scan=True))["prevent_cse"] is False
     assert remat(f, "none") is f
+
+
+def test_group_layer_is_layer_by_hand():
+    """GroupLayer.is_layer(k) (where the scan takes backout's residual) is True in exactly the one group holding
+    layer k at this position, and the Python False where no group does (other position, or past the groups)."""
+    import jax.numpy as jnp
+    from jaxchat.model.scan import GroupLayer
+
+    period, n_groups = 3, 4  # layers 0..11; position 1 holds layers 1, 4, 7, 10
+    for g in range(n_groups):
+        at = GroupLayer(jnp.int32(g), position=1, period=period, n_groups=n_groups, ve=None)
+        for k in range(15):
+            want = k % period == 1 and k // period == g and k < period * n_groups
+            got = at.is_layer(k)
+            if k % period != 1 or k >= period * n_groups:
+                assert got is False, (g, k)  # known at trace time
+            else:
+                assert bool(got) == want, (g, k)

@@ -23,6 +23,7 @@ from jaxchat.data import Tokenizer  # noqa: E402
 from jaxchat.data.shards import DataError, read_shard  # noqa: E402
 from jaxchat.data.sources import open_source  # noqa: E402
 from jaxchat.data.prepare import prepare_source  # noqa: E402
+from jaxchat.evaluate import target_bytes  # noqa: E402
 
 # a few KB of text: repeated sentences (so BPE learns words) and some words whose characters are rare
 WORDS = ("the cat sat on the mat while a dog ran past the old red barn and the farmer counted his sheep "
@@ -118,6 +119,19 @@ def test_byte_rule_counts_each_document_as_its_utf8_length(kind, sp_file, mistra
     starts = np.flatnonzero(s == tok.bos_id)
     for d, a, b in zip(docs, starts, [*starts[1:], len(s)]):
         assert int(rule.count(s[a:b - 1], s[a + 1:b]).sum()) == len(d.encode("utf-8"))
+
+
+@pytest.mark.parametrize("kind", ["model", "json"])
+def test_compressor_baseline_bytes_are_the_documents(kind, sp_file, mistral_file):
+    """evaluate.target_bytes (what gzip/xz are scored on) of a row BOS d1 BOS d2 BOS d3 is the documents' UTF-8
+    text, each decoded alone: nothing dropped at a boundary or at the row's end."""
+    tok = Tokenizer.load({"model": sp_file, "json": mistral_file}[kind])
+    docs = [DOCS[3], DOCS[50], DOCS[7]]
+    for d in docs:  # precondition: the tokenizer reproduces these documents exactly
+        assert tok.decode(tok.encode(d)) == d
+    expected = b"".join(d.encode("utf-8") for d in docs)
+    assert len(expected) > 300
+    assert target_bytes(tok, stream_of(tok, docs)[None]) == expected
 
 
 def test_byte_rule_by_hand_on_single_pieces(sp_file):

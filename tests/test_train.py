@@ -155,3 +155,10 @@ def test_check_batch_fits_by_hand():
     assert check_batch_fits(small_cfg(), 1) == 8
     with pytest.raises(ConfigError, match="micro-batch of 4 sequences.*does not divide over 3 devices"):
         check_batch_fits(small_cfg(grad_accum=2), 3)
+
+
+def test_one_device_is_the_first_local_device():
+    """eval, sample and export restore the state whole onto the first local device."""
+    import jax
+    from jaxchat.train import one_device
+    assert one_device().device_set == {jax.devices()[0]}
