@@ -111,7 +111,8 @@ def cmd_eval(args) -> None:
     rows = eval_rows(ds.val_rows, args.batch_size, args.tokens or run.cfg.train.eval_tokens)
     out = evaluate(make_eval_step(run.fns, tok.byte_rule()), params, rows, args.batch_size)
     ref = compressor_bpb(target_bytes(tok, rows))
-    print(f"{args.run} step {int(run.state['step'])}{_weights_note(args)}: val loss {out['val_loss']:.4f} | val bpb {out['val_bpb']:.4f} | "
+    print(f"{args.run} step {int(run.state['step'])}{_weights_note(args)}: val loss {out['val_loss']:.4f} | "
+          f"val bpb {out['val_bpb']:.4f} | "
           f"gzip -9 {ref['gzip_bpb']:.3f} | xz -9e {ref['xz_bpb']:.3f} bits/byte "
           f"({out['val_tokens']:,} tokens, {out['val_bytes']:,} bytes)")
 
@@ -124,7 +125,8 @@ def cmd_sample(args) -> None:
     run = Run.load(args.run, args.step)
     tok = run.tokenizer
     ids = [tok.bos_id] + tok.encode(args.prompt)
-    out = Sampler(run.fns).generate(run.weights(args.weights), ids, args.max_tokens, args.temperature, args.top_k, args.seed)
+    out = Sampler(run.fns).generate(run.weights(args.weights), ids, args.max_tokens, args.temperature, args.top_k,
+                                    args.seed)
     print(args.prompt + tok.decode_after(ids[1:], out))
 
 

@@ -115,7 +115,8 @@ def train(run: Run, prompt: str = DEFAULT_PROMPT, peak_tflops: float | None = No
 
     with clock("compile"):
         batch_shape = jax.ShapeDtypeStruct(shape, jax.numpy.int32, sharding=sharding)
-        step_fn = make_train_step(run.fns, run.optimizer, averaging=run.averaging).lower(state, (batch_shape, batch_shape)).compile()
+        step_fn = make_train_step(run.fns, run.optimizer, averaging=run.averaging)
+        step_fn = step_fn.lower(state, (batch_shape, batch_shape)).compile()
         eval_step = make_eval_step(run.fns, run.tokenizer.byte_rule())
     val = eval_rows(run.ds.val_rows, run.micro, cfg.train.eval_tokens)
     run.trackers = Trackers(cfg, run.run_dir, run.primary)  # (finished by _finish, or by run.close() on an error)

@@ -49,7 +49,8 @@ from jaxchat.plan import resolve
 from jaxchat.resume import check_resume_config, check_run_tokenizer, load_run_tokenizer, repair, restore_latest
 from jaxchat.rundir import check_run_dir, load_run_config, lock_run_dir, start_run_dir
 from jaxchat.trackers import Trackers, check_trackers
-from jaxchat.train import ModelFns, abstract_state, check_batch_fits, init_state, make_mesh, state_from_params, one_device, replicated
+from jaxchat.train import (ModelFns, abstract_state, check_batch_fits, init_state, make_mesh, one_device, replicated,
+                           state_from_params)
 
 
 def load_dataset(cfg: Config, log=print):
