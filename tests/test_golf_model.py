@@ -180,6 +180,7 @@ def _orthogonal(k):
     return np.abs(gram - np.eye(gram.shape[0])).max() < 1e-4
 
 
+@pytest.mark.slow  # (~10 s: OrthoInit at a size where it applies)
 def test_ortho_init_rules():
     """golf_ortho: min(shape) >= 64 -> orthogonal; the BigramHash proj then x 1/sqrt(2L); output projections and
     the bigram table zero; a Linear below 64 keeps PyTorch's default U(-1/sqrt(in), 1/sqrt(in)), except the bigram

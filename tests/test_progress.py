@@ -18,6 +18,7 @@ def step_records(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
 
+@pytest.mark.slow  # (~10 s: a real run and the CPU peak measurement)
 def test_progress_line_and_measured_cpu_peak(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("JAXCHAT_CACHE", str(tmp_path / "cache"))  # an empty cache: the peak is measured here
     run = tmp_path / "run"

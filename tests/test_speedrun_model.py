@@ -216,6 +216,7 @@ def test_marin_rope_forms_are_nothing_when_every_dim_rotates(idx):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # (~8 s: trains a few steps)
 def test_bigram_hash_learns_under_nanochats_init(idx):
     """A zero table behind a zero projection would get zero gradients (and the projection too): under the nanochat
     table the projection starts orthogonal / sqrt(2L), so the first gradient reaches the table."""
