@@ -184,3 +184,13 @@ def test_sft_refuses_bad_input_with_a_message(tmp_path, capsys):
     assert main(["sft", "--from", str(base), "--data", str(bad), "--out", str(base), "--force"]) == 2
     assert "is the pretrained run itself" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() and (base / "config.json").exists()
+
+
+def test_sft_refuses_an_optimizer_its_recipe_does_not_cover():
+    """nanochat's SFT recipe rewrites adamw's or muon's settings; a golf-optimizer run gets a message, not a
+    ValueError from deep inside the optimizer."""
+    from jaxchat.chat.sft import sft_config
+    from jaxchat.config import ConfigError
+    from jaxchat.presets import get_preset
+    with pytest.raises(ConfigError, match="optim.optimizer='golf'"):
+        sft_config(get_preset("golf-pr334"), steps=10, eval_every=5, save_every=5)

@@ -57,6 +57,9 @@ FORMAT = 1  # of the SFT rows: bump when rendering or packing changes what a rec
 def sft_config(base: Config, steps: int, eval_every: int, save_every: int) -> Config:
     """The pretrained run's config with nanochat's SFT optimizer settings and the SFT horizon."""
     o = base.optim
+    if o.optimizer not in ("adamw", "muon"):  # nanochat's SFT recipe is written for its own two optimizers
+        raise ConfigError(f"the base run uses optim.optimizer={o.optimizer!r}: jaxchat sft applies nanochat's SFT "
+                          f"recipe, written for adamw and muon; fine-tune a run trained with one of those")
     if o.optimizer == "adamw":
         optim = replace(o, lr=o.lr * INIT_LR_FRAC, weight_decay=0.0, warmup_steps=0, end_lr_frac=0.0)
     else:
