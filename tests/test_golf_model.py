@@ -117,12 +117,10 @@ def test_mlp_mult_sets_the_hidden_width():
         assert p["mlp"] == BASE.n_layer * 2 * BASE.n_embd * mult * BASE.n_embd
 
 
-def test_causality_with_every_switch_on(all_params, idx):
+def assert_causal(model, idx, vocab_size: int, t: int = 150) -> None:
     """d logits[t] / d wte[s] is zero for every token that occurs only after t, nonzero for t and t-1 (the smears
     and the bigram reach back one token); and changing every token after t leaves logits[:t+1] unchanged."""
-    model = build(ALL, all_params)
     graphdef, params = nnx.split(model)
-    t = 150
 
     @jax.jit
     @jax.grad
@@ -136,10 +134,15 @@ def test_causality_with_every_switch_on(all_params, idx):
     future = [int(s) for s in np.asarray(idx[0, t + 1:]) if int(s) not in past]
     assert future and all(g[s] == 0.0 for s in future)
     assert g[int(idx[0, t])] > 0 and g[int(idx[0, t - 1])] > 0
-    changed = idx.at[:, t + 1:].set((idx[:, t + 1:] + 7) % BASE.vocab_size)
+    changed = idx.at[:, t + 1:].set((idx[:, t + 1:] + 7) % vocab_size)
     a, b = np.asarray(model(idx)), np.asarray(model(changed))
     np.testing.assert_array_equal(a[:, : t + 1], b[:, : t + 1])
     assert np.abs(a[:, t + 1:] - b[:, t + 1:]).max() > 1e-3
+
+
+def test_causality_with_every_switch_on(all_params, idx):
+    """Causal by gradient and by changing the future, with every golf switch on (assert_causal)."""
+    assert_causal(build(ALL, all_params), idx, BASE.vocab_size)
 
 
 def test_decode_equals_full_forward_with_every_switch_on(all_params, idx, full):
