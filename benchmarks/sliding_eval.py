@@ -58,7 +58,7 @@ def main() -> None:
                          args.repeats)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     device = jax.devices()[0].device_kind if jax.default_backend() != "cpu" else f"CPU ({platform.processor() or 'x86'})"
-    print(f"| device | model | tokens | context | stride | windows | eval s | ratio vs plain | ideal | commit |")
+    print("| device | model | tokens | context | stride | windows | eval s | ratio vs plain | ideal | commit |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {device} | {args.preset} | {args.tokens:,} | {args.context} | {args.context} (plain) | "
           f"{base['windows']:,} | {base_s:.3f} | 1.00 | 1 | {commit} |")
