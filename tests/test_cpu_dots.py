@@ -1,5 +1,7 @@
-"""model/cpu_dots.py: bf16 matmuls with f32 results on the CPU (they reach XLA:CPU's bf16 GEMMs), checked against
-a float64 numpy reference, forward and both gradients."""
+"""model/cpu_dots.py: matmuls whose forward and backward dots are canonical on the CPU (bf16 ones reach XLA:CPU's bf16
+GEMMs), checked against a float64 numpy reference, forward and both gradients, and in the compiled HLO."""
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +43,28 @@ def test_bf16_dot_is_not_upcast_in_compiled_hlo():
     assert "f32[64,32]" not in hlo and "f32[32,16]" not in hlo, hlo
 
 
-def test_float32_is_a_plain_matmul():
-    x = jnp.ones((4, 3), jnp.float32)
-    w = jnp.full((3, 2), 2.0, jnp.float32)
-    assert not cpu_dots.wants_f32_result(jnp.float32)
-    np.testing.assert_array_equal(np.asarray(cpu_dots.matmul(x, w)), np.full((4, 2), 6.0))
+def test_float32_forward_and_grads_match_float64_reference():
+    rng = np.random.default_rng(1)
+    x, w, g = (rng.standard_normal(shape).astype(np.float32) for shape in ((3, 7, 16), (16, 24), (3, 7, 24)))
+    y, vjp = jax.vjp(cpu_dots.matmul, jnp.asarray(x), jnp.asarray(w))
+    dx, dw = vjp(jnp.asarray(g))
+    x64, w64, g64 = (a.astype(np.float64) for a in (x, w, g))
+    for got, ref in ((y, x64 @ w64), (dx, g64 @ w64.T), (dw, np.einsum("btk,btn->kn", x64, g64))):
+        assert got.dtype == jnp.float32 and np.abs(ref).max() > 1.0
+        np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_backward_dots_are_canonical(dtype):
+    """Both backward dots contract lhs dim 1 with rhs dim 0 (their transposed operand was copied row-major first):
+    autodiff of a plain matmul gives dw = dot(x, g) contracting dim 0 of both, which XLA:CPU runs at half speed in
+    f32 and upcasts in bf16."""
+    x, w = jnp.ones((64, 32), dtype), jnp.ones((32, 16), dtype)
+
+    def dims(fn):
+        grad = jax.jit(jax.grad(lambda x, w: jnp.sum(fn(x, w).astype(jnp.float32)), argnums=(0, 1)))
+        hlo = grad.lower(x, w).compile().as_text()
+        return sorted(re.findall(r"lhs_contracting_dims=\{(\d)\}, rhs_contracting_dims=\{(\d)\}", hlo))
+
+    assert dims(cpu_dots.matmul) == [("1", "0")] * 2
+    assert ("0", "0") in dims(jnp.matmul)  # the check can fail: autodiff's dw contracts dim 0

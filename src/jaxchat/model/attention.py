@@ -15,6 +15,10 @@ Backends (`model.attention`):
   blocks for a causal layer). T a multiple of 64, 2 to 16 blocks (unrolled at trace time); training path only.
   Equal to `xla` to fp32 rounding; on a 2-core CPU the `tiny` step is 8-16% faster with it, for 1.5 s more
   compile time (cpu-bench: 10% faster, 4.4 s more compile).
+- `cpu`: the `xla` math with every dot canonical for XLA:CPU's GEMMs and a hand-written backward
+  (model/cpu_attention.py); the first half of the queries skips the second half of the keys. Training path only,
+  any device and dtype. On a 2-core AMX CPU: cpu-bench bf16 step 540 -> 416 ms against `blocked`, `tiny` bf16
+  226 -> 171 ms; fp32 within a few percent of `blocked` (docs/LOG.md, session 11).
 - `cudnn`: cuDNN flash attention through `jax.nn.dot_product_attention(implementation="cudnn")`, BTNH layout,
   `is_causal=True`, GQA native (K/V are not repeated), the window as `local_window_size=(w, 0)` (JAX turns that
   into cuDNN's exclusive sliding-window length w+1, i.e. keys t-w..t like ours). Training path only (q_pos ==
@@ -31,8 +35,8 @@ Backends (`model.attention`):
   the kernel runs under `shard_map`, each chip on its own rows. The kernel builder takes an internal
   `interpret` flag so tests run the real kernel in Pallas's interpreter on CPU.
 - `auto`: `splash` on a TPU where it can run (T a multiple of 128), else `cudnn` where it can run (CUDA GPU,
-  bf16/fp16, head_dim a multiple of 8 and <= 256 on Hopper, <= 128 before), else `blocked` where it can run,
-  else `xla`. Resolved at trace time from the actual shapes and dtype.
+  bf16/fp16, head_dim a multiple of 8 and <= 256 on Hopper, <= 128 before), else `cpu` on a CPU (training path),
+  else `blocked` where it can run, else `xla`. Resolved at trace time from the actual shapes and dtype.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxchat.config import ConfigError
+from jaxchat.model.cpu_attention import cpu_attention, cpu_unsupported_reason
 
 
 def window_mask(q_pos: jax.Array, k_pos: jax.Array, window: int, k_len: jax.Array | None = None) -> jax.Array:
@@ -263,6 +268,8 @@ def resolve_backend(backend: str, q, k, k_len=None) -> str:
         return "splash"
     if cudnn_unsupported_reason(q, k, k_len) is None:
         return "cudnn"
+    if jax.default_backend() == "cpu" and cpu_unsupported_reason(q, k, k_len) is None:
+        return "cpu"
     if blocked_unsupported_reason(q, k, k_len) is None:
         return "blocked"
     return "xla"
@@ -273,7 +280,7 @@ def auto_attention(q, k, v, *, window: int, q_pos, k_pos, k_len=None):
     return fn(q, k, v, window=window, q_pos=q_pos, k_pos=k_pos, k_len=k_len)
 
 
-BACKENDS = {"xla": xla_attention, "blocked": blocked_attention, "cudnn": cudnn_attention, "splash": splash_attention,
+BACKENDS = {"xla": xla_attention, "blocked": blocked_attention, "cpu": cpu_attention, "cudnn": cudnn_attention, "splash": splash_attention,
             "auto": auto_attention}
 
 

@@ -1,12 +1,18 @@
-"""Matmuls in a low-precision compute dtype on XLA:CPU, written so they reach the CPU's bf16 units.
+"""Matmuls written so XLA:CPU runs them on its fast GEMM paths: `matmul(x, w)` and the backward dots of the head.
 
-XLA:CPU (jax 0.10.2) compiles a `bf16 x bf16 -> bf16` dot as: convert both operands to f32, an f32 GEMM, convert
-the result back; only a dot whose result is f32 (`preferred_element_type=float32`) stays a bf16 YNNPACK GEMM
-(AMX / AVX512-BF16). At cpu-bench's lm_head shape ([4096, 256] x [256, 8192]) that is 108.7 ms vs 46.8 ms, torch's
-bf16 mm 46.6 (docs/LOG.md, cpuspeed). `matmul` asks for the f32 result and rounds it to the compute dtype, which is
-what the upcast path computes anyway (f32 accumulation, one rounding), in the forward and, through its VJP, in
-both backward dots (autodiff alone would transpose into f32-cotangent dots, upcast again). Used only on the CPU
-backend and for sub-f32 dtypes; elsewhere it is a plain `jnp.matmul`.
+XLA:CPU (jax 0.10.2, YNNPACK GEMMs) is fast only for *canonical* dots: lhs (M, K) and rhs (K, N), both row-major in
+memory. Two things fall off that path (docs/LOG.md, session 11; `benchmarks/cpu_gemm.py` measures both):
+- A bf16 dot whose result is bf16 is compiled as convert both operands to f32, an f32 GEMM, convert back; only a
+  dot with an f32 result (`preferred_element_type=float32`) stays a bf16 GEMM (AMX / AVX512-BF16). So the forward
+  asks for the f32 result and rounds it, which is what the upcast path computes anyway (f32 accumulation, one
+  rounding).
+- The backward dots autodiff makes, dx = g @ w^T and dw = x^T @ g, contract a transposed operand. XLA folds the
+  transpose into the dot's dimension numbers, so the GEMM reads a column-major operand: in bf16 that dot is upcast
+  to f32 as above, and in f32 dw runs at about half speed. Here the small operand (w, or x for dw) is transposed
+  into a new row-major array first (`_row_major_transpose`), and the dot is canonical. At cpu-bench's lm_head
+  shapes ([4096, 256] x [256, 8192]) bf16 dx 56 -> 11 ms, dw 67 -> 19 ms; f32 dw 104 -> 53 ms.
+
+Used only on the CPU backend (elsewhere `matmul` is a plain `jnp.matmul` and autodiff makes the backward).
 """
 
 from __future__ import annotations
@@ -17,31 +23,54 @@ import jax.numpy as jnp
 F32 = jnp.float32
 
 
+def on_cpu() -> bool:
+    return jax.default_backend() == "cpu"
+
+
 def wants_f32_result(dtype) -> bool:
-    return jnp.dtype(dtype) != jnp.dtype(F32) and jax.default_backend() == "cpu"
+    """Whether a dot in `dtype` must ask for an f32 result to stay on XLA:CPU's low-precision GEMM path."""
+    return jnp.dtype(dtype) != jnp.dtype(F32) and on_cpu()
+
+
+def _row_major_transpose(a):
+    """a (M, N) -> a^T (N, M) as a new row-major array. A plain `a.T` is only a layout change: XLA hands the dot a
+    column-major view. Flattening pins the transposed array's layout to row-major, and the barrier keeps XLA from
+    folding the transpose back into the dot."""
+    t = a.T
+    return jax.lax.optimization_barrier(t.reshape(-1)).reshape(t.shape)
+
+
+def dot(a, b, out_dtype):
+    """Canonical a (M, K) @ b (K, N) -> out_dtype, accumulated in f32 on the low-precision GEMM path."""
+    result = F32 if wants_f32_result(a.dtype) else None
+    return jnp.matmul(a, b, preferred_element_type=result).astype(out_dtype)
+
+
+def grads(x, w, g):
+    """The two backward dots of y = x @ w for a cotangent g (..., N): (dx (..., K), dw (K, N)), each canonical."""
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    dx = dot(g, _row_major_transpose(w), x.dtype)
+    dw = dot(_row_major_transpose(x2), g2, w.dtype)
+    return dx, dw
 
 
 @jax.custom_vjp
-def _matmul_f32_result(x, w):
-    return jnp.matmul(x, w, preferred_element_type=F32).astype(x.dtype)
+def _cpu_matmul(x, w):
+    return dot(x, w, x.dtype)
 
 
 def _fwd(x, w):
-    return _matmul_f32_result(x, w), (x, w)
+    return _cpu_matmul(x, w), (x, w)
 
 
 def _bwd(res, g):
     x, w = res
-    g = g.astype(x.dtype)
-    dx = jnp.matmul(g, w.T, preferred_element_type=F32).astype(x.dtype)
-    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-    dw = jnp.matmul(x2.T, g2, preferred_element_type=F32).astype(w.dtype)
-    return dx, dw
+    return grads(x, w, g.astype(x.dtype))
 
 
-_matmul_f32_result.defvjp(_fwd, _bwd)
+_cpu_matmul.defvjp(_fwd, _bwd)
 
 
 def matmul(x, w):
     """x (..., K) @ w (K, N), both already in the compute dtype."""
-    return _matmul_f32_result(x, w) if wants_f32_result(x.dtype) else jnp.matmul(x, w)
+    return _cpu_matmul(x, w) if on_cpu() else jnp.matmul(x, w)

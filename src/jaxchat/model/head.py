@@ -88,9 +88,11 @@ def _bwd(cap, chunk, res, g):
     with jax.named_scope("loss"):
         dz = _dz(z if share_softcap_with_forward() else jax.lax.optimization_barrier(z), lse, targets, g, cap)
     with jax.named_scope("lm_head"):
-        result = F32 if cpu_dots.wants_f32_result(x.dtype) else None  # XLA:CPU's bf16 GEMM path (cpu_dots.py)
-        dx = jnp.matmul(dz, w.T, preferred_element_type=result).astype(x.dtype)
-        dw = jnp.einsum("...c,...v->cv", x, dz, preferred_element_type=result).astype(w.dtype)
+        if cpu_dots.on_cpu():  # XLA:CPU's fast GEMMs need canonical dots (cpu_dots.py)
+            dx, dw = cpu_dots.grads(x, w, dz)
+        else:
+            dx = jnp.matmul(dz, w.T).astype(x.dtype)
+            dw = jnp.einsum("...c,...v->cv", x, dz).astype(w.dtype)
     return dx, dw, None
 
 

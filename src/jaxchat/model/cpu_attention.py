@@ -1,0 +1,115 @@
+"""The `cpu` attention backend: the `xla` math laid out for XLA:CPU's fast GEMMs, with a hand-written backward.
+
+XLA:CPU runs a batched dot fast only when it is canonical: batch dims leading, lhs (b, M, K) and rhs (b, K, N), both
+row-major (cpu_dots.py says why; docs/LOG.md, session 11). Autodiff of `xla_attention`'s einsums gives dots over
+(B, T, H, D) operands and transposed score matrices, which XLA:CPU either copies around or runs on its slow paths
+(at cpu-bench, attention was 37% of the step's kernel time). Here every one of the five dots is canonical:
+
+    forward   S = Q K^T        (b, M, D) x (b, D, N)         b = B*K (batch, kv head), M = G*T (the group's queries)
+              Y = P V          (b, M, N) x (b, N, D)         N = keys, P = softmax(scale * S, masked) in fp32
+    backward  dP = dY V^T      (b, M, D) x (b, D, N)
+              dV^T = dY^T P    (b, D, M) x (b, M, N)         (dV transposed back: a small (N, D) copy)
+              dS = P * (dP - rowsum(dP * P))
+              dQ = scale dS K  (b, M, N) x (b, N, D)
+              dK^T = scale Q^T dS  (b, D, M) x (b, M, N)
+
+Only (T, D)-sized operands are ever transposed (into new row-major arrays, cpu_dots._row_major_transpose); the
+(M, N) score matrices never are. P is kept for the backward in fp32 (B*H*T*S*4 bytes per layer: 16 MiB at
+cpu-bench), so the backward recomputes nothing. GQA is native: a kv head's G query heads are stacked along M.
+
+Same function as `xla` (the same fp32 softmax over the same unmasked keys, P rounded to the compute dtype before
+P V); equal to fp32 rounding, not bitwise. Training path only (q_pos == k_pos, no KV cache), any device, any dtype;
+`auto` picks it on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from jaxchat.config import ConfigError
+from jaxchat.dtypes import F32
+
+
+
+
+def cpu_unsupported_reason(q, k, k_len=None) -> str | None:
+    """Why the `cpu` backend cannot take these inputs (None: it can)."""
+    if k_len is not None or q.shape[1] != k.shape[1]:
+        return "it serves only the training path (queries and keys at the same positions, no KV cache)"
+    return None
+
+
+def _bdot(a, b, out_dtype):
+    """Canonical batched dot a (b, M, K) @ b (b, K, N), accumulated in f32 (an f32 result keeps a bf16 dot on
+    XLA:CPU's bf16 GEMMs), rounded to out_dtype."""
+    dims = (((2,), (1,)), ((0,), (0,)))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=F32).astype(out_dtype)
+
+
+def _t(a):
+    """(b, X, Y) -> (b, Y, X) as a new row-major array: flattening pins the layout, the barrier keeps XLA from
+    folding the transpose into the next dot (cpu_dots._row_major_transpose)."""
+    t = jnp.swapaxes(a, 1, 2)
+    return jax.lax.optimization_barrier(t.reshape(-1)).reshape(t.shape)
+
+
+def _mask(T: int, S: int, G: int, window: int, offset: int):
+    """(G*T, S) boolean: row g*T + t (query t of the group's head g, at position offset + t relative to the first
+    key) may see key s iff 0 <= offset + t - s <= window."""
+    dist = offset + jnp.arange(T)[:, None] - jnp.arange(S)[None, :]
+    return jnp.tile((dist >= 0) & (dist <= window), (G, 1))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _grouped(q, k, v, window: int, G: int, offset: int):
+    """q (b, G*T, D), k and v (b, S, D), all in the compute dtype -> y (b, G*T, D)."""
+    return _grouped_fwd(q, k, v, window, G, offset)[0]
+
+
+def _grouped_fwd(q, k, v, window, G, offset):
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    s = _bdot(q, _t(k), F32) * scale
+    s = jnp.where(_mask(q.shape[1] // G, k.shape[1], G, window, offset)[None], s, jnp.finfo(F32).min)
+    p = jax.nn.softmax(s, axis=-1)
+    return _bdot(p.astype(v.dtype), v, v.dtype), (q, k, v, p)
+
+
+def _grouped_bwd(window, G, offset, res, dy):
+    q, k, v, p = res
+    dt, scale = q.dtype, 1.0 / math.sqrt(q.shape[-1])
+    dy = dy.astype(dt)
+    dp = _bdot(dy, _t(v), F32)
+    dv = _t(_bdot(_t(dy), p.astype(dt), dt))
+    ds = (p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True)) * scale).astype(dt)
+    dq = _bdot(ds, k, dt)
+    dk = _t(_bdot(_t(q), ds, dt))
+    return dq, dk, dv
+
+
+_grouped.defvjp(_grouped_fwd, _grouped_bwd)
+
+
+def cpu_attention(q, k, v, *, window: int, q_pos, k_pos, k_len=None):
+    """q (B, T, H, D), k and v (B, T, K, D) -> (B, T, H, D); assumes q_pos == k_pos (the training path)."""
+    reason = cpu_unsupported_reason(q, k, k_len)
+    if reason is not None:
+        raise ConfigError(f"model.attention='cpu' cannot run these inputs: {reason}. "
+                          f"Use model.attention=auto or xla.")
+    B, T, H, D = q.shape
+    K = k.shape[2]
+    G = H // K
+    # heads-major: (B, T, K, G, D) -> (B*K, G, T, D); keys and values (B*K, T, D)
+    qh = jnp.transpose(q.reshape(B, T, K, G, D), (0, 2, 3, 1, 4)).reshape(B * K, G, T, D)
+    kh, vh = (jnp.transpose(a, (0, 2, 1, 3)).reshape(B * K, T, D) for a in (k, v))
+    C = T // 2 if T % 2 == 0 else T  # two halves: the first half's queries skip the keys of the second half
+    ys = []
+    for q0 in range(0, T, C):  # each half of the queries over only the keys its window reaches
+        k0 = max(0, q0 - window)
+        qc = qh[:, :, q0:q0 + C].reshape(B * K, G * C, D)
+        ys.append(_grouped(qc, kh[:, k0:q0 + C], vh[:, k0:q0 + C], window, G, q0 - k0).reshape(B * K, G, C, D))
+    y = jnp.concatenate(ys, axis=2)
+    return jnp.transpose(y.reshape(B, K, G, T, D), (0, 3, 1, 2, 4)).reshape(B, T, H, D)
