@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 F32 = jnp.float32
+MATMUL_NAME = "cpu_matmul"  # its output's tag: remat's `dots` policies save it like a plain dot's (model/remat.py)
 
 
 def on_cpu() -> bool:
@@ -73,4 +75,4 @@ _cpu_matmul.defvjp(_fwd, _bwd)
 
 def matmul(x, w):
     """x (..., K) @ w (K, N), both already in the compute dtype."""
-    return _cpu_matmul(x, w) if on_cpu() else jnp.matmul(x, w)
+    return checkpoint_name(_cpu_matmul(x, w), MATMUL_NAME) if on_cpu() else jnp.matmul(x, w)

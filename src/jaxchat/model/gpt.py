@@ -65,6 +65,16 @@ def norm(x, eps):
     return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
+def times_param(p, x):
+    """An fp32 parameter p (a scalar or per channel) times an activation x, in x's dtype. The product is
+    p.astype(x.dtype) * x bit for bit (a bf16 product is the f32 product rounded once), but autodiff sums p's
+    gradient over the batch in f32: a bf16 sum over a whole activation is what XLA:CPU runs as a slow tree of
+    reduce-windows (~3 ms each at cpu-bench in bf16, 13 per step; docs/LOG.md, session 11)."""
+    if x.dtype == F32:
+        return p * x
+    return (p.astype(x.dtype).astype(F32) * x.astype(F32)).astype(x.dtype)
+
+
 class Embed(nnx.Module):
     def __init__(self, num: int, dim: int):
         self.embedding = nnx.Param(jnp.zeros((num, dim), F32))
@@ -156,7 +166,7 @@ class Block(nnx.Module):
 
     def scaled(self, y, name: str):
         """A branch output times golf's per-dim attn_scale / mlp_scale (unchanged without golf_block)."""
-        return y * getattr(self, name)[...].astype(y.dtype) if hasattr(self, name) else y
+        return times_param(getattr(self, name)[...], y) if hasattr(self, name) else y
 
 
 class GPT(nnx.Module):
@@ -210,7 +220,7 @@ class GPT(nnx.Module):
                 layer_caches.append(layer_cache)
 
         if cfg.backout:
-            x = x - self.backout_lambda[...].astype(dt) * x_mid
+            x = x - times_param(self.backout_lambda[...], x_mid)
         x = norm(x, cfg.norm_eps)
         w_out = self.wte.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
         if targets is not None:
@@ -238,7 +248,7 @@ class GPT(nnx.Module):
         Returns (x, x_mid, the layer's new KV cache or None)."""
         n_enc = self.config.n_layer // 2
         if skips is not None and i >= n_enc and skips:
-            x = x + self.skip_weights[i - n_enc].astype(x.dtype) * skips.pop()
+            x = x + times_param(self.skip_weights[i - n_enc], skips.pop())
         x = self.mix_x0(i, x, x0)
         x, cache = block(x, self.value_embed(i, idx), cache=cache)
         if skips is not None and i < n_enc:
@@ -287,10 +297,10 @@ class GPT(nnx.Module):
         if isinstance(i, GroupLayer):
             i = i.index  # traced: the lambdas are sliced in the graph
         if cfg.residual_lambdas:
-            x = self.resid_lambdas[i].astype(x.dtype) * x + self.x0_lambdas[i].astype(x.dtype) * x0
+            x = times_param(self.resid_lambdas[i], x) + times_param(self.x0_lambdas[i], x0)
         if cfg.golf_block:
-            mix = self.resid_mix[i].astype(x.dtype)
-            x = mix[0] * x + mix[1] * x0
+            mix = self.resid_mix[i]
+            x = times_param(mix[0], x) + times_param(mix[1], x0)
         return x
 
     def value_embed(self, i: int | GroupLayer, idx):

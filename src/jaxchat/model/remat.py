@@ -21,12 +21,14 @@ import jax
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxchat.config import REMAT_POLICIES
+from jaxchat.model.cpu_dots import MATMUL_NAME
 
 _cp = jax.checkpoint_policies
+_cpu_matmuls = _cp.save_only_these_names(MATMUL_NAME)  # on a CPU the projections are custom-VJP calls, not dots
 POLICIES = {
     "full": _cp.nothing_saveable,
-    "dots": _cp.dots_saveable,
-    "dots_no_batch": _cp.dots_with_no_batch_dims_saveable,
+    "dots": _cp.save_from_both_policies(_cp.dots_saveable, _cpu_matmuls),
+    "dots_no_batch": _cp.save_from_both_policies(_cp.dots_with_no_batch_dims_saveable, _cpu_matmuls),
     "save_qkv_proj": _cp.save_only_these_names("q_proj", "k_proj", "v_proj"),
     "save_out_proj": _cp.save_only_these_names("attn_out_proj", "mlp_out_proj"),
 }
