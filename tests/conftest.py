@@ -26,6 +26,11 @@ def fixture_path(name: str) -> Path:
     return path
 
 
+# `model.compute_dtype=auto` would be bfloat16 on a CPU with bf16 units (config.cpu_has_bf16_units): the suite's
+# fp32 reference checks pin this machine to fp32 whatever its CPU, child processes included (they inherit it).
+os.environ["JAXCHAT_CPU_BF16"] = "0"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory):
     """Datasets prepared by tests go to a temporary cache, never the user's."""

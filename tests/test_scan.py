@@ -3,7 +3,10 @@
 same parameters, in fp32, for the loss and every gradient; and each is shown to really change the compiled
 program (a while loop; smaller saved activations), so the comparisons are not trivially between two copies."""
 
+import os
+import re
 from dataclasses import replace
+
 
 import jax
 import jax.numpy as jnp
@@ -157,17 +160,37 @@ def test_resume_may_change_execution_options_only():
         check_resume_config(config(n_layer=8), config())
 
 
+def cpuinfo_has_bf16() -> bool:
+    """The CPU's bf16 flags, read here independently of config.cpu_has_bf16_units."""
+    if not os.path.exists("/proc/cpuinfo"):
+        return False
+    return re.search(r"\b(amx_bf16|avx512_bf16)\b", open("/proc/cpuinfo").read()) is not None
+
+
 def test_compute_dtype_auto_is_resolved_per_device_and_checked_on_resume():
-    """`auto` is float32 on this CPU (bfloat16 on a GPU/TPU); plan.resolve makes it concrete, so a run directory
-    records the dtype, and a resume that would change it is refused while `auto` meaning the saved one is not."""
+    """`auto` is bfloat16 on a GPU/TPU or a CPU with bf16 units, float32 on other CPUs; plan.resolve makes it
+    concrete, so a run directory records the dtype, and a resume that would change it is refused while `auto`
+    meaning the saved one is not."""
     config = lambda **kw: Config(model=replace(CFG, **kw), data=DataConfig(tokenizer_vocab=CFG.vocab_size))
-    here = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    here = "float32" if jax.default_backend() == "cpu" else "bfloat16"  # conftest: JAXCHAT_CPU_BF16=0
     other = "bfloat16" if here == "float32" else "float32"
     assert resolve_compute_dtype("auto") == here and resolve_compute_dtype(other) == other
     assert resolve(config(compute_dtype="auto")).model.compute_dtype == here
     check_resume_config(config(compute_dtype="auto"), config(compute_dtype=here))
     with pytest.raises(ConfigError, match=f"model.compute_dtype: checkpoint has '{other}', now 'auto'"):
         check_resume_config(config(compute_dtype="auto"), config(compute_dtype=other))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="auto's CPU rule")
+def test_compute_dtype_auto_on_a_cpu_follows_its_bf16_units(monkeypatch):
+    monkeypatch.delenv("JAXCHAT_CPU_BF16")
+    assert resolve_compute_dtype("auto") == ("bfloat16" if cpuinfo_has_bf16() else "float32")
+    for forced, dtype in (("1", "bfloat16"), ("0", "float32")):
+        monkeypatch.setenv("JAXCHAT_CPU_BF16", forced)
+        assert resolve_compute_dtype("auto") == dtype
+    monkeypatch.setenv("JAXCHAT_CPU_BF16", "yes")
+    with pytest.raises(ConfigError, match="JAXCHAT_CPU_BF16='yes': set 1"):
+        resolve_compute_dtype("auto")
 
 
 def test_bad_remat_name_is_refused():

@@ -67,8 +67,8 @@ def bench_config(preset: str, sets: list[str], batch: int | None = None, seq: in
     """(preset config, bench config): the preset with --set overrides and its horizon/batch rules resolved
     (`plan.resolve`), then `accum` micro-batches of `batch` sequences per step (default one micro-batch, no
     accumulation; batch defaults to the preset's micro-batch) and the seq/backend/dtype choices (defaults: the
-    preset's, i.e. `auto`: cuDNN/splash attention and bf16 compute on accelerators, blocked (or xla) attention
-    and fp32 on CPU)."""
+    preset's, i.e. `auto`: cuDNN/splash attention and bf16 compute on accelerators, the `cpu` attention backend
+    on CPU, bf16 there where the CPU has bf16 units)."""
     base = get_preset(preset)
     cfg = resolve(apply_overrides(base, sets), jax.device_count())
     micro = batch or cfg.train.batch_size // cfg.train.grad_accum
@@ -293,7 +293,7 @@ def add_parsers(subparsers) -> None:
     b.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling (default 2)")
     b.add_argument("--backend", choices=list(ATTENTION_BACKENDS), help="attention backend (default: the preset's)")
     b.add_argument("--dtype", choices=["bfloat16", "float32"],
-                   help="compute dtype (default: bfloat16 on GPU/TPU, the preset's on CPU)")
+                   help="compute dtype (default: the preset's, auto: bf16 on GPU/TPU and bf16-capable CPUs)")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
     b.add_argument("--profile", metavar="DIR", help="also write a jax.profiler trace of 3 steps to DIR")
     b.add_argument("--record", metavar="FILE",

@@ -6,7 +6,7 @@ paying (`jaxchat plan`). The one place these rules are applied; optim/scaling.py
 - num_steps -1: target_flops / (flops_per_token * B) if set, else tokens_per_param * (all parameters) / B
   (marin's TPP) if set, else ratio * N / B (N = block matrices + lm_head);
 - device_batch_size > 0: grad_accum = batch_size / (device_batch_size * devices);
-and whose model.compute_dtype is concrete ("auto": bfloat16 on a GPU/TPU, float32 on CPU).
+and whose model.compute_dtype is concrete ("auto": bfloat16 on a GPU/TPU or a CPU with bf16 units, else float32).
 """
 
 from __future__ import annotations

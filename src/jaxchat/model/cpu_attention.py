@@ -13,7 +13,7 @@ row-major (cpu_dots.py says why; docs/LOG.md, session 11). Autodiff of `xla_atte
               dQ = scale dS K  (b, M, N) x (b, N, D)
               dK^T = scale Q^T dS  (b, D, M) x (b, M, N)
 
-Only (T, D)-sized operands are ever transposed (into new row-major arrays, cpu_dots._row_major_transpose); the
+Only (T, D)-sized operands are ever transposed (into new row-major arrays, cpu_dots.row_major_transpose); the
 (M, N) score matrices never are. P is kept for the backward in fp32 (B*H*T*S*4 bytes per layer: 16 MiB at
 cpu-bench), so the backward recomputes nothing. GQA is native: a kv head's G query heads are stacked along M.
 
@@ -52,7 +52,7 @@ def _bdot(a, b, out_dtype):
 
 def _t(a):
     """(b, X, Y) -> (b, Y, X) as a new row-major array: flattening pins the layout, the barrier keeps XLA from
-    folding the transpose into the next dot (cpu_dots._row_major_transpose)."""
+    folding the transpose into the next dot (cpu_dots.row_major_transpose)."""
     t = jnp.swapaxes(a, 1, 2)
     return jax.lax.optimization_barrier(t.reshape(-1)).reshape(t.shape)
 

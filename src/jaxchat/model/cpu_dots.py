@@ -9,7 +9,7 @@ memory. Two things fall off that path (docs/LOG.md, session 11; `benchmarks/cpu_
 - The backward dots autodiff makes, dx = g @ w^T and dw = x^T @ g, contract a transposed operand. XLA folds the
   transpose into the dot's dimension numbers, so the GEMM reads a column-major operand: in bf16 that dot is upcast
   to f32 as above, and in f32 dw runs at about half speed. Here the small operand (w, or x for dw) is transposed
-  into a new row-major array first (`_row_major_transpose`), and the dot is canonical. At cpu-bench's lm_head
+  into a new row-major array first (`row_major_transpose`), and the dot is canonical. At cpu-bench's lm_head
   shapes ([4096, 256] x [256, 8192]) bf16 dx 56 -> 11 ms, dw 67 -> 19 ms; f32 dw 104 -> 53 ms.
 
 Used only on the CPU backend (elsewhere `matmul` is a plain `jnp.matmul` and autodiff makes the backward).
@@ -34,7 +34,7 @@ def wants_f32_result(dtype) -> bool:
     return jnp.dtype(dtype) != jnp.dtype(F32) and on_cpu()
 
 
-def _row_major_transpose(a):
+def row_major_transpose(a):
     """a (M, N) -> a^T (N, M) as a new row-major array. A plain `a.T` is only a layout change: XLA hands the dot a
     column-major view. Flattening pins the transposed array's layout to row-major, and the barrier keeps XLA from
     folding the transpose back into the dot."""
@@ -51,8 +51,8 @@ def dot(a, b, out_dtype):
 def grads(x, w, g):
     """The two backward dots of y = x @ w for a cotangent g (..., N): (dx (..., K), dw (K, N)), each canonical."""
     x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-    dx = dot(g, _row_major_transpose(w), x.dtype)
-    dw = dot(_row_major_transpose(x2), g2, w.dtype)
+    dx = dot(g, row_major_transpose(w), x.dtype)
+    dw = dot(row_major_transpose(x2), g2, w.dtype)
     return dx, dw
 
 

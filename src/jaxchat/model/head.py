@@ -129,7 +129,7 @@ def _fwd_chunked(x, w, targets, cap, chunk):
     def one(xt):
         x_c, t_c = xt
         with jax.named_scope("lm_head"):
-            z = jnp.matmul(x_c, w)
+            z = cpu_dots.dot(x_c, w, x.dtype)
         with jax.named_scope("loss"):
             return _nll(z, t_c, cap)
 
@@ -143,16 +143,18 @@ def _bwd_chunked(cap, chunk, res, g):
     xs = _chunked(x.reshape(n, x.shape[-1]), chunk, 0)
     ts = _chunked(targets.reshape(n), chunk, -1)
     gs = _chunked(g.reshape(n), chunk, 0)
+    w_t = cpu_dots.row_major_transpose(w) if cpu_dots.on_cpu() else w.T  # canonical dots on a CPU (cpu_dots.py)
 
     def one(dw, chunk_res):
         x_c, t_c, lse_c, g_c = chunk_res
         with jax.named_scope("lm_head"):
-            z = jnp.matmul(x_c, w)  # recomputed: the price of not saving the logits
+            z = cpu_dots.dot(x_c, w, x.dtype)  # recomputed: the price of not saving the logits
         with jax.named_scope("loss"):
             dz = _dz(z, lse_c, t_c, g_c, cap)
         with jax.named_scope("lm_head"):
-            dx_c = jnp.matmul(dz, w.T).astype(x.dtype)
-            dw = dw + jnp.matmul(x_c.T, dz, preferred_element_type=F32)
+            dx_c = cpu_dots.dot(dz, w_t, x.dtype)
+            x_t = cpu_dots.row_major_transpose(x_c) if cpu_dots.on_cpu() else x_c.T
+            dw = dw + jnp.matmul(x_t, dz, preferred_element_type=F32)
         return dw, dx_c
 
     dw, dx = jax.lax.scan(one, jnp.zeros(w.shape, F32), (xs, ts, lse, gs))
