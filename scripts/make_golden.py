@@ -11,6 +11,9 @@ meant to alter the numerics (and say so in the commit); a golden test failing ot
 - tiny-micro-20: the `tiny` preset shrunk to micro shapes, 20 steps with grad_accum 2, saves, evals and
   retention; fast enough for the fast suite, and also the reference run of tests/test_resume.py.
 - tiny-20: the `tiny` preset itself, 20 steps (slow on a CPU: the test is marked slow).
+
+Both pin the optimizer they were made with (ADAMW: `tiny`'s recipe until session 11, AdamW lr 0.01, warmup 20),
+so that retuning `tiny`'s recipe does not move the goldens: they check the model and the loop, not the recipe.
 """
 
 from __future__ import annotations
@@ -30,11 +33,14 @@ MICRO = ["model.n_layer=2", "model.n_embd=64", "model.n_head=1", "model.n_kv_hea
          "model.vocab_size=512", "data.tokenizer_vocab=512", "data.max_train_chars=300000", "train.batch_size=4",
          "train.eval_tokens=512", "train.sample_tokens=4", "train.log_every=1"]
 
+ADAMW = ["optim.optimizer=adamw", "optim.groups=", "optim.lr=0.01", "optim.warmup_steps=20",
+         "optim.weight_decay=0.01"]
+
 GOLDEN = {
-    "tiny-micro-20": {"preset": "tiny", "set": MICRO + [
+    "tiny-micro-20": {"preset": "tiny", "set": MICRO + ADAMW + [
         "train.num_steps=20", "train.grad_accum=2", "train.save_every=4", "train.eval_every=8",
         "train.keep_last=2", "train.keep_every=8"]},
-    "tiny-20": {"preset": "tiny", "set": ["train.num_steps=20", "train.eval_every=0", "train.sample_tokens=4",
+    "tiny-20": {"preset": "tiny", "set": ADAMW + ["train.num_steps=20", "train.eval_every=0", "train.sample_tokens=4",
                                           "train.log_every=1"]},
 }
 

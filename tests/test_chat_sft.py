@@ -36,8 +36,9 @@ def test_recipe_scales_every_lr_and_drops_decay():
     assert groups["muon"] == {"lr": pytest.approx(0.016), "wd": 0.0}
     assert groups["wte"] == {"lr": pytest.approx(0.24), "wd": 0.0}
     assert (groups["warmup_steps"], groups["warmdown_ratio"], groups["final_lr_frac"]) == (0, 0.5, 0.0)
-    adamw = sft_config(get_preset("tiny"), 10, 0, 0).optim
-    assert adamw.lr == pytest.approx(0.8 * get_preset("tiny").optim.lr) and adamw.weight_decay == 0
+    base = apply_overrides(get_preset("tiny"), ["optim.optimizer=adamw", "optim.groups="])
+    adamw = sft_config(base, 10, 0, 0).optim
+    assert adamw.lr == pytest.approx(0.8 * base.optim.lr) and adamw.weight_decay == 0
 
 
 def test_mask_rides_in_the_rows_and_the_loader_reads_it_back():
