@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxchat.config import Config, DataConfig, ModelConfig
+from jaxchat.config import Config, ConfigError, DataConfig, ModelConfig
 from jaxchat.overrides import apply_overrides
 from jaxchat.model.gpt import GPT, token_nll
-from jaxchat.model.head import head_nll
+from jaxchat.model.head import head_nll, resolve_chunk
 from jaxchat.train import ModelFns
 
 
@@ -137,8 +137,8 @@ def test_chunked_head_needs_less_memory():
 def test_model_loss_chunk_matches_whole_batch():
     """The full model's summed loss and every parameter's gradient, --set model.loss_chunk=12 (32 tokens: three
     chunks, the last padded) against loss_chunk=0."""
-    base = Config(model=ModelConfig(vocab_size=300, sequence_len=16, n_layer=2, n_embd=32, n_head=2, n_kv_head=1),
-                  data=DataConfig(tokenizer_vocab=300))
+    base = Config(model=ModelConfig(vocab_size=300, sequence_len=16, n_layer=2, n_embd=32, n_head=2, n_kv_head=1,
+                                    loss_chunk=0), data=DataConfig(tokenizer_vocab=300))
     chunked = apply_overrides(base, ["model.loss_chunk=12"])
     assert chunked.model.loss_chunk == 12 and base.model.loss_chunk == 0
     params = ModelFns(base).init_params(0)
@@ -179,3 +179,14 @@ def test_the_softcap_is_shared_on_cpu_only():
     from jaxchat.model.head import share_softcap_with_forward
 
     assert share_softcap_with_forward() is (jax.default_backend() == "cpu")
+
+
+def test_auto_chunk_is_cpu_bf16_only():
+    """model.loss_chunk=-1 (the default): chunks of 1024 tokens on a CPU computing in bf16, whole batch in fp32;
+    explicit values pass through."""
+    assert ModelConfig().loss_chunk == -1
+    assert resolve_chunk(-1, jnp.float32) == 0 and resolve_chunk(0, jnp.bfloat16) == 0
+    assert resolve_chunk(12, jnp.float32) == 12 and resolve_chunk(12, jnp.bfloat16) == 12
+    assert resolve_chunk(-1, jnp.bfloat16) == (1024 if jax.default_backend() == "cpu" else 0)
+    with pytest.raises(ConfigError, match=r"model.loss_chunk=-2 must be an integer >= -1"):
+        ModelConfig(loss_chunk=-2)

@@ -160,7 +160,7 @@ def run_bench(preset: str, cfg, base=None, *, steps: int = 10, warmup: int = 2, 
         "warmup_steps": warmup, "timed_steps": sum(windows), "loss": loss, "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "compiler_options": step_compiler_options(),
         "profile_dir": profile_dir or "", "layers": describe_layers(m), "remat": m.remat,
-        "rope_norm": kernels["rope_norm"],
+        "rope_norm": kernels["rope_norm"], "loss_chunk": kernels["loss_chunk"],
     }
 
 
@@ -206,7 +206,8 @@ def format_report(r: dict) -> str:
         f"attention {backend_text(r)} | deltas: {', '.join(r['deltas']) or '-'}",
         f"params: {p['total']:,} ({split_text(p, ['embed', 'value_embeds', 'attention', 'mlp', 'lm_head', 've_gates', 'scalars'])})",
         f"FLOPs/token: {human(f['total'])} ({split_text(f, ['lm_head', 'mlp', 'attention', 'gates'])})",
-        f"layers: {r['layers']} | remat {r['remat']} | rope+qk-norm {r.get('rope_norm', '?')}",
+        f"layers: {r['layers']} | remat {r['remat']} | rope+qk-norm {r.get('rope_norm', '?')} "
+        f"| loss chunk {r.get('loss_chunk') or 'off'}",
         f"compile: {r['compile_s']:.1f} s{' (loaded from the persistent compilation cache)' * r['compile_cached']}"
         f" | init {r['init_s']:.1f} s | warmup {r['warmup_steps']} steps "
         f"{r['warmup_s']:.1f} s",

@@ -102,7 +102,7 @@ class ModelConfig:
     compute_dtype: str = "auto"  # params stay fp32; matmuls run in this dtype (resolve_compute_dtype)
     scan_layers: bool = False  # run repeating groups of blocks (e.g. SSSL) under lax.scan: one group compiled
     remat: str = "none"  # activation checkpointing policy per block, one of REMAT_POLICIES (model/remat.py)
-    loss_chunk: int = 0  # > 0: the fused lm_head + loss runs over chunks of this many tokens (0: all at once)
+    loss_chunk: int = -1  # > 0: the fused lm_head + loss over chunks of this many tokens; 0: all at once; -1: auto
     # The parameter-golf and marin switches (docs/architecture.md §Golf); every default keeps nanochat's model.
     rope_dims: int = 0  # > 0: partial RoPE, only the first rope_dims of each head's dims rotate (golf: 16); 0: all
     qk_norm_before_rope: bool = False  # golf's order (norm, RoPE, q_gain); nanochat's is RoPE then norm * qk_scale
@@ -142,9 +142,9 @@ class ModelConfig:
                f"model.rope_norm={self.rope_norm!r} is unknown: choose one of {', '.join(ROPE_NORM_IMPLS)}")
         _check(self.remat in REMAT_POLICIES,
                f"model.remat={self.remat!r} is unknown: choose one of {', '.join(REMAT_POLICIES)}")
-        _check(isinstance(self.loss_chunk, int) and self.loss_chunk >= 0,
-               f"model.loss_chunk={self.loss_chunk!r} must be an integer >= 0 (tokens per chunk of the fused "
-               f"lm_head + loss; 0 computes it for the whole batch at once)")
+        _check(isinstance(self.loss_chunk, int) and self.loss_chunk >= -1,
+               f"model.loss_chunk={self.loss_chunk!r} must be an integer >= -1 (tokens per chunk of the fused "
+               f"lm_head + loss; 0 computes it for the whole batch at once, -1 chooses: model/head.py)")
         _check(self.compute_dtype in DTYPES,
                f"model.compute_dtype={self.compute_dtype!r}: choose one of {', '.join(DTYPES)}")
         _check(len(self.window_pattern) > 0 and set(self.window_pattern.upper()) <= {"S", "L"},

@@ -175,7 +175,7 @@ def _log_header(run: Run, counts) -> None:
     kernels = resolved_kernels(m, run.micro)
     attention = m.attention if kernels["attention"] == m.attention else f"{m.attention}->{kernels['attention']}"
     run.log(f"step: {m.compute_dtype} | attention {attention} | rope+qk-norm {kernels['rope_norm']} | "
-            f"{describe_layers(m)} | remat {m.remat} | loss chunk {m.loss_chunk or 'off'}"
+            f"{describe_layers(m)} | remat {m.remat} | loss chunk {kernels['loss_chunk'] or 'off'}"
             + "".join(f" | xla {k}={v}" for k, v in step_compiler_options().items()))
 
 

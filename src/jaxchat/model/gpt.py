@@ -51,7 +51,7 @@ from jaxchat.config import ModelConfig, resolve_compute_dtype
 from jaxchat.dtypes import F32
 from jaxchat.model.attention import attend, resolve_backend
 from jaxchat.model.embeddings import BigramHash, previous, smear_nanochat, smear_v1
-from jaxchat.model.head import head_nll
+from jaxchat.model.head import head_nll, resolve_chunk
 from jaxchat.model.init import init_weights
 from jaxchat.model.mlp import Dense, make_mlp
 from jaxchat.model.remat import checkpoint_name, remat
@@ -224,7 +224,8 @@ class GPT(nnx.Module):
         x = norm(x, cfg.norm_eps)
         w_out = self.wte.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
         if targets is not None:
-            return head_nll(x, w_out[:, : cfg.vocab_size].astype(dt), targets, cfg.logit_softcap, cfg.loss_chunk)
+            chunk = resolve_chunk(cfg.loss_chunk, dt)
+            return head_nll(x, w_out[:, : cfg.vocab_size].astype(dt), targets, cfg.logit_softcap, chunk)
         logits = self.logits(x, w_out)
         if cache is None:
             return logits
@@ -331,14 +332,16 @@ class GPT(nnx.Module):
 
 def resolved_kernels(cfg: ModelConfig, batch: int = 1) -> dict:
     """Which implementations the training step runs for this config on this machine ("auto" resolved):
-    {"attention": xla | cudnn | splash, "rope_norm": xla | pallas}, for the train and bench reports."""
+    {"attention": xla | blocked | cpu | cudnn | splash, "rope_norm": xla | pallas, "loss_chunk": tokens per chunk
+    of the fused head, 0 = all at once}, for the train and bench reports."""
     dt = jnp.dtype(resolve_compute_dtype(cfg.compute_dtype))
     T, D = cfg.sequence_len, cfg.head_dim
     q = jax.ShapeDtypeStruct((batch, T, cfg.n_head, D), dt)
     k = jax.ShapeDtypeStruct((batch, T, cfg.n_kv_head, D), dt)
     return {"attention": resolve_backend(cfg.attention, q, k),
             "rope_norm": "xla" if cfg.partial_first_dims or cfg.qk_norm_before_rope
-            else resolve_rope_norm(cfg.rope_norm, q.shape, dt)}
+            else resolve_rope_norm(cfg.rope_norm, q.shape, dt),
+            "loss_chunk": resolve_chunk(cfg.loss_chunk, dt)}
 
 
 def token_nll(logits, targets):

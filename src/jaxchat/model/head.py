@@ -62,6 +62,19 @@ def _dz(z, lse, targets, g, cap: float):
     return (ds * (1.0 - jnp.square(s / cap)) if cap > 0 else ds).astype(z.dtype)  # tanh' = 1 - tanh^2
 
 
+CPU_CHUNK = 1024  # `auto` on a CPU computing in bf16
+
+
+def resolve_chunk(chunk: int, dtype) -> int:
+    """`model.loss_chunk` as tokens per chunk (0: all at once). -1 (auto) is CPU_CHUNK on a CPU computing in a
+    low-precision dtype, else 0: there each chunk's logits stay in cache and the chunked head made the bf16 step
+    6-10% faster (cpu-bench 436 -> 411 ms, `tiny` 186 -> 169), where in fp32 it was 5% slower (the extra head GEMM
+    costs more than the cache saves; docs/LOG.md, session 11)."""
+    if chunk >= 0:
+        return chunk
+    return CPU_CHUNK if cpu_dots.wants_f32_result(dtype) else 0
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def head_nll(x, w, targets, cap: float, chunk: int = 0):
     """x (..., C) and w (C, V) in the compute dtype, int targets (...) (-1 = ignored) -> fp32 NLL (...).
