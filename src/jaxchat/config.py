@@ -62,7 +62,7 @@ MLP_KINDS = ("relu2", "leaky_relu2", "gelu", "swiglu", "yatnmn", "yatnmn_softplu
 INIT_SCHEMES = ("nanochat", "golf", "golf_ortho", "marin")  # see model/init.py
 ROPE_PARTIAL_FORMS = ("first_dims", "zero_freqs")  # how rope_dims < head_dim is realised, see model/rotary.py
 BIGRAM_MAX_BUCKETS = 32768  # the bigram hash is taken in int32 (model/embeddings.py)
-ATTENTION_BACKENDS = ("xla", "blocked", "cpu", "cudnn", "splash", "auto")  # see model/attention.py; checked at first use
+ATTENTION_BACKENDS = ("xla", "blocked", "cpu", "cudnn", "splash", "auto")  # model/attention.py; checked at first use
 ROPE_NORM_IMPLS = ("auto", "xla", "pallas")  # RoPE + QK-norm, see model/rotary.py
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj", "save_out_proj")  # see model/remat.py
 # Fields that choose how the step is computed, not what it computes: the parameters and their layout do not depend

@@ -3,10 +3,10 @@
 `tiny` is the CPU default, sized so `make train` beats xz -9e on the embedded corpus in about a minute of bf16
 training on two cores; `cpu-bench` is the CPU benchmark config shared with the reference implementations (4
 layers, n_embd 256, 2 heads of 128, vocab 8192, seq 512, batch 8, SSSL, AdamW, fp32). The `d12-*` presets are
-the exact configs and AdamW recipes of
-the seed model cards (trained with flaxchat: tied embeddings, RMSNorm eps 1e-6, 12 heads of 64, seq 1024,
-batch 256, Chinchilla 20x tokens). `nanochat-*` follow nanochat's architecture (depth sets the width:
-C = ceil(64 * depth / 128) * 128, head_dim 128) and its Muon recipe, horizon and batch rules (see plan.py).
+the exact configs and AdamW recipes of the seed model cards (trained with flaxchat: tied embeddings, RMSNorm eps
+1e-6, 12 heads of 64, seq 1024, batch 256, Chinchilla 20x tokens). `nanochat-*` follow nanochat's architecture
+(depth sets the width: C = ceil(64 * depth / 128) * 128, head_dim 128) and its Muon recipe, horizon and batch
+rules (see plan.py).
 `golf-*` are the parameter-golf models (docs/architecture.md §Golf): the naive baseline and PR #334, vocab 1024,
 seq 1024, 524,288 tokens per step, trained with golf's recipe (`optim.optimizer=golf`, optim/golf.py; PR #334:
 Muon wd 0.04, warmdown 3000; baseline: no Muon decay, warmdown 1200). `marin-*` are marin's speedrun models (PR
@@ -104,7 +104,7 @@ PRESETS: dict[str, tuple[str, Config]] = {
         "the CPU benchmark config shared with the reference implementations: 4 layers, n_embd 256, 2 heads of 128, "
         "vocab 8192, seq 512, batch 8, SSSL, AdamW, fp32",
         Config(model=ModelConfig(vocab_size=8192, sequence_len=512, n_layer=4, n_embd=256, n_head=2,
-                                 n_kv_head=2, mlp="relu2"),
+                                 n_kv_head=2, mlp="relu2", compute_dtype="float32"),
                optim=OptimConfig(lr=3e-3, warmup_steps=20, weight_decay=0.01),
                data=DataConfig(tokenizer_vocab=8192),
                train=TrainConfig(num_steps=300, batch_size=8, eval_every=100, eval_tokens=65536, log_every=10))),

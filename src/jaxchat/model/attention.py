@@ -280,8 +280,8 @@ def auto_attention(q, k, v, *, window: int, q_pos, k_pos, k_len=None):
     return fn(q, k, v, window=window, q_pos=q_pos, k_pos=k_pos, k_len=k_len)
 
 
-BACKENDS = {"xla": xla_attention, "blocked": blocked_attention, "cpu": cpu_attention, "cudnn": cudnn_attention, "splash": splash_attention,
-            "auto": auto_attention}
+BACKENDS = {"xla": xla_attention, "blocked": blocked_attention, "cpu": cpu_attention, "cudnn": cudnn_attention,
+            "splash": splash_attention, "auto": auto_attention}
 
 
 def attend(q, k, v, *, window: int, q_pos, k_pos, k_len=None, backend: str = "xla"):

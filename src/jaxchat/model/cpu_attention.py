@@ -14,8 +14,10 @@ row-major (cpu_dots.py says why; docs/LOG.md, session 11). Autodiff of `xla_atte
               dK^T = scale Q^T dS  (b, D, M) x (b, M, N)
 
 Only (T, D)-sized operands are ever transposed (into new row-major arrays, cpu_dots.row_major_transpose); the
-(M, N) score matrices never are. P is kept for the backward in fp32 (B*H*T*S*4 bytes per layer: 16 MiB at
+(M, N) score matrices never are. P is kept for the backward in fp32 (at most B*H*T*T*4 bytes per layer: 16 MiB at
 cpu-bench), so the backward recomputes nothing. GQA is native: a kv head's G query heads are stacked along M.
+The queries run in two halves, each over only the keys its window reaches: the first half never scores the
+second half's keys (a quarter of the score matrix, all of it causally masked).
 
 Same function as `xla` (the same fp32 softmax over the same unmasked keys, P rounded to the compute dtype before
 P V); equal to fp32 rounding, not bitwise. Training path only (q_pos == k_pos, no KV cache), any device, any dtype;
@@ -32,8 +34,6 @@ import jax.numpy as jnp
 
 from jaxchat.config import ConfigError
 from jaxchat.dtypes import F32
-
-
 
 
 def cpu_unsupported_reason(q, k, k_len=None) -> str | None:
