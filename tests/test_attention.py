@@ -164,20 +164,21 @@ def test_blocked_matches_xla_forward_and_gradients(T, H, K, window):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
+def forward_flops(fn, window: int) -> float:
+    """XLA's FLOP count of a backend's compiled forward at T = 256 (2 heads of 32, batch 2)."""
+    q, k, v = qkv(jax.random.key(5), 2, 256, 2, 2, 32)
+    pos = jnp.arange(256)
+    f = jax.jit(lambda q, k, v: fn(q, k, v, window=window, q_pos=pos, k_pos=pos))
+    cost = f.lower(q, k, v).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+
 def test_blocked_skips_the_masked_score_blocks():
     """At T = 256 (4 blocks of 64 queries) the causal layer's blocks see 64, 128, 192 and 256 keys (10/16 of the
     scores) and a 100-token window's 64, 128, 164 and 164 (520/1024): the FLOPs of the compiled forward (XLA's own
     count) against xla's, which scores every key for every query."""
-    q, k, v = qkv(jax.random.key(5), 2, 256, 2, 2, 32)
-    pos = jnp.arange(256)
-
-    def flops(fn, window):
-        f = jax.jit(lambda q, k, v: fn(q, k, v, window=window, q_pos=pos, k_pos=pos))
-        cost = f.lower(q, k, v).compile().cost_analysis()
-        return (cost[0] if isinstance(cost, list) else cost)["flops"]
-
     for window, keys in ((255, 64 + 128 + 192 + 256), (100, 64 + 128 + 164 + 164)):
-        full, blocked = flops(xla_attention, window), flops(blocked_attention, window)
+        full, blocked = forward_flops(xla_attention, window), forward_flops(blocked_attention, window)
         assert blocked / full == pytest.approx(keys / (4 * 256), rel=0.02), (window, blocked, full)
 
 
@@ -216,16 +217,8 @@ def test_cpu_matches_xla_forward_and_gradients(T, H, K, window, dtype):
 def test_cpu_skips_the_second_half_of_the_keys_for_the_first_half_of_the_queries():
     """XLA's FLOP count of the compiled forward against xla's (every query scores every key): a causal layer at
     T = 256 scores 128 keys for the first half and 256 for the second (3/4); a 100-token window 128 and 228."""
-    q, k, v = qkv(jax.random.key(5), 2, 256, 2, 2, 32)
-    pos = jnp.arange(256)
-
-    def flops(fn, window):
-        f = jax.jit(lambda q, k, v: fn(q, k, v, window=window, q_pos=pos, k_pos=pos))
-        cost = f.lower(q, k, v).compile().cost_analysis()
-        return (cost[0] if isinstance(cost, list) else cost)["flops"]
-
     for window, keys in ((255, 128 + 256), (100, 128 + 228)):
-        full, half = flops(xla_attention, window), flops(cpu_attention, window)
+        full, half = forward_flops(xla_attention, window), forward_flops(cpu_attention, window)
         assert half / full == pytest.approx(keys / (2 * 256), rel=0.03), (window, half, full)
 
 
