@@ -17,10 +17,13 @@ import jax.numpy as jnp
 
 from jaxchat.cache import cache_dir
 from jaxchat.fileio import write_json_atomic
+from jaxchat.model import cpu_dots
 from jaxchat.model.accounting import device_peak_flops
 
-MATMUL_N = 1024  # 2 GFLOP per matmul: long enough to time, short enough to measure at start-up (~1 s on 2 cores)
+MATMUL_N = 1024  # 2 GFLOP per fp32 matmul: long enough to time, short enough to measure at start-up (~1 s on 2 cores)
+MATMUL_N_LOW_PRECISION = 2048  # bf16 GEMMs run ~6x faster on a CPU with bf16 units: 17 GFLOP takes as long
 MATMUL_REPS = 5
+KEY_VERSION = "f32-accumulated GEMM"  # in the cache key: values measured before this rule are not reused
 
 
 def cache_file():
@@ -30,14 +33,17 @@ def cache_file():
 def machine_key(dtype: str) -> str:
     dev = jax.devices()[0]
     cpu = platform.processor() or platform.machine()
-    return f"{dev.platform}|{dev.device_kind}|{cpu}|{os.cpu_count()} cores|jax {jax.__version__}|{dtype}"
+    return f"{dev.platform}|{dev.device_kind}|{cpu}|{os.cpu_count()} cores|jax {jax.__version__}|{dtype}|{KEY_VERSION}"
 
 
-def measure_matmul_flops(dtype: str, n: int = MATMUL_N, reps: int = MATMUL_REPS) -> float:
-    """FLOP/s of the best of `reps` n x n matmuls in `dtype` on the default device."""
+def measure_matmul_flops(dtype: str, n: int | None = None, reps: int = MATMUL_REPS) -> float:
+    """FLOP/s of the best of `reps` n x n matmuls in `dtype` on the default device, written as the model writes its
+    matmuls (cpu_dots.dot: f32 accumulation; a plain bf16 `jnp.matmul` is upcast to an f32 GEMM by XLA:CPU, whose
+    rate made a bf16 step's MFU read ~98%)."""
+    n = n or (MATMUL_N if jnp.dtype(dtype) == jnp.dtype(jnp.float32) else MATMUL_N_LOW_PRECISION)
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
-    f = jax.jit(jnp.matmul)
+    f = jax.jit(lambda a, b: cpu_dots.dot(a, b, a.dtype))
     f(a, b).block_until_ready()  # compile and warm up
     best = float("inf")
     for _ in range(reps):
