@@ -8,9 +8,10 @@ memory. Two things fall off that path (docs/LOG.md, session 11; `benchmarks/cpu_
   rounding).
 - The backward dots autodiff makes, dx = g @ w^T and dw = x^T @ g, contract a transposed operand. XLA folds the
   transpose into the dot's dimension numbers, so the GEMM reads a column-major operand: in bf16 that dot is upcast
-  to f32 as above, and in f32 dw runs at about half speed. Here the small operand (w, or x for dw) is transposed
-  into a new row-major array first (`row_major_transpose`), and the dot is canonical. At cpu-bench's lm_head
-  shapes ([4096, 256] x [256, 8192]) bf16 dx 56 -> 11 ms, dw 67 -> 19 ms; f32 dw 104 -> 53 ms.
+  to f32 as above (in f32 it costs little: dw 61 -> 55 ms at the lm_head shape, the MLP's within noise). Here the
+  small operand (w, or x for dw) is transposed into a new row-major array first (`row_major_transpose`), and the
+  dot is canonical. bf16 at cpu-bench's lm_head shapes ([4096, 256] x [256, 8192]): dx 54 -> 11 ms, dw 72 -> 21;
+  at the MLP's: dx 6.3 -> 1.5 ms, dw 7.8 -> 2.4 (`benchmarks/cpu_gemm.py`, BENCHMARKS.md).
 
 Used only on the CPU backend (elsewhere `matmul` is a plain `jnp.matmul` and autodiff makes the backward).
 """
