@@ -13,7 +13,7 @@ row-major (cpu_dots.py says why; docs/LOG.md, session 11). Autodiff of `xla_atte
               dQ = scale dS K  (b, M, N) x (b, N, D)
               dK^T = scale Q^T dS  (b, D, M) x (b, M, N)
 
-Only (T, D)-sized operands are ever transposed (into new row-major arrays, cpu_dots.row_major_transpose); the
+Only (T, D)-sized operands are ever transposed (in bf16 into new row-major arrays, cpu_dots.transposed); the
 (M, N) score matrices never are. P is kept for the backward in fp32 (at most B*H*T*T*4 bytes per layer: 16 MiB at
 cpu-bench), so the backward recomputes nothing. GQA is native: a kv head's G query heads are stacked along M.
 The queries run in two halves, each over only the keys its window reaches: the first half never scores the
@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from jaxchat.config import ConfigError
 from jaxchat.dtypes import F32
+from jaxchat.model.cpu_dots import transposed
 
 
 def cpu_unsupported_reason(q, k, k_len=None) -> str | None:
@@ -48,13 +49,6 @@ def _bdot(a, b, out_dtype):
     XLA:CPU's bf16 GEMMs), rounded to out_dtype."""
     dims = (((2,), (1,)), ((0,), (0,)))
     return jax.lax.dot_general(a, b, dims, preferred_element_type=F32).astype(out_dtype)
-
-
-def _t(a):
-    """(b, X, Y) -> (b, Y, X) as a new row-major array: flattening pins the layout, the barrier keeps XLA from
-    folding the transpose into the next dot (cpu_dots.row_major_transpose)."""
-    t = jnp.swapaxes(a, 1, 2)
-    return jax.lax.optimization_barrier(t.reshape(-1)).reshape(t.shape)
 
 
 def _mask(T: int, S: int, G: int, window: int, offset: int):
@@ -72,7 +66,7 @@ def _grouped(q, k, v, window: int, G: int, offset: int):
 
 def _grouped_fwd(q, k, v, window, G, offset):
     scale = 1.0 / math.sqrt(q.shape[-1])
-    s = _bdot(q, _t(k), F32) * scale
+    s = _bdot(q, transposed(k), F32) * scale
     s = jnp.where(_mask(q.shape[1] // G, k.shape[1], G, window, offset)[None], s, jnp.finfo(F32).min)
     p = jax.nn.softmax(s, axis=-1)
     return _bdot(p.astype(v.dtype), v, v.dtype), (q, k, v, p)
@@ -82,11 +76,11 @@ def _grouped_bwd(window, G, offset, res, dy):
     q, k, v, p = res
     dt, scale = q.dtype, 1.0 / math.sqrt(q.shape[-1])
     dy = dy.astype(dt)
-    dp = _bdot(dy, _t(v), F32)
-    dv = _t(_bdot(_t(dy), p.astype(dt), dt))
+    dp = _bdot(dy, transposed(v), F32)
+    dv = transposed(_bdot(transposed(dy), p.astype(dt), dt))
     ds = (p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True)) * scale).astype(dt)
     dq = _bdot(ds, k, dt)
-    dk = _t(_bdot(_t(q), ds, dt))
+    dk = transposed(_bdot(transposed(q), ds, dt))
     return dq, dk, dv
 
 

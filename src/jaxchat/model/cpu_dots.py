@@ -9,7 +9,7 @@ memory. Two things fall off that path (docs/LOG.md, session 11; `benchmarks/cpu_
 - The backward dots autodiff makes, dx = g @ w^T and dw = x^T @ g, contract a transposed operand. XLA folds the
   transpose into the dot's dimension numbers, so the GEMM reads a column-major operand: in bf16 that dot is upcast
   to f32 as above (in f32 it costs little: dw 61 -> 55 ms at the lm_head shape, the MLP's within noise). Here the
-  small operand (w, or x for dw) is transposed into a new row-major array first (`row_major_transpose`), and the
+  small operand (w, or x for dw) is transposed into a new row-major array first (`transposed`), and the
   dot is canonical. bf16 at cpu-bench's lm_head shapes ([4096, 256] x [256, 8192]): dx 54 -> 11 ms, dw 72 -> 21;
   at the MLP's: dx 6.3 -> 1.5 ms, dw 7.8 -> 2.4 (`benchmarks/cpu_gemm.py`, BENCHMARKS.md).
 
@@ -35,11 +35,15 @@ def wants_f32_result(dtype) -> bool:
     return jnp.dtype(dtype) != jnp.dtype(F32) and on_cpu()
 
 
-def row_major_transpose(a):
-    """a (M, N) -> a^T (N, M) as a new row-major array. A plain `a.T` is only a layout change: XLA hands the dot a
-    column-major view. Flattening pins the transposed array's layout to row-major, and the barrier keeps XLA from
-    folding the transpose back into the dot."""
-    t = a.T
+def transposed(a):
+    """a (..., M, N) -> (..., N, M) as a dot operand. In a low-precision dtype on a CPU: a new row-major array (a
+    plain transpose is only a layout change, XLA would hand the dot a column-major view and upcast it; flattening
+    pins the layout to row-major, the barrier keeps XLA from folding the transpose back into the dot). In f32 a
+    plain transpose: XLA folds it into the dot at little cost, and the copies cost more (175 of 1,076 ms of kernel
+    time in a cpu-bench step; docs/LOG.md, session 11)."""
+    t = jnp.swapaxes(a, -1, -2)
+    if not wants_f32_result(a.dtype):
+        return t
     return jax.lax.optimization_barrier(t.reshape(-1)).reshape(t.shape)
 
 
@@ -52,8 +56,8 @@ def dot(a, b, out_dtype):
 def grads(x, w, g):
     """The two backward dots of y = x @ w for a cotangent g (..., N): (dx (..., K), dw (K, N)), each canonical."""
     x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-    dx = dot(g, row_major_transpose(w), x.dtype)
-    dw = dot(row_major_transpose(x2), g2, w.dtype)
+    dx = dot(g, transposed(w), x.dtype)
+    dw = dot(transposed(x2), g2, w.dtype)
     return dx, dw
 
 

@@ -156,7 +156,7 @@ def _bwd_chunked(cap, chunk, res, g):
     xs = _chunked(x.reshape(n, x.shape[-1]), chunk, 0)
     ts = _chunked(targets.reshape(n), chunk, -1)
     gs = _chunked(g.reshape(n), chunk, 0)
-    w_t = cpu_dots.row_major_transpose(w) if cpu_dots.on_cpu() else w.T  # canonical dots on a CPU (cpu_dots.py)
+    w_t = cpu_dots.transposed(w) if cpu_dots.on_cpu() else w.T  # canonical dots on a CPU (cpu_dots.py)
 
     def one(dw, chunk_res):
         x_c, t_c, lse_c, g_c = chunk_res
@@ -166,7 +166,7 @@ def _bwd_chunked(cap, chunk, res, g):
             dz = _dz(z, lse_c, t_c, g_c, cap)
         with jax.named_scope("lm_head"):
             dx_c = cpu_dots.dot(dz, w_t, x.dtype)
-            x_t = cpu_dots.row_major_transpose(x_c) if cpu_dots.on_cpu() else x_c.T
+            x_t = cpu_dots.transposed(x_c) if cpu_dots.on_cpu() else x_c.T
             dw = dw + jnp.matmul(x_t, dz, preferred_element_type=F32)
         return dw, dx_c
 
