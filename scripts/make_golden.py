@@ -40,8 +40,8 @@ GOLDEN = {
     "tiny-micro-20": {"preset": "tiny", "set": MICRO + ADAMW + [
         "train.num_steps=20", "train.grad_accum=2", "train.save_every=4", "train.eval_every=8",
         "train.keep_last=2", "train.keep_every=8"]},
-    "tiny-20": {"preset": "tiny", "set": ADAMW + ["train.num_steps=20", "train.eval_every=0", "train.sample_tokens=4",
-                                          "train.log_every=1"]},
+    "tiny-20": {"preset": "tiny", "set": ADAMW + ["train.num_steps=20", "train.eval_every=0",
+                                                  "train.sample_tokens=4", "train.log_every=1"]},
 }
 
 
