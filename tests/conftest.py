@@ -26,7 +26,7 @@ def fixture_path(name: str) -> Path:
     return path
 
 
-# `model.compute_dtype=auto` would be bfloat16 on a CPU with bf16 units (config.cpu_has_bf16_units): the suite's
+# `model.compute_dtype=auto` would be bfloat16 on a CPU with bf16 units (dtypes.cpu_has_bf16_units): the suite's
 # fp32 reference checks pin this machine to fp32 whatever its CPU, child processes included (they inherit it).
 os.environ["JAXCHAT_CPU_BF16"] = "0"
 

@@ -15,7 +15,8 @@ import pytest
 from flax import nnx
 from jax._src.ad_checkpoint import saved_residuals  # JAX's own account of what a backward keeps (private API)
 
-from jaxchat.config import REMAT_POLICIES, Config, ConfigError, DataConfig, ModelConfig, resolve_compute_dtype
+from jaxchat.config import REMAT_POLICIES, Config, ConfigError, DataConfig, ModelConfig
+from jaxchat.dtypes import resolve_compute_dtype
 from jaxchat.resume import check_resume_config
 from jaxchat.model.gpt import GPT, param_dict
 from jaxchat.model.scan import describe, scan_layout
@@ -161,7 +162,7 @@ def test_resume_may_change_execution_options_only():
 
 
 def cpuinfo_has_bf16() -> bool:
-    """The CPU's bf16 flags, read here independently of config.cpu_has_bf16_units."""
+    """The CPU's bf16 flags, read here independently of dtypes.cpu_has_bf16_units."""
     if not os.path.exists("/proc/cpuinfo"):
         return False
     return re.search(r"\b(amx_bf16|avx512_bf16)\b", open("/proc/cpuinfo").read()) is not None

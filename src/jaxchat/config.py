@@ -10,10 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass, field, fields
 
-import jax
 
 
 class ConfigError(ValueError):
@@ -23,39 +21,6 @@ class ConfigError(ValueError):
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
-
-
-CPU_BF16_ENV = "JAXCHAT_CPU_BF16"  # 1 / 0: take the CPU as having bf16 units or not, whatever its flags say
-
-
-def cpu_has_bf16_units() -> bool:
-    """Whether this CPU multiplies bf16 in hardware: AMX-BF16 or AVX512-BF16 among /proc/cpuinfo's flags (Linux;
-    elsewhere False). XLA:CPU reaches them through its bf16 GEMMs (model/cpu_dots.py). JAXCHAT_CPU_BF16=0 or 1
-    overrides the flags (the test suite sets 0, so its fp32 reference checks do not depend on the host CPU)."""
-    forced = os.environ.get(CPU_BF16_ENV, "").strip()
-    if forced:
-        if forced not in ("0", "1"):
-            raise ConfigError(f"{CPU_BF16_ENV}={forced!r}: set 1 (bf16 units: auto computes in bfloat16) or 0 "
-                              f"(float32), or unset it to read the CPU's flags")
-        return forced == "1"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:
-        return False
-    return bool(flags & {"amx_bf16", "avx512_bf16"})
-
-
-def resolve_compute_dtype(name: str) -> str:
-    """`model.compute_dtype` as a concrete dtype name: "auto" is bfloat16 on an accelerator (GPU, TPU) and on a CPU
-    with bf16 units (AMX-BF16 / AVX512-BF16), float32 on other CPUs. On the CPU the choice was measured: `tiny`'s
-    step 1.5x faster in bf16, its loss curve within seed noise of fp32 (docs/LOG.md, session 11). Resolved when a
-    run's config is planned (plan.resolve), so a run directory records the concrete dtype and a resume on another
-    kind of device is refused rather than silently changing the numerics. Asks JAX for its backend, so call it
-    only once JAX may initialise."""
-    if name != "auto":
-        return name
-    return "bfloat16" if jax.default_backend() != "cpu" or cpu_has_bf16_units() else "float32"
 
 
 MLP_KINDS = ("relu2", "leaky_relu2", "gelu", "swiglu", "yatnmn", "yatnmn_softplus")
@@ -68,7 +33,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj", "sav
 # Fields that choose how the step is computed, not what it computes: the parameters and their layout do not depend
 # on them, so a run may resume with other values (results then differ only by rounding).
 EXECUTION_FIELDS = ("attention", "rope_norm", "scan_layers", "remat", "loss_chunk")
-DTYPES = ("auto", "float32", "bfloat16")  # auto: bf16 on a GPU/TPU or a bf16-capable CPU (resolve_compute_dtype)
+DTYPES = ("auto", "float32", "bfloat16")  # auto: bf16 on a GPU/TPU or a bf16-capable CPU (dtypes.py)
 TRACKERS = ("tensorboard", "wandb")  # train.trackers: see trackers.py
 
 
@@ -99,7 +64,7 @@ class ModelConfig:
     yatnmn_eps: float = 1e-3  # eps of the yatnmn MLP's distance denominator
     attention: str = "auto"  # attention backend, see model/attention.py (auto: the fastest that runs here)
     rope_norm: str = "auto"  # RoPE + QK-norm implementation, one of ROPE_NORM_IMPLS (model/rotary.py)
-    compute_dtype: str = "auto"  # params stay fp32; matmuls run in this dtype (resolve_compute_dtype)
+    compute_dtype: str = "auto"  # params stay fp32; matmuls run in this dtype (dtypes.resolve_compute_dtype)
     scan_layers: bool = False  # run repeating groups of blocks (e.g. SSSL) under lax.scan: one group compiled
     remat: str = "none"  # activation checkpointing policy per block, one of REMAT_POLICIES (model/remat.py)
     loss_chunk: int = -1  # > 0: the fused lm_head + loss over chunks of this many tokens; 0: all at once; -1: auto

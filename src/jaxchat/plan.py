@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from jaxchat.config import Config, ConfigError, resolve_compute_dtype
+from jaxchat.config import Config, ConfigError
+from jaxchat.dtypes import resolve_compute_dtype
 from jaxchat.model.accounting import count, param_shapes
 from jaxchat.optim import build_optimizer, golf, muon_overrides, scaling
 from jaxchat.optim.groups import describe_groups

@@ -20,7 +20,8 @@ from pathlib import Path
 import jax
 
 from jaxchat.checkpoint import Checkpointer, CheckpointError, remove_debris
-from jaxchat.config import EXECUTION_FIELDS, Config, ConfigError, resolve_compute_dtype
+from jaxchat.config import EXECUTION_FIELDS, Config, ConfigError
+from jaxchat.dtypes import resolve_compute_dtype
 from jaxchat.data.tokenizer import Tokenizer, find_tokenizer_file
 from jaxchat.distributed import together
 from jaxchat.fileio import append_jsonl, read_jsonl, write_json_atomic

@@ -47,8 +47,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxchat.config import ModelConfig, resolve_compute_dtype
-from jaxchat.dtypes import F32
+from jaxchat.config import ModelConfig
+from jaxchat.dtypes import F32, resolve_compute_dtype
 from jaxchat.model.attention import attend, resolve_backend
 from jaxchat.model.embeddings import BigramHash, previous, smear_nanochat, smear_v1
 from jaxchat.model.head import head_nll, resolve_chunk
