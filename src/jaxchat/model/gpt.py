@@ -224,7 +224,7 @@ class GPT(nnx.Module):
         x = norm(x, cfg.norm_eps)
         w_out = self.wte.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
         if targets is not None:
-            chunk = resolve_chunk(cfg.loss_chunk, dt)
+            chunk = resolve_chunk(cfg.loss_chunk)
             return head_nll(x, w_out[:, : cfg.vocab_size].astype(dt), targets, cfg.logit_softcap, chunk)
         logits = self.logits(x, w_out)
         if cache is None:
@@ -341,7 +341,7 @@ def resolved_kernels(cfg: ModelConfig, batch: int = 1) -> dict:
     return {"attention": resolve_backend(cfg.attention, q, k),
             "rope_norm": "xla" if cfg.partial_first_dims or cfg.qk_norm_before_rope
             else resolve_rope_norm(cfg.rope_norm, q.shape, dt),
-            "loss_chunk": resolve_chunk(cfg.loss_chunk, dt)}
+            "loss_chunk": resolve_chunk(cfg.loss_chunk)}
 
 
 def token_nll(logits, targets):

@@ -10,14 +10,15 @@ logsumexp; the backward forms dz = g * (softmax(s) - onehot) * (1 - tanh^2) in o
 runs both GEMMs in it. With fp32 compute (CPU) this is the same math as autodiff.
 
 Chunked (`chunk > 0`, `model.loss_chunk`): even fused, the head holds (N, V) logits for all N tokens of the
-micro-batch: z saved for the backward, then dz and the fp32 temporaries that form it. When that is the memory
-limit, the tokens are flattened to (N, C) and run `chunk` at a time under `lax.scan`, so only one (chunk, V)
-block of logits exists at once. The forward saves x, W, the targets and the per-token logsumexp, not z; the
-backward recomputes each chunk's z = x_c @ W and forms dz_c, dx_c = dz_c @ W^T and dW += x_c^T dz_c (summed
-in fp32 across chunks). The price is one extra forward GEMM of the head in the backward (2NCV more FLOPs: the
-head's three GEMMs become four) and smaller, sequential GEMMs; the saving is O((N - chunk) V) of activation
-memory. N is padded up to a multiple of the chunk with ignored targets (-1), which contribute nothing; a chunk
-larger than N is cut to N.
+micro-batch: z saved for the backward, then dz and the fp32 temporaries that form it. Chunked, the tokens are
+flattened to (N, C) and run `chunk` at a time under `lax.scan`, so only one (chunk, V) block of logits exists at
+once, and the forward already forms the gradients: each chunk's dz for a unit cotangent on every token, then
+dx_c = dz_c @ W^T and dW += x_c^T dz_c (summed in fp32), while the chunk's logits are in cache. The backward
+scales them by the cotangent g. dx scales row by row, so that is exact for any g; dW is a sum over tokens, so
+it holds only where g is the same on every counted token, which is what a summed or mean loss gives (the train
+step, TTT). For any other g (a weighted loss) the backward recomputes each chunk's logits and forms dW with the
+real g (`lax.cond`: one branch runs). N is padded up to a multiple of the chunk with ignored targets (-1), which
+contribute nothing; a chunk larger than N is cut to N. Without gradients (evaluation) only the NLL is formed.
 """
 
 from __future__ import annotations
@@ -62,17 +63,17 @@ def _dz(z, lse, targets, g, cap: float):
     return (ds * (1.0 - jnp.square(s / cap)) if cap > 0 else ds).astype(z.dtype)  # tanh' = 1 - tanh^2
 
 
-CPU_CHUNK = 1024  # `auto` on a CPU computing in bf16
+CPU_CHUNK = 1024  # `auto` on a CPU
 
 
-def resolve_chunk(chunk: int, dtype) -> int:
-    """`model.loss_chunk` as tokens per chunk (0: all at once). -1 (auto) is CPU_CHUNK on a CPU computing in a
-    low-precision dtype, else 0: there each chunk's logits stay in cache and the chunked head made the bf16 step
-    6-10% faster (cpu-bench 436 -> 411 ms, `tiny` 186 -> 169), where in fp32 it was 5% slower (the extra head GEMM
-    costs more than the cache saves; docs/LOG.md, session 11)."""
+def resolve_chunk(chunk: int) -> int:
+    """`model.loss_chunk` as tokens per chunk (0: all at once). -1 (auto) is CPU_CHUNK on a CPU, else 0: with the
+    gradients formed in the forward, the chunked head does the batch's three GEMMs one chunk at a time, and no
+    (N, V) tensor goes through memory (cpu-bench, AMD EPYC 2 cores: bf16 614 -> 576-595
+    ms, fp32 999 -> 939-949; docs/LOG.md, session 12)."""
     if chunk >= 0:
         return chunk
-    return CPU_CHUNK if cpu_dots.wants_f32_result(dtype) else 0
+    return CPU_CHUNK if cpu_dots.on_cpu() else 0
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -81,7 +82,7 @@ def head_nll(x, w, targets, cap: float, chunk: int = 0):
 
     cap (0: no soft-cap) and chunk (tokens per chunk, 0: all at once; see the module docstring) are Python
     numbers fixed at trace time."""
-    return _fwd(x, w, targets, cap, chunk)[0]
+    return _nll_chunked(x, w, targets, cap, chunk) if chunk else _fwd(x, w, targets, cap, chunk)[0]
 
 
 def _fwd(x, w, targets, cap, chunk):
@@ -134,44 +135,94 @@ def _chunk_size(targets, chunk: int) -> tuple[int, int]:
     return n, min(chunk, n)
 
 
-def _fwd_chunked(x, w, targets, cap, chunk):
+def _chunks(x, targets, chunk: int):
+    """(N tokens, tokens per chunk, x as (k, chunk, C), targets as (k, chunk)), the last chunk padded with ignored
+    tokens."""
     n, chunk = _chunk_size(targets, chunk)
-    xs = _chunked(x.reshape(n, x.shape[-1]), chunk, 0)
-    ts = _chunked(targets.reshape(n), chunk, -1)
+    return n, chunk, _chunked(x.reshape(n, x.shape[-1]), chunk, 0), _chunked(targets.reshape(n), chunk, -1)
+
+
+def _nll_chunked(x, w, targets, cap, chunk):
+    """The chunked head without gradients (evaluation): per-token NLL."""
+    n, chunk, xs, ts = _chunks(x, targets, chunk)
 
     def one(xt):
+        with jax.named_scope("lm_head"):
+            z = cpu_dots.dot(xt[0], w, x.dtype)
+        with jax.named_scope("loss"):
+            return _nll(z, xt[1], cap)[0]
+
+    return jax.lax.map(one, (xs, ts)).reshape(-1)[:n].reshape(targets.shape)
+
+
+def _fwd_chunked(x, w, targets, cap, chunk):
+    """NLL, and already the gradients for a unit cotangent on every token (the train step's summed loss): each
+    chunk's dz is formed while its logits are in cache, so no logits are kept and none recomputed."""
+    n, chunk, xs, ts = _chunks(x, targets, chunk)
+    w_t = _transposed(w)
+
+    def one(dw, xt):
         x_c, t_c = xt
         with jax.named_scope("lm_head"):
             z = cpu_dots.dot(x_c, w, x.dtype)
         with jax.named_scope("loss"):
-            return _nll(z, t_c, cap)
+            nll, lse = _nll(z, t_c, cap)
+            dz = _dz(z, lse, t_c, jnp.ones_like(lse), cap)
+        with jax.named_scope("lm_head"):
+            dx_c = cpu_dots.dot(dz, w_t, x.dtype)
+            dw = dw + jnp.matmul(_transposed(x_c), dz, preferred_element_type=F32)
+        return dw, (nll, dx_c)
 
-    nll, lse = jax.lax.map(one, (xs, ts))
-    return nll.reshape(-1)[:n].reshape(targets.shape), (x, w, lse, targets)
+    dw1, (nll, dx1) = jax.lax.scan(one, jnp.zeros(w.shape, F32), (xs, ts))
+    dx1 = dx1.reshape(-1, x.shape[-1])[:n].reshape(x.shape)
+    return nll.reshape(-1)[:n].reshape(targets.shape), (x, w, targets, dx1, dw1)
 
 
 def _bwd_chunked(cap, chunk, res, g):
-    x, w, lse, targets = res
-    n, chunk = _chunk_size(targets, chunk)
-    xs = _chunked(x.reshape(n, x.shape[-1]), chunk, 0)
-    ts = _chunked(targets.reshape(n), chunk, -1)
-    gs = _chunked(g.reshape(n), chunk, 0)
-    w_t = cpu_dots.transposed(w) if cpu_dots.on_cpu() else w.T  # canonical dots on a CPU (cpu_dots.py)
+    """dx scales row by row with g (a token's dz is linear in its own cotangent); dW is a sum over tokens, so the
+    forward's dW holds only when g is the same on every counted token (a summed or mean loss). For any other g
+    (a weighted loss) the chunks' logits are recomputed and dW formed with the real g."""
+    x, w, targets, dx1, dw1 = res
+    valid = targets >= 0
+    g_hi = jnp.max(jnp.where(valid, g, -jnp.inf))
+    g_lo = jnp.min(jnp.where(valid, g, jnp.inf))
+    any_valid = jnp.any(valid)
+    g_all = jnp.where(any_valid, g_hi, 0.0)
 
-    def one(dw, chunk_res):
-        x_c, t_c, lse_c, g_c = chunk_res
+    def scaled(_):
+        dx = (dx1.astype(F32) * jnp.where(valid, g, 0.0)[..., None]).astype(x.dtype)
+        return dx, (dw1 * g_all).astype(w.dtype)
+
+    def recomputed(_):
+        return _recompute_grads(x, w, targets, g, cap, chunk)
+
+    dx, dw = jax.lax.cond((g_hi == g_lo) | ~any_valid, scaled, recomputed, None)
+    return dx, dw, None
+
+
+def _recompute_grads(x, w, targets, g, cap, chunk):
+    """dx and dW for any per-token cotangent g, each chunk's logits recomputed (one more head GEMM)."""
+    n, chunk, xs, ts = _chunks(x, targets, chunk)
+    gs = _chunked(g.reshape(n), chunk, 0)
+    w_t = _transposed(w)
+
+    def one(dw, chunk_in):
+        x_c, t_c, g_c = chunk_in
         with jax.named_scope("lm_head"):
-            z = cpu_dots.dot(x_c, w, x.dtype)  # recomputed: the price of not saving the logits
+            z = cpu_dots.dot(x_c, w, x.dtype)
         with jax.named_scope("loss"):
-            dz = _dz(z, lse_c, t_c, g_c, cap)
+            dz = _dz(z, _nll(z, t_c, cap)[1], t_c, g_c, cap)
         with jax.named_scope("lm_head"):
             dx_c = cpu_dots.dot(dz, w_t, x.dtype)
-            x_t = cpu_dots.transposed(x_c) if cpu_dots.on_cpu() else x_c.T
-            dw = dw + jnp.matmul(x_t, dz, preferred_element_type=F32)
+            dw = dw + jnp.matmul(_transposed(x_c), dz, preferred_element_type=F32)
         return dw, dx_c
 
-    dw, dx = jax.lax.scan(one, jnp.zeros(w.shape, F32), (xs, ts, lse, gs))
-    return dx.reshape(-1, x.shape[-1])[:n].reshape(x.shape), dw.astype(w.dtype), None
+    dw, dx = jax.lax.scan(one, jnp.zeros(w.shape, F32), (xs, ts, gs))
+    return dx.reshape(-1, x.shape[-1])[:n].reshape(x.shape), dw.astype(w.dtype)
+
+
+def _transposed(a):
+    return cpu_dots.transposed(a) if cpu_dots.on_cpu() else a.T  # canonical dots on a CPU (cpu_dots.py)
 
 
 head_nll.defvjp(_fwd, _bwd)
