@@ -13,7 +13,7 @@ Chunked (`chunk > 0`, `model.loss_chunk`): even fused, the head holds (N, V) log
 micro-batch: z saved for the backward, then dz and the fp32 temporaries that form it. Chunked, the tokens are
 flattened to (N, C) and run `chunk` at a time under `lax.scan`, so only one (chunk, V) block of logits exists at
 once, and the forward already forms the gradients: each chunk's dz for a unit cotangent on every token, then
-dx_c = dz_c @ W^T and dW += x_c^T dz_c (summed in fp32), while the chunk's logits are in cache. The backward
+dx_c = dz_c @ W^T and dW += x_c^T dz_c (summed in fp32), while the chunk's logits are fresh. The backward
 scales them by the cotangent g. dx scales row by row, so that is exact for any g; dW is a sum over tokens, so
 it holds only where g is the same on every counted token, which is what a summed or mean loss gives (the train
 step, TTT). For any other g (a weighted loss) the backward recomputes each chunk's logits and forms dW with the
@@ -69,8 +69,8 @@ CPU_CHUNK = 1024  # `auto` on a CPU
 def resolve_chunk(chunk: int) -> int:
     """`model.loss_chunk` as tokens per chunk (0: all at once). -1 (auto) is CPU_CHUNK on a CPU, else 0: with the
     gradients formed in the forward, the chunked head does the batch's three GEMMs one chunk at a time, and no
-    (N, V) tensor goes through memory (cpu-bench, AMD EPYC 2 cores: bf16 614 -> 576-595
-    ms, fp32 999 -> 939-949; docs/LOG.md, session 12)."""
+    (N, V) tensor goes through memory (cpu-bench on 2 AMD EPYC cores: bf16 614 -> 576-595 ms, fp32 999 -> 939-949;
+    docs/LOG.md, session 12)."""
     if chunk >= 0:
         return chunk
     return CPU_CHUNK if cpu_dots.on_cpu() else 0
@@ -157,7 +157,7 @@ def _nll_chunked(x, w, targets, cap, chunk):
 
 def _fwd_chunked(x, w, targets, cap, chunk):
     """NLL, and already the gradients for a unit cotangent on every token (the train step's summed loss): each
-    chunk's dz is formed while its logits are in cache, so no logits are kept and none recomputed."""
+    chunk's dz is formed while its logits are fresh, so no logits are kept and none recomputed."""
     n, chunk, xs, ts = _chunks(x, targets, chunk)
     w_t = _transposed(w)
 
