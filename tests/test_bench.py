@@ -171,3 +171,16 @@ def test_cpu_profile_is_summarised_per_scope(tmp_path):
     assert {"attention", "mlp", "lm_head", "loss", "optimizer"} <= set(rows), text
     assert all(float(v) > 0 for v in rows.values()), text
 
+
+
+def test_cpu_device_label_names_the_cpu():
+    """A CPU row says the cores, the vector ISA and the CPU model /proc/cpuinfo names: CPU speed ratios against
+    torch differ by vendor (AMX or not), so two hosts' rows must not read alike."""
+    label = environment.device_label()
+    assert label.startswith(f"cpu ({environment.os.cpu_count()} cores")
+    model = environment.cpu_model()
+    with open("/proc/cpuinfo") as fh:
+        names = [line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")]
+    assert model == (names[0] if names else "")
+    if model:
+        assert label.endswith(f", {model})") and len(model) > 2

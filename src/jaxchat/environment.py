@@ -43,12 +43,22 @@ def cpu_vector_isa() -> str:
     return ""
 
 
+def cpu_model() -> str:
+    """/proc/cpuinfo's `model name` ('AMD EPYC', 'Intel(R) Xeon(R) ...'), or '' where it says nothing: CPU speed
+    ratios differ by vendor and generation (torch's bf16 uses AMX where a Xeon has it), so benchmark rows name it."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
 def device_label() -> str:
     devs = jax.devices()
     kind = devs[0].device_kind
     if devs[0].platform == "cpu":
-        isa = cpu_vector_isa()
-        kind = f"cpu ({os.cpu_count()} cores{', ' + isa if isa else ''})"
+        details = [f"{os.cpu_count()} cores"] + [x for x in (cpu_vector_isa(), cpu_model()) if x]
+        kind = f"cpu ({', '.join(details)})"
     return kind + (f" x{len(devs)}" if len(devs) > 1 else "")
 
 
