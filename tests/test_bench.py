@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -177,7 +178,7 @@ def test_cpu_device_label_names_the_cpu():
     """A CPU row says the cores, the vector ISA and the CPU model /proc/cpuinfo names: CPU speed ratios against
     torch differ by vendor (AMX or not), so two hosts' rows must not read alike."""
     label = environment.device_label()
-    assert label.startswith(f"cpu ({environment.os.cpu_count()} cores")
+    assert label.startswith(f"cpu ({os.cpu_count()} cores")
     model = environment.cpu_model()
     with open("/proc/cpuinfo") as fh:
         names = [line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")]

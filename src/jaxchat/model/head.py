@@ -158,24 +158,8 @@ def _nll_chunked(x, w, targets, cap, chunk):
 def _fwd_chunked(x, w, targets, cap, chunk):
     """NLL, and already the gradients for a unit cotangent on every token (the train step's summed loss): each
     chunk's dz is formed while its logits are fresh, so no logits are kept and none recomputed."""
-    n, chunk, xs, ts = _chunks(x, targets, chunk)
-    w_t = _transposed(w)
-
-    def one(dw, xt):
-        x_c, t_c = xt
-        with jax.named_scope("lm_head"):
-            z = cpu_dots.dot(x_c, w, x.dtype)
-        with jax.named_scope("loss"):
-            nll, lse = _nll(z, t_c, cap)
-            dz = _dz(z, lse, t_c, jnp.ones_like(lse), cap)
-        with jax.named_scope("lm_head"):
-            dx_c = cpu_dots.dot(dz, w_t, x.dtype)
-            dw = dw + jnp.matmul(_transposed(x_c), dz, preferred_element_type=F32)
-        return dw, (nll, dx_c)
-
-    dw1, (nll, dx1) = jax.lax.scan(one, jnp.zeros(w.shape, F32), (xs, ts))
-    dx1 = dx1.reshape(-1, x.shape[-1])[:n].reshape(x.shape)
-    return nll.reshape(-1)[:n].reshape(targets.shape), (x, w, targets, dx1, dw1)
+    nll, dx1, dw1 = _chunk_grads(x, w, targets, jnp.ones(targets.shape, F32), cap, chunk)
+    return nll, (x, w, targets, dx1, dw1)
 
 
 def _bwd_chunked(cap, chunk, res, g):
@@ -202,6 +186,13 @@ def _bwd_chunked(cap, chunk, res, g):
 
 def _recompute_grads(x, w, targets, g, cap, chunk):
     """dx and dW for any per-token cotangent g, each chunk's logits recomputed (one more head GEMM)."""
+    _, dx, dw = _chunk_grads(x, w, targets, g, cap, chunk)
+    return dx, dw.astype(w.dtype)
+
+
+def _chunk_grads(x, w, targets, g, cap, chunk):
+    """One pass over the chunks for a per-token cotangent g: (NLL, dx in x's dtype, dW summed in fp32). Each
+    chunk: z = x_c @ W, its NLL and dz, then dx_c = dz @ W^T and dW += x_c^T dz."""
     n, chunk, xs, ts = _chunks(x, targets, chunk)
     gs = _chunked(g.reshape(n), chunk, 0)
     w_t = _transposed(w)
@@ -211,14 +202,15 @@ def _recompute_grads(x, w, targets, g, cap, chunk):
         with jax.named_scope("lm_head"):
             z = cpu_dots.dot(x_c, w, x.dtype)
         with jax.named_scope("loss"):
-            dz = _dz(z, _nll(z, t_c, cap)[1], t_c, g_c, cap)
+            nll, lse = _nll(z, t_c, cap)
+            dz = _dz(z, lse, t_c, g_c, cap)
         with jax.named_scope("lm_head"):
             dx_c = cpu_dots.dot(dz, w_t, x.dtype)
             dw = dw + jnp.matmul(_transposed(x_c), dz, preferred_element_type=F32)
-        return dw, dx_c
+        return dw, (nll, dx_c)
 
-    dw, dx = jax.lax.scan(one, jnp.zeros(w.shape, F32), (xs, ts, gs))
-    return dx.reshape(-1, x.shape[-1])[:n].reshape(x.shape), dw.astype(w.dtype)
+    dw, (nll, dx) = jax.lax.scan(one, jnp.zeros(w.shape, F32), (xs, ts, gs))
+    return (nll.reshape(-1)[:n].reshape(targets.shape), dx.reshape(-1, x.shape[-1])[:n].reshape(x.shape), dw)
 
 
 def _transposed(a):
