@@ -94,4 +94,5 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("JAXCHAT_CPU_BF16", "0")  # fp32 on every CPU, as the tests that replay them (conftest.py)
     sys.exit(main())

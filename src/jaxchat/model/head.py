@@ -33,34 +33,41 @@ from jaxchat.dtypes import F32
 from jaxchat.model import cpu_dots
 
 
-def _capped(z, cap: float):
-    s = z.astype(F32)
-    return cap * jnp.tanh(s / cap) if cap > 0 else s
+def _logits(z, dtype):
+    """z as fp32 logits, rounded to the compute dtype as nanochat's (autocast) matmul makes them: a no-op when z is
+    already in it. The chunked head hands in the GEMM's fp32 result, so the rounding happens inside the passes that
+    read the logits instead of in a pass of its own."""
+    return z.astype(dtype).astype(F32)
 
 
-def _logsumexp(s, cap: float):
-    """logsumexp over the last axis. With a soft-cap, s lies in [-cap, cap], so cap is a safe shift
-    (exp(s - cap) lies in [e^-2cap, 1]): one pass over the logits instead of a max pass then a sum pass (on an
-    H100 XLA otherwise also writes the fp32 capped logits between the two passes)."""
+def _nll(z, targets, cap: float, dtype):
+    """Logits z (..., V) -> (fp32 NLL (...), fp32 logsumexp (...)); target -1 gives NLL 0.
+
+    With a soft-cap, s = cap * t (t = tanh(z / cap)) lies in [-cap, cap], so cap is a safe shift for the
+    logsumexp: exp(s - cap) lies in [e^-2cap, 1], one pass over the logits instead of a max pass then a sum pass.
+    The shifted logit s - cap is written (t - 1) / (1 / cap), a division by a constant, which XLA:CPU fuses into
+    its YNNPACK reduction with t as the only input. As cap * t - cap, XLA writes s in a pass of its own first (the
+    product is shared with the backward's), and as (t - 1) * cap it writes the broadcast constant out as a
+    (tokens, vocab) array: one more pass over each chunk's logits either way (the head alone at cpu-bench, this
+    and `_logits` together: fp32 335 -> 321 ms, bf16 190 -> 176; docs/LOG.md, session 13). 1 / cap rounds to
+    within 2e-8 (relative) of it, far inside the rounding of the sum itself."""
+    z_t = _logits(jnp.take_along_axis(z, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0], dtype)
     if cap > 0:
-        return cap + jnp.log(jnp.sum(jnp.exp(s - cap), axis=-1))
-    return jax.nn.logsumexp(s, axis=-1)
+        lse = cap + jnp.log(jnp.sum(jnp.exp((jnp.tanh(_logits(z, dtype) / cap) - 1.0) / (1.0 / cap)), axis=-1))
+        s_t = cap * jnp.tanh(z_t / cap)
+    else:
+        lse, s_t = jax.nn.logsumexp(_logits(z, dtype), axis=-1), z_t
+    return jnp.where(targets >= 0, lse - s_t, 0.0), lse
 
 
-def _nll(z, targets, cap: float):
-    """Logits z (..., V) in the compute dtype -> (fp32 NLL (...), fp32 logsumexp (...)); target -1 gives NLL 0."""
-    lse = _logsumexp(_capped(z, cap), cap)
-    z_t = jnp.take_along_axis(z, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
-    return jnp.where(targets >= 0, lse - _capped(z_t, cap), 0.0), lse
-
-
-def _dz(z, lse, targets, g, cap: float):
-    """Cotangent of the logits, in z's dtype: g * (softmax(s) - onehot) * (1 - tanh^2); zero where target is -1."""
-    s = _capped(z, cap)
+def _dz(z, lse, targets, g, cap: float, dtype):
+    """Cotangent of the logits in `dtype`: g * (softmax(s) - onehot) * (1 - t^2); zero where target is -1."""
     g = jnp.where(targets >= 0, g, 0.0)[..., None]
     onehot = jnp.arange(z.shape[-1]) == targets[..., None]
-    ds = (jnp.exp(s - lse[..., None]) - onehot) * g
-    return (ds * (1.0 - jnp.square(s / cap)) if cap > 0 else ds).astype(z.dtype)  # tanh' = 1 - tanh^2
+    if cap <= 0:
+        return ((jnp.exp(_logits(z, dtype) - lse[..., None]) - onehot) * g).astype(dtype)
+    t = jnp.tanh(_logits(z, dtype) / cap)
+    return ((jnp.exp(cap * t - lse[..., None]) - onehot) * g * (1.0 - jnp.square(t))).astype(dtype)  # tanh' = 1 - t^2
 
 
 CPU_CHUNK = 1024  # `auto` on a CPU
@@ -91,7 +98,7 @@ def _fwd(x, w, targets, cap, chunk):
     with jax.named_scope("lm_head"):
         z = cpu_dots.matmul(x, w)  # the logits in the compute dtype, as nanochat (autocast) makes them
     with jax.named_scope("loss"):
-        nll, lse = _nll(z, targets, cap)
+        nll, lse = _nll(z, targets, cap, z.dtype)
     return nll, (x, w, z, lse, targets)
 
 
@@ -100,7 +107,7 @@ def _bwd(cap, chunk, res, g):
         return _bwd_chunked(cap, chunk, res, g)
     x, w, z, lse, targets = res
     with jax.named_scope("loss"):
-        dz = _dz(z if share_softcap_with_forward() else jax.lax.optimization_barrier(z), lse, targets, g, cap)
+        dz = _dz(z if share_softcap_with_forward() else jax.lax.optimization_barrier(z), lse, targets, g, cap, z.dtype)
     with jax.named_scope("lm_head"):
         if cpu_dots.on_cpu():  # XLA:CPU's fast GEMMs need canonical dots (cpu_dots.py)
             dx, dw = cpu_dots.grads(x, w, dz)
@@ -148,9 +155,9 @@ def _nll_chunked(x, w, targets, cap, chunk):
 
     def one(xt):
         with jax.named_scope("lm_head"):
-            z = cpu_dots.dot(xt[0], w, x.dtype)
+            z = cpu_dots.dot(xt[0], w, F32)  # rounded to x.dtype inside the loss's passes
         with jax.named_scope("loss"):
-            return _nll(z, xt[1], cap)[0]
+            return _nll(z, xt[1], cap, x.dtype)[0]
 
     return jax.lax.map(one, (xs, ts)).reshape(-1)[:n].reshape(targets.shape)
 
@@ -200,10 +207,10 @@ def _chunk_grads(x, w, targets, g, cap, chunk):
     def one(dw, chunk_in):
         x_c, t_c, g_c = chunk_in
         with jax.named_scope("lm_head"):
-            z = cpu_dots.dot(x_c, w, x.dtype)
+            z = cpu_dots.dot(x_c, w, F32)  # rounded to x.dtype inside the loss's passes
         with jax.named_scope("loss"):
-            nll, lse = _nll(z, t_c, cap)
-            dz = _dz(z, lse, t_c, g_c, cap)
+            nll, lse = _nll(z, t_c, cap, x.dtype)
+            dz = _dz(z, lse, t_c, g_c, cap, x.dtype)
         with jax.named_scope("lm_head"):
             dx_c = cpu_dots.dot(dz, w_t, x.dtype)
             dw = dw + jnp.matmul(_transposed(x_c), dz, preferred_element_type=F32)
