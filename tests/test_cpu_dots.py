@@ -17,11 +17,12 @@ def _bf16(a):
     return np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32), np.float64)
 
 
-def test_forward_and_grads_match_float64_reference():
+@pytest.mark.parametrize("k, n", [(16, 8), (8, 16)])  # dw copies g (x the wider) or x
+def test_forward_and_grads_match_float64_reference(k, n):
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 5, 16)).astype(np.float32)
-    w = rng.standard_normal((16, 8)).astype(np.float32)
-    g = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    x = rng.standard_normal((2, 5, k)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    g = rng.standard_normal((2, 5, n)).astype(np.float32)
     xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
     y, vjp = jax.vjp(cpu_dots.matmul, xb, wb)
     dx, dw = vjp(jnp.asarray(g, jnp.bfloat16))
@@ -54,18 +55,19 @@ def test_float32_forward_and_grads_match_float64_reference():
         np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=1e-5, atol=1e-5)
 
 
-def _contracting_dims(fn, dtype):
-    """The (lhs, rhs) contracting dims of every dot in the compiled gradient of sum(fn(x, w))."""
-    x, w = jnp.ones((64, 32), dtype), jnp.ones((32, 16), dtype)
+def _contracting_dims(fn, dtype, k=32, n=16):
+    """The (lhs, rhs) contracting dims of every dot in the compiled gradient of sum(fn(x, w)), x (64, k) w (k, n)."""
+    x, w = jnp.ones((64, k), dtype), jnp.ones((k, n), dtype)
     grad = jax.jit(jax.grad(lambda x, w: jnp.sum(fn(x, w).astype(jnp.float32)), argnums=(0, 1)))
     hlo = grad.lower(x, w).compile().as_text()
     return sorted(re.findall(r"lhs_contracting_dims=\{(\d)\}, rhs_contracting_dims=\{(\d)\}", hlo))
 
 
-def test_bf16_backward_dots_are_canonical():
+@pytest.mark.parametrize("k, n", [(32, 16), (16, 32)])
+def test_bf16_backward_dots_are_canonical(k, n):
     """Both bf16 backward dots contract lhs dim 1 with rhs dim 0 (their transposed operand was copied row-major
     first): autodiff of a plain matmul gives dw = dot(x, g) contracting dim 0 of both, which XLA:CPU upcasts."""
-    assert _contracting_dims(cpu_dots.matmul, jnp.bfloat16) == [("1", "0")] * 2
+    assert _contracting_dims(cpu_dots.matmul, jnp.bfloat16, k, n) == [("1", "0")] * 2
     assert ("0", "0") in _contracting_dims(jnp.matmul, jnp.bfloat16)  # the check can fail
 
 

