@@ -9,7 +9,7 @@ row-major (cpu_dots.py says why; docs/LOG.md, session 11). Autodiff of `xla_atte
               Y = P V          (b, M, N) x (b, N, D)         N = keys, P = softmax(scale * S, masked) in fp32
     backward  dP = dY V^T      (b, M, D) x (b, D, N)
               dV^T = dY^T P    (b, D, M) x (b, M, N)         (dV transposed back: a small (N, D) copy)
-              dS = P * (dP - rowsum(dP * P))
+              dS = P * (dP - rowsum(dP * P))   (the softmax scale applied to dQ and dK^T instead)
               dQ = scale dS K  (b, M, N) x (b, N, D)
               dK^T = scale Q^T dS  (b, D, M) x (b, M, N)
 
@@ -44,11 +44,12 @@ def cpu_unsupported_reason(q, k, k_len=None) -> str | None:
     return None
 
 
-def _bdot(a, b, out_dtype):
-    """Canonical batched dot a (b, M, K) @ b (b, K, N), accumulated in f32 (an f32 result keeps a bf16 dot on
-    XLA:CPU's bf16 GEMMs), rounded to out_dtype."""
+def _bdot(a, b, out_dtype, scale: float = 1.0):
+    """Canonical batched dot scale * a (b, M, K) @ b (b, K, N), accumulated in f32 (an f32 result keeps a bf16 dot
+    on XLA:CPU's bf16 GEMMs), rounded to out_dtype."""
     dims = (((2,), (1,)), ((0,), (0,)))
-    return jax.lax.dot_general(a, b, dims, preferred_element_type=F32).astype(out_dtype)
+    out = jax.lax.dot_general(a, b, dims, preferred_element_type=F32)
+    return (out * scale if scale != 1.0 else out).astype(out_dtype)
 
 
 def _mask(T: int, S: int, G: int, window: int, offset: int):
@@ -78,9 +79,12 @@ def _grouped_bwd(window, G, offset, res, dy):
     dy = dy.astype(dt)
     dp = _bdot(dy, transposed(v), F32)
     dv = transposed(_bdot(transposed(dy), p.astype(dt), dt))
-    ds = (p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True)) * scale).astype(dt)
-    dq = _bdot(ds, k, dt)
-    dk = transposed(_bdot(transposed(q), ds, dt))
+    # dS without the softmax scale: scaled inside YNNPACK's fused dP GEMM + reduction, the constant became a
+    # materialised (b, M, N) operand; applied to dQ and dK^T, it is a multiply in their (b, T, D) roundings
+    # (bf16 attention fwd + bwd per layer at cpu-bench 26.6 -> 25.0 ms; docs/LOG.md, session 13)
+    ds = (p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True))).astype(dt)
+    dq = _bdot(ds, k, dt, scale)
+    dk = transposed(_bdot(transposed(q), ds, dt, scale))
     return dq, dk, dv
 
 

@@ -111,7 +111,10 @@ def rope_norm_xla(x, cos, sin, *, eps: float, scale: float, norm_first: bool = F
     x1, x2 = jnp.split(x.astype(F32), 2, axis=-1)
     c, s = cos[None, :, None, :], sin[None, :, None, :]
     r = jnp.concatenate([x1 * c + x2 * s, -x1 * s + x2 * c], axis=-1)
-    return (r * jax.lax.rsqrt(jnp.mean(r * r, axis=-1, keepdims=True) + eps) * scale).astype(x.dtype)
+    # scale folds into the per-row factor: r * rsqrt(...) * scale would scale the whole tensor, and its cotangent,
+    # by a broadcast constant that XLA:CPU materialises as a (B, T, N, D) operand of its fused reductions (this
+    # op's backward at cpu-bench 2.0 -> 1.5 ms fp32, 3.3 -> 2.5 bf16; docs/LOG.md, session 13)
+    return (r * (jax.lax.rsqrt(jnp.mean(r * r, axis=-1, keepdims=True) + eps) * scale)).astype(x.dtype)
 
 
 def pallas_unsupported(x_shape, dtype) -> str | None:
