@@ -75,3 +75,22 @@ def test_f32_backward_dots_are_autodiffs():
     """In f32 no operand is copied: the dots are the ones autodiff makes (the copies cost more than they save)."""
     assert _contracting_dims(cpu_dots.matmul, jnp.float32) == _contracting_dims(jnp.matmul, jnp.float32)
     assert ("0", "0") in _contracting_dims(cpu_dots.matmul, jnp.float32)
+
+
+def test_rounded_is_astype_bit_for_bit():
+    """cpu_dots.rounded's integer round-to-nearest-even equals XLA's f32 -> bf16 convert on every value class: ties
+    (to even), the largest finite values (to inf), subnormals, signed zeros and infinities; a NaN stays a NaN; and
+    its derivative is astype's. Where the check could fail: dropping the tie term turns 1 + 2^-8 into 1 + 2^-7."""
+    rng = np.random.default_rng(0)
+    wide = rng.standard_normal(1 << 16) * np.exp(rng.uniform(-100, 85, 1 << 16))  # f32 subnormals to near its max
+    special = [0.0, -0.0, np.inf, -np.inf, 1.0 + 2**-8, 1.0 + 3 * 2**-8, 1.0 + 2**-8 + 2**-20, 3.4028235e38,
+               -3.39e38, 1e-40, -1e-45, 1.1754942e-38, 65504.0]
+    x = np.concatenate([np.asarray(special), wide]).astype(np.float32)
+    got = np.asarray(jax.jit(lambda v: cpu_dots.rounded(v, jnp.bfloat16))(x))
+    want = np.asarray(jnp.asarray(x).astype(jnp.bfloat16))
+    assert got.dtype == want.dtype and np.array_equal(got.view(np.uint16), want.view(np.uint16))
+    assert float(got[4]) == 1.0 and float(got[5]) == 1.0 + 2**-6  # ties to even, both ways
+    nans = np.array([0x7FC00000, 0x7F800001, 0xFF800001, 0x7F80FFFF], np.uint32).view(np.float32)
+    assert np.isnan(np.asarray(cpu_dots.rounded(jnp.asarray(nans), jnp.bfloat16)).astype(np.float32)).all()
+    d = jax.grad(lambda v: jnp.sum(cpu_dots.rounded(v, jnp.bfloat16).astype(jnp.float32) * 3.0))(jnp.ones(4))
+    np.testing.assert_array_equal(np.asarray(d), np.full(4, 3.0, np.float32))

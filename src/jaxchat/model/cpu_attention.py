@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from jaxchat.config import ConfigError
 from jaxchat.dtypes import F32
-from jaxchat.model.cpu_dots import transposed
+from jaxchat.model.cpu_dots import rounded, transposed
 
 
 def cpu_unsupported_reason(q, k, k_len=None) -> str | None:
@@ -49,7 +49,7 @@ def _bdot(a, b, out_dtype, scale: float = 1.0):
     on XLA:CPU's bf16 GEMMs), rounded to out_dtype."""
     dims = (((2,), (1,)), ((0,), (0,)))
     out = jax.lax.dot_general(a, b, dims, preferred_element_type=F32)
-    return (out * scale if scale != 1.0 else out).astype(out_dtype)
+    return rounded(out * scale if scale != 1.0 else out, out_dtype)
 
 
 def _mask(T: int, S: int, G: int, window: int, offset: int):
@@ -70,7 +70,7 @@ def _grouped_fwd(q, k, v, window, G, offset):
     s = _bdot(q, transposed(k), F32) * scale
     s = jnp.where(_mask(q.shape[1] // G, k.shape[1], G, window, offset)[None], s, jnp.finfo(F32).min)
     p = jax.nn.softmax(s, axis=-1)
-    return _bdot(p.astype(v.dtype), v, v.dtype), (q, k, v, p)
+    return _bdot(rounded(p, v.dtype), v, v.dtype), (q, k, v, p)
 
 
 def _grouped_bwd(window, G, offset, res, dy):
@@ -78,11 +78,11 @@ def _grouped_bwd(window, G, offset, res, dy):
     dt, scale = q.dtype, 1.0 / math.sqrt(q.shape[-1])
     dy = dy.astype(dt)
     dp = _bdot(dy, transposed(v), F32)
-    dv = transposed(_bdot(transposed(dy), p.astype(dt), dt))
+    dv = transposed(_bdot(transposed(dy), rounded(p, dt), dt))
     # dS without the softmax scale: scaled inside YNNPACK's fused dP GEMM + reduction, the constant became a
     # materialised (b, M, N) operand; applied to dQ and dK^T, it is a multiply in their (b, T, D) roundings
     # (bf16 attention fwd + bwd per layer at cpu-bench 26.6 -> 25.0 ms; docs/LOG.md, session 13)
-    ds = (p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True))).astype(dt)
+    ds = rounded(p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True)), dt)
     dq = _bdot(ds, k, dt, scale)
     dk = transposed(_bdot(transposed(q), ds, dt, scale))
     return dq, dk, dv

@@ -37,7 +37,7 @@ def _logits(z, dtype):
     """z as fp32 logits, rounded to the compute dtype as nanochat's (autocast) matmul makes them: a no-op when z is
     already in it. The chunked head hands in the GEMM's fp32 result, so the rounding happens inside the passes that
     read the logits instead of in a pass of its own."""
-    return z.astype(dtype).astype(F32)
+    return cpu_dots.rounded(z, dtype).astype(F32)
 
 
 def _nll(z, targets, cap: float, dtype):
@@ -65,9 +65,10 @@ def _dz(z, lse, targets, g, cap: float, dtype):
     g = jnp.where(targets >= 0, g, 0.0)[..., None]
     onehot = jnp.arange(z.shape[-1]) == targets[..., None]
     if cap <= 0:
-        return ((jnp.exp(_logits(z, dtype) - lse[..., None]) - onehot) * g).astype(dtype)
+        return cpu_dots.rounded((jnp.exp(_logits(z, dtype) - lse[..., None]) - onehot) * g, dtype)
     t = jnp.tanh(_logits(z, dtype) / cap)
-    return ((jnp.exp(cap * t - lse[..., None]) - onehot) * g * (1.0 - jnp.square(t))).astype(dtype)  # tanh' = 1 - t^2
+    ds = (jnp.exp(cap * t - lse[..., None]) - onehot) * g
+    return cpu_dots.rounded(ds * (1.0 - jnp.square(t)), dtype)  # tanh' = 1 - t^2
 
 
 CPU_CHUNK = 1024  # `auto` on a CPU
