@@ -14,7 +14,7 @@ from jaxchat.config import Config, DataConfig, ModelConfig, OptimConfig, TrainCo
 from jaxchat.model.accounting import count
 from jaxchat.model.attention import window_mask
 from jaxchat.model.gpt import GPT, param_dict
-from jaxchat.model.mlp import MLPS, gelu_tanh, swiglu_hidden
+from jaxchat.model.mlp import MLPS, gelu_tanh, relu_squared, swiglu_hidden
 from jaxchat.model.rotary import positions
 from jaxchat.optim import build_optimizer
 from jaxchat.presets import PRESETS, get_preset
@@ -256,6 +256,21 @@ def test_gelu_backward_keeps_only_its_input_and_is_the_exact_derivative():
 
     big = lambda f: [r for r in saved_residuals(lambda x: jnp.sum(f(x).astype(jnp.float32)), xb) if r[0].shape]
     assert len(big(gelu_tanh)) == 1 and len(big(jax.nn.gelu)) >= 3
+
+
+def test_relu_squared_is_autodiffs_bf16_bit_for_bit():
+    """The bf16 relu^2 the CPU path uses (its roundings by cpu_dots.rounded) gives autodiff's bits, forward and
+    backward, over values on both sides of 0 (the backward's two branches) and large enough to round."""
+    h = jnp.asarray(np.random.default_rng(0).standard_normal((64, 256)) * 30, jnp.bfloat16)
+    g = jnp.asarray(np.random.default_rng(1).standard_normal((64, 256)), jnp.bfloat16)
+    ref = lambda h: jnp.square(jax.nn.relu(h))
+    bits = lambda a: np.asarray(a).view(np.uint16)
+    for f in (lambda fn: fn, jax.jit):
+        y, vjp = jax.vjp(f(relu_squared), h)
+        y_ref, vjp_ref = jax.vjp(f(ref), h)
+        assert y.dtype == jnp.bfloat16 and np.array_equal(bits(y), bits(y_ref))
+        assert np.array_equal(bits(vjp(g)[0]), bits(vjp_ref(g)[0]))
+    assert (np.asarray(h) < 0).any() and np.abs(np.asarray(y_ref, np.float32)).max() > 1000
 
 
 @pytest.mark.parametrize("by_hand", [False, True])
