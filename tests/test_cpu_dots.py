@@ -80,7 +80,7 @@ def test_f32_backward_dots_are_autodiffs():
 def test_rounded_is_astype_bit_for_bit():
     """cpu_dots.rounded's integer round-to-nearest-even equals XLA's f32 -> bf16 convert on every value class: ties
     (to even), the largest finite values (to inf), subnormals, signed zeros and infinities; a NaN stays a NaN; and
-    its derivative is astype's. Where the check could fail: dropping the tie term turns 1 + 2^-8 into 1 + 2^-7."""
+    its derivative is astype's. Where the check could fail: dropping the tie term turns 1 + 3 * 2^-8 into 1 + 2^-7."""
     rng = np.random.default_rng(0)
     wide = rng.standard_normal(1 << 16) * np.exp(rng.uniform(-100, 85, 1 << 16))  # f32 subnormals to near its max
     special = [0.0, -0.0, np.inf, -np.inf, 1.0 + 2**-8, 1.0 + 3 * 2**-8, 1.0 + 2**-8 + 2**-20, 3.4028235e38,

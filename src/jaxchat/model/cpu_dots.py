@@ -1,4 +1,5 @@
-"""Matmuls written so XLA:CPU runs them on its fast GEMM paths: `matmul(x, w)` and the backward dots of the head.
+"""Matmuls written so XLA:CPU runs them on its fast GEMM paths: `matmul(x, w)` and the backward dots of the head;
+and `rounded`, the f32 -> bf16 rounding their results (and the model's other bf16 outputs) take on a CPU.
 
 XLA:CPU (jax 0.10.2, YNNPACK GEMMs) is fast only for *canonical* dots: lhs (M, K) and rhs (K, N), both row-major in
 memory. Two things fall off that path (docs/LOG.md, session 11; `benchmarks/cpu_gemm.py` measures both):
@@ -13,7 +14,11 @@ memory. Two things fall off that path (docs/LOG.md, session 11; `benchmarks/cpu_
   dot is canonical. bf16 at cpu-bench's lm_head shapes ([4096, 256] x [256, 8192]): dx 54 -> 11 ms, dw 72 -> 21;
   at the MLP's: dx 6.3 -> 1.5 ms, dw 7.8 -> 2.4 (`benchmarks/cpu_gemm.py`, BENCHMARKS.md).
 
-Used only on the CPU backend (elsewhere `matmul` is a plain `jnp.matmul` and autodiff makes the backward).
+XLA:CPU's f32 -> bf16 convert is slow inside a fused loop, so `rounded` writes it as integer round-to-nearest-even
+on the bits (the same bits; docs/LOG.md, session 13).
+
+Used only on the CPU backend (elsewhere `matmul` is a plain `jnp.matmul` and autodiff makes the backward, and
+`rounded` is `astype`).
 """
 
 from __future__ import annotations
