@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxchat.config import Config, ConfigError
 from jaxchat.model.attention import DATA_AXIS, cuda_compute_capability
 from jaxchat.model.gpt import GPT, param_dict
+from jaxchat.optim.adamw import keeps_state_when_nonfinite
 
 
 global_norm = optax.tree.norm if hasattr(optax, "tree") and hasattr(optax.tree, "norm") else optax.global_norm
@@ -124,11 +125,15 @@ def make_train_step(fns: ModelFns, optimizer: optax.GradientTransformation, nonf
         loss = loss_total / denom
         with jax.named_scope("optimizer"):
             grad_norm = global_norm(grads)
-            updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+            if keeps_state_when_nonfinite(optimizer):  # it skips itself on `finite` (optim/adamw.py)
+                updates, opt_state = optimizer.update(grads, state["opt_state"], params, finite=finite)
+            else:
+                updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+                opt_state = keep(opt_state, state["opt_state"])
             new_params = optax.apply_updates(params, updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        new_state = {"params": keep(new_params, params), "opt_state": keep(opt_state, state["opt_state"]),
+        new_state = {"params": keep(new_params, params), "opt_state": opt_state,
                      "step": state["step"] + 1,
                      "skipped": state["skipped"] + jnp.where(finite, 0, 1).astype(jnp.int32)}
         if averaging is not None:  # EMA / SWA of the params the step keeps (averaging.py)
