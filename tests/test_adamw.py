@@ -94,7 +94,7 @@ def test_updates_and_state_are_optaxs(clip):
 
 def test_a_nonfinite_step_leaves_the_state_bit_for_bit():
     """finite=False mid-training (moments and counts non-zero, NaN and inf in the gradient): the state comes back
-    unchanged bit for bit; finite=True with the same gradient's finite part would have changed it."""
+    unchanged bit for bit, where finite=True with a finite gradient changes it."""
     import jax
     o = OptimConfig(lr=0.05, warmup_steps=2, grad_clip=1.0, weight_decay=0.1)
     shapes = {"a": (7, 5), "b": (11,)}

@@ -1,12 +1,13 @@
 """The seed model cards' recipe: AdamW over every parameter, warmup then cosine decay, global-norm clipping.
 
-`adamw` is optax's `chain(clip_by_global_norm, adamw(schedule))`, the same state and the same arithmetic, with
-one difference: its update takes the train step's `finite` flag (is the step's loss and gradient finite?) and
-skips itself through scalars. Where `finite` is False the gradient enters as zero, the moments' decay factors
-as 1 and the counts stay, so the state comes back bit for bit unchanged (the moments hold only values of finite
-steps, never -0.0, so m * 1 + 0 * 0 is m). The train step's generic guard, `where(finite, new, old)` on every
-moment, made XLA:CPU write each new moment to a buffer of its own and copy it back (the optimizer at cpu-bench
-alone: 27 -> 16.5 ms; docs/LOG.md, session 14). The new params are still selected by the train step.
+`adamw` is optax's `chain(clip_by_global_norm, adamw(schedule))`: the same state, the same arithmetic op for op
+(XLA fuses the two programs differently, so a result may differ in its last bit), and one difference: its update
+takes the train step's `finite` flag (are the step's loss and gradient finite?) and skips itself through scalars.
+Where `finite` is False the gradient enters as zero, the moments' decay factors as 1 and the counts stay, so the
+state comes back bit for bit (the moments hold only values of finite steps, never -0.0, so m * 1 + 0 * 0 is m).
+The train step's generic guard, `where(finite, new, old)` on every moment, made XLA:CPU write each new moment to a
+buffer of its own and copy it back (the optimizer at cpu-bench alone: 27 -> 16.5 ms; docs/LOG.md, session 14).
+The new params are still selected by the train step.
 """
 
 from __future__ import annotations
