@@ -1,10 +1,12 @@
 """The math of training: the jitted train step, the train state, the mesh and shardings.
 
 `make_train_step` builds a pure `step(state, batch) -> (state, metrics)`: state = {params, opt_state, step, skipped,
-and avg when the run averages weights (averaging.py)} (plain pytrees of arrays), batch = (inputs, targets) of shape (grad_accum, micro_batch, T). Gradients of the summed
-token NLL are accumulated over micro-batches with `lax.scan` and divided by the total token count, so
-accumulation equals the large batch. A non-finite loss or gradient never reaches the params or the optimizer
-moments: the update is discarded inside the step (no host sync) and the loop acts on it one step later.
+and avg when the run averages weights (averaging.py)} (plain pytrees of arrays), batch = (inputs, targets) of shape
+(grad_accum, micro_batch, T). Gradients of the summed token NLL are accumulated over micro-batches with `lax.scan`
+and divided by the total token count, so accumulation equals the large batch. A non-finite loss or gradient never
+reaches the params or the optimizer moments: the update is discarded inside the step (no host sync; an optimizer
+of optim/adamw.py's `SkipsNonFinite` skips itself, any other's new state is selected away) and the loop acts on it
+one step later.
 
 The loop (loop.py) dispatches step n, then fetches step n-1's metrics, so the host never waits on the device in
 the hot path.

@@ -38,17 +38,16 @@ def keeps_state_when_nonfinite(optimizer) -> bool:
 
 def adamw(o: OptimConfig, num_steps: int) -> SkipsNonFinite:
     schedule = warmup_cosine(o, num_steps)
-    parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
+    clip = optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else None
+    parts = [clip] if clip else []
     parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
     reference = optax.chain(*parts)  # gives the state layout (checkpoints and flaxchat import read it)
 
     def update(grads, state, params, *, finite=True, **extra):
         del extra
         adam, decay, sched = state[-1]
-        if o.grad_clip > 0:  # optax.clip_by_global_norm, op for op
-            norm = optax.tree.norm(grads)
-            grads = jax.tree.map(lambda t: jax.lax.select(norm < o.grad_clip, t, (t / norm.astype(t.dtype)) *
-                                                          o.grad_clip), grads)
+        if clip:  # optax's own (stateless): a non-finite norm makes the clipped gradient NaN, zeroed below
+            grads, _ = clip.update(grads, state[0])
         grads = jax.tree.map(lambda t: jnp.where(finite, t, 0.0), grads)
         # optax's moment update is (1 - b) * g^k + b * m with Python-float constants; these are the same f32s
         c1, d1 = (jnp.where(finite, jnp.float32(v), skip) for v, skip in ((1 - o.b1, 0.0), (o.b1, 1.0)))
