@@ -162,3 +162,103 @@ def test_one_device_is_the_first_local_device():
     import jax
     from jaxchat.train import one_device
     assert one_device().device_set == {jax.devices()[0]}
+
+
+def test_batch_streams_compute_the_same_step(params0):
+    """model.batch_streams=2 (the micro-batch as two branches of one program, rows 0, 2, 4, ... and 1, 3, 5, ...)
+    and 4 against one stream: the same loss and, through plain SGD (the update linear in the gradient), the same
+    gradients, to fp32 summation order; with grad accumulation too."""
+    import optax
+    from dataclasses import replace
+
+    sgd = optax.sgd(0.5)
+    x, y = data()
+    init = leaves(params0)
+    results = {}
+    for streams, accum in [(1, 1), (2, 1), (4, 1), (2, 2)]:
+        cfg = small_cfg()
+        cfg = Config(model=replace(cfg.model, batch_streams=streams), optim=cfg.optim, data=cfg.data, train=cfg.train)
+        step = make_train_step(ModelFns(cfg), sgd)
+        state, m = step(fresh_state(params0, sgd), shaped_batch(x, y, accum))
+        results[streams, accum] = float(m["loss"]), [a - i for a, i in zip(leaves(state["params"]), init)]
+    loss1, delta1 = results[1, 1]
+    assert 5.0 < loss1 < 6.5  # ln(320) = 5.77: a fresh model on random tokens
+    moved = [np.abs(d).max() for d in delta1]
+    assert sum(m > 0 for m in moved) >= 5 and max(moved) > 1e-3  # (zero-init c_proj blocks the rest at step 0)
+    for key, (loss, delta) in results.items():
+        assert loss == pytest.approx(loss1, rel=1e-6), key
+        for a, b in zip(delta, delta1):
+            np.testing.assert_allclose(a, b, atol=2e-7, rtol=1e-4)
+
+
+def test_batch_streams_auto_and_errors():
+    """-1 (auto): 2 on a one-device CPU run whose micro-batch halves into >= STREAM_TOKENS tokens each, else 1
+    (small test batches keep one stream); an explicit count must divide each device's micro-batch."""
+    from dataclasses import replace
+
+    from jaxchat.config import ConfigError
+    from jaxchat.train import STREAM_TOKENS, check_batch_fits, resolve_streams
+
+    assert ModelConfig().batch_streams == -1 and jax.device_count() == 1
+    assert resolve_streams(-1, 16, 256) == 2  # tiny: two slices of 2048 tokens
+    assert resolve_streams(-1, 8, 512) == 2  # cpu-bench
+    assert resolve_streams(-1, 8, 32) == 1  # 128 tokens a slice: below STREAM_TOKENS
+    assert resolve_streams(-1, 1, 2 * STREAM_TOKENS) == 1  # one sequence does not split
+    assert resolve_streams(-1, 3, STREAM_TOKENS) == 1  # an odd micro-batch does not halve
+    assert resolve_streams(3, 6, 32) == 3
+    with pytest.raises(ConfigError, match=r"model.batch_streams=0 must be a positive integer"):
+        ModelConfig(batch_streams=0)
+    cfg = small_cfg(grad_accum=2)  # 4 sequences per micro-batch
+    cfg = Config(model=replace(cfg.model, batch_streams=3), optim=cfg.optim, data=cfg.data, train=cfg.train)
+    with pytest.raises(ConfigError, match=r"model.batch_streams=3 does not divide the 4 sequences of each device"):
+        check_batch_fits(cfg, 1)
+    with pytest.raises(ConfigError, match=r"model.batch_streams=3 does not divide the 2 sequences"):
+        check_batch_fits(cfg, 2)
+
+
+STREAMS_ON_A_MESH = r"""
+import json, sys
+from dataclasses import replace
+import jax, numpy as np, optax
+from jaxchat.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from jaxchat.run import Run
+from jaxchat.train import batch_sharding, init_state, make_train_step, replicated, shaped_batch
+out = {}
+rows = np.random.default_rng(0).integers(0, 320, (8, 33)).astype(np.int32)
+for streams in (1, 2):
+    cfg = Config(model=ModelConfig(vocab_size=320, sequence_len=32, n_layer=2, n_embd=64, n_head=2, n_kv_head=1,
+                                   batch_streams=streams),
+                 optim=OptimConfig(lr=1e-2, warmup_steps=0), data=DataConfig(tokenizer_vocab=320),
+                 train=TrainConfig(num_steps=1, batch_size=8))
+    run = Run.build(cfg)
+    state = jax.device_put(init_state(run.fns, optax.sgd(0.5), 0), replicated(run.mesh))
+    init_head = np.array(state["params"]["lm_head"]["kernel"])  # (the step donates the state)
+    batch = jax.device_put(shaped_batch(rows[:, :-1], rows[:, 1:], 1), batch_sharding(run.mesh))
+    with jax.set_mesh(run.mesh):
+        new, m = make_train_step(run.fns, optax.sgd(0.5))(state, batch)
+    head = np.asarray(new["params"]["lm_head"]["kernel"])
+    out[streams] = {"devices": run.mesh.size, "loss": float(m["loss"]), "head": head.ravel()[:4000].tolist(),
+                    "moved": float(np.abs(head - init_head).max())}
+json.dump(out, sys.stdout)
+"""
+
+
+def test_batch_streams_on_a_data_parallel_mesh():
+    """Explicit streams under a 2-device mesh (each device's 4 rows hold 2 of each slice): the same loss and
+    lm_head update as one stream."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    env = child_env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.run([sys.executable, "-c", STREAMS_ON_A_MESH], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    one, two = out["1"], out["2"]
+    assert one["devices"] == two["devices"] == 2
+    assert 5.0 < one["loss"] < 6.5 and two["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    assert one["moved"] > 1e-3
+    np.testing.assert_allclose(two["head"], one["head"], atol=2e-7, rtol=1e-5)

@@ -43,7 +43,8 @@ from jaxchat.model.scan import describe as describe_layers
 from jaxchat.plan import resolve
 from jaxchat.presets import get_preset
 from jaxchat.run import Run
-from jaxchat.train import batch_sharding, init_state, make_train_step, replicated, shaped_batch, step_compiler_options
+from jaxchat.train import (batch_sharding, init_state, make_train_step, replicated, resolve_streams, shaped_batch,
+                           step_compiler_options)
 
 HEADER = ("| date | commit | device | jax / flax | preset | config deltas | batch | seq | dtype | backend | "
           "tok/s | MFU | peak mem | compile s | step ms | notes |")
@@ -161,6 +162,7 @@ def run_bench(preset: str, cfg, base=None, *, steps: int = 10, warmup: int = 2, 
         "compiler_options": step_compiler_options(),
         "profile_dir": profile_dir or "", "layers": describe_layers(m), "remat": m.remat,
         "rope_norm": kernels["rope_norm"], "loss_chunk": kernels["loss_chunk"],
+        "batch_streams": resolve_streams(m.batch_streams, run.micro, T),
     }
 
 
@@ -207,7 +209,7 @@ def format_report(r: dict) -> str:
         f"params: {p['total']:,} ({split_text(p, ['embed', 'value_embeds', 'attention', 'mlp', 'lm_head', 've_gates', 'scalars'])})",
         f"FLOPs/token: {human(f['total'])} ({split_text(f, ['lm_head', 'mlp', 'attention', 'gates'])})",
         f"layers: {r['layers']} | remat {r['remat']} | rope+qk-norm {r.get('rope_norm', '?')} "
-        f"| loss chunk {r.get('loss_chunk') or 'off'}",
+        f"| loss chunk {r.get('loss_chunk') or 'off'} | streams {r.get('batch_streams', '?')}",
         f"compile: {r['compile_s']:.1f} s{' (loaded from the persistent compilation cache)' * r['compile_cached']}"
         f" | init {r['init_s']:.1f} s | warmup {r['warmup_steps']} steps "
         f"{r['warmup_s']:.1f} s",

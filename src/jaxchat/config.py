@@ -32,7 +32,7 @@ ROPE_NORM_IMPLS = ("auto", "xla", "pallas")  # RoPE + QK-norm, see model/rotary.
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj", "save_out_proj")  # see model/remat.py
 # Fields that choose how the step is computed, not what it computes: the parameters and their layout do not depend
 # on them, so a run may resume with other values (results then differ only by rounding).
-EXECUTION_FIELDS = ("attention", "rope_norm", "scan_layers", "remat", "loss_chunk")
+EXECUTION_FIELDS = ("attention", "rope_norm", "scan_layers", "remat", "loss_chunk", "batch_streams")
 DTYPES = ("auto", "float32", "bfloat16")  # auto: bf16 on a GPU/TPU or a bf16-capable CPU (dtypes.py)
 TRACKERS = ("tensorboard", "wandb")  # train.trackers: see trackers.py
 
@@ -68,6 +68,7 @@ class ModelConfig:
     scan_layers: bool = False  # run repeating groups of blocks (e.g. SSSL) under lax.scan: one group compiled
     remat: str = "none"  # activation checkpointing policy per block, one of REMAT_POLICIES (model/remat.py)
     loss_chunk: int = -1  # > 0: the fused lm_head + loss over chunks of this many tokens; 0: all at once; -1: auto
+    batch_streams: int = -1  # > 0: the train step runs each micro-batch as this many slices in one program; -1: auto
     # The parameter-golf and marin switches (docs/architecture.md §Golf); every default keeps nanochat's model.
     rope_dims: int = 0  # > 0: partial RoPE, only the first rope_dims of each head's dims rotate (golf: 16); 0: all
     qk_norm_before_rope: bool = False  # golf's order (norm, RoPE, q_gain); nanochat's is RoPE then norm * qk_scale
@@ -110,6 +111,9 @@ class ModelConfig:
         _check(isinstance(self.loss_chunk, int) and self.loss_chunk >= -1,
                f"model.loss_chunk={self.loss_chunk!r} must be an integer >= -1 (tokens per chunk of the fused "
                f"lm_head + loss; 0 computes it for the whole batch at once, -1 chooses: model/head.py)")
+        _check(isinstance(self.batch_streams, int) and (self.batch_streams >= 1 or self.batch_streams == -1),
+               f"model.batch_streams={self.batch_streams!r} must be a positive integer (slices of each micro-batch "
+               f"the train step runs side by side) or -1 (auto: train.py)")
         _check(self.compute_dtype in DTYPES,
                f"model.compute_dtype={self.compute_dtype!r}: choose one of {', '.join(DTYPES)}")
         _check(len(self.window_pattern) > 0 and set(self.window_pattern.upper()) <= {"S", "L"},

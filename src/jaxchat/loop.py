@@ -39,7 +39,7 @@ from jaxchat.run import Run
 from jaxchat.sample import Sampler
 from jaxchat.timecap import TimeCap
 from jaxchat.trackers import Trackers
-from jaxchat.train import batch_sharding, make_train_step, shaped_batch, step_compiler_options
+from jaxchat.train import batch_sharding, make_train_step, resolve_streams, shaped_batch, step_compiler_options
 
 DEFAULT_PROMPT = "def "
 
@@ -175,7 +175,8 @@ def _log_header(run: Run, counts) -> None:
     kernels = resolved_kernels(m, run.micro)
     attention = m.attention if kernels["attention"] == m.attention else f"{m.attention}->{kernels['attention']}"
     run.log(f"step: {m.compute_dtype} | attention {attention} | rope+qk-norm {kernels['rope_norm']} | "
-            f"{describe_layers(m)} | remat {m.remat} | loss chunk {kernels['loss_chunk'] or 'off'}"
+            f"{describe_layers(m)} | remat {m.remat} | loss chunk {kernels['loss_chunk'] or 'off'} | "
+            f"streams {resolve_streams(m.batch_streams, run.micro, T)}"
             + "".join(f" | xla {k}={v}" for k, v in step_compiler_options().items()))
 
 

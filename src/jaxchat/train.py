@@ -96,7 +96,31 @@ def check_batch_fits(cfg: Config, n_devices: int) -> int:
             f"the micro-batch of {micro} sequences (train.batch_size={cfg.train.batch_size} / "
             f"train.grad_accum={cfg.train.grad_accum}) does not divide over {n_devices} devices: "
             f"make batch_size / grad_accum a multiple of {n_devices}")
+    streams = cfg.model.batch_streams
+    if streams > 1 and (micro // n_devices) % streams:
+        raise ConfigError(
+            f"model.batch_streams={streams} does not divide the {micro // n_devices} sequences of each device's "
+            f"micro-batch: pick a divisor of {micro // n_devices}, or -1 (auto)")
     return micro
+
+
+STREAM_TOKENS = 2048  # auto streams only where each slice holds at least this many tokens (tiny, cpu-bench)
+
+
+def resolve_streams(setting: int, micro: int, seq_len: int) -> int:
+    """`model.batch_streams` for a micro-batch of `micro` sequences of `seq_len` tokens: slices of it the train step
+    computes as independent branches of one program. -1 (auto) is 2 on a single-device CPU run whose micro-batch
+    splits into two slices of >= STREAM_TOKENS tokens, else 1. XLA:CPU runs independent ops side by side, so two
+    branches keep both cores in work while one branch waits on a GEMM's threads or runs a short elementwise
+    pass (on 2 AMD EPYC cores, alternating A/Bs: cpu-bench fp32 -2 to -4%, bf16 -1 to -4%, tiny bf16 -5%;
+    docs/LOG.md, session 15). The loss and the gradients are the same sums over the same tokens, added in
+    another order."""
+    if setting > 0:
+        return setting
+    if jax.default_backend() == "cpu" and jax.device_count() == 1 and micro % 2 == 0 \
+            and micro // 2 * seq_len >= STREAM_TOKENS:
+        return 2
+    return 1
 
 
 def make_train_step(fns: ModelFns, optimizer: optax.GradientTransformation, nonfinite: str = "halt",
@@ -105,7 +129,16 @@ def make_train_step(fns: ModelFns, optimizer: optax.GradientTransformation, nonf
         nll = fns.module(params)(x, targets=y)  # fused lm_head + cross-entropy (model/head.py)
         return jnp.sum(nll), jnp.sum(y >= 0)
 
-    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+    def streamed_loss_sum(params, x, y):
+        S = resolve_streams(fns.cfg.model.batch_streams, *x.shape)
+        if S == 1:
+            return loss_sum(params, x, y)
+        # slice s is rows s, s + S, ...: under a data-parallel mesh each device's rows hold every slice equally
+        slices = [loss_sum(params, x.reshape(-1, S, x.shape[1])[:, s], y.reshape(-1, S, y.shape[1])[:, s])
+                  for s in range(S)]
+        return sum(l for l, _ in slices), sum(n for _, n in slices)
+
+    grad_fn = jax.value_and_grad(streamed_loss_sum, has_aux=True)
 
     def step(state, batch):
         inputs, targets = batch
