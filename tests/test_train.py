@@ -218,7 +218,6 @@ def test_batch_streams_auto_and_errors():
 
 STREAMS_ON_A_MESH = r"""
 import json, sys
-from dataclasses import replace
 import jax, numpy as np, optax
 from jaxchat.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from jaxchat.run import Run

@@ -3,10 +3,11 @@
 `make_train_step` builds a pure `step(state, batch) -> (state, metrics)`: state = {params, opt_state, step, skipped,
 and avg when the run averages weights (averaging.py)} (plain pytrees of arrays), batch = (inputs, targets) of shape
 (grad_accum, micro_batch, T). Gradients of the summed token NLL are accumulated over micro-batches with `lax.scan`
-and divided by the total token count, so accumulation equals the large batch. A non-finite loss or gradient never
-reaches the params or the optimizer moments: the update is discarded inside the step (no host sync; an optimizer
-of optim/adamw.py's `SkipsNonFinite` skips itself, any other's new state is selected away) and the loop acts on it
-one step later.
+and divided by the total token count, so accumulation equals the large batch. On a CPU a micro-batch may run as
+interleaved slices, independent branches of one program (`model.batch_streams`, `resolve_streams`). A non-finite
+loss or gradient never reaches the params or the optimizer moments: the update is discarded inside the step (no
+host sync; an optimizer of optim/adamw.py's `SkipsNonFinite` skips itself, any other's new state is selected
+away) and the loop acts on it one step later.
 
 The loop (loop.py) dispatches step n, then fetches step n-1's metrics, so the host never waits on the device in
 the hot path.
@@ -112,7 +113,7 @@ def resolve_streams(setting: int, micro: int, seq_len: int) -> int:
     computes as independent branches of one program. -1 (auto) is 2 on a single-device CPU run whose micro-batch
     splits into two slices of >= STREAM_TOKENS tokens, else 1. XLA:CPU runs independent ops side by side, so two
     branches keep both cores in work while one branch waits on a GEMM's threads or runs a short elementwise
-    pass (on 2 AMD EPYC cores, alternating A/Bs: cpu-bench fp32 -2 to -4%, bf16 -1 to -4%, tiny bf16 -5%;
+    pass (on 2 AMD EPYC cores, alternating A/Bs: cpu-bench fp32 -1.5 to -3.6%, bf16 -1 to -4%, tiny bf16 -5%;
     docs/LOG.md, session 15). The loss and the gradients are the same sums over the same tokens, added in
     another order."""
     if setting > 0:
@@ -136,7 +137,7 @@ def make_train_step(fns: ModelFns, optimizer: optax.GradientTransformation, nonf
         # slice s is rows s, s + S, ...: under a data-parallel mesh each device's rows hold every slice equally
         slices = [loss_sum(params, x.reshape(-1, S, x.shape[1])[:, s], y.reshape(-1, S, y.shape[1])[:, s])
                   for s in range(S)]
-        return sum(l for l, _ in slices), sum(n for _, n in slices)
+        return sum(loss for loss, _ in slices), sum(count for _, count in slices)
 
     grad_fn = jax.value_and_grad(streamed_loss_sum, has_aux=True)
 
