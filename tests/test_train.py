@@ -1,5 +1,7 @@
 """The train step: gradient accumulation, checkpoint round trip, the non-finite guard."""
 
+from dataclasses import replace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -164,20 +166,22 @@ def test_one_device_is_the_first_local_device():
     assert one_device().device_set == {jax.devices()[0]}
 
 
+def with_streams(cfg: Config, streams: int) -> Config:
+    return replace(cfg, model=replace(cfg.model, batch_streams=streams))
+
+
 def test_batch_streams_compute_the_same_step(params0):
     """model.batch_streams=2 (the micro-batch as two branches of one program, rows 0, 2, 4, ... and 1, 3, 5, ...)
     and 4 against one stream: the same loss and, through plain SGD (the update linear in the gradient), the same
     gradients, to fp32 summation order; with grad accumulation too."""
     import optax
-    from dataclasses import replace
 
     sgd = optax.sgd(0.5)
     x, y = data()
     init = leaves(params0)
     results = {}
     for streams, accum in [(1, 1), (2, 1), (4, 1), (2, 2)]:
-        cfg = small_cfg()
-        cfg = Config(model=replace(cfg.model, batch_streams=streams), optim=cfg.optim, data=cfg.data, train=cfg.train)
+        cfg = with_streams(small_cfg(), streams)
         step = make_train_step(ModelFns(cfg), sgd)
         state, m = step(fresh_state(params0, sgd), shaped_batch(x, y, accum))
         results[streams, accum] = float(m["loss"]), [a - i for a, i in zip(leaves(state["params"]), init)]
@@ -194,8 +198,6 @@ def test_batch_streams_compute_the_same_step(params0):
 def test_batch_streams_auto_and_errors():
     """-1 (auto): 2 on a one-device CPU run whose micro-batch halves into >= STREAM_TOKENS tokens each, else 1
     (small test batches keep one stream); an explicit count must divide each device's micro-batch."""
-    from dataclasses import replace
-
     from jaxchat.config import ConfigError
     from jaxchat.train import STREAM_TOKENS, check_batch_fits, resolve_streams
 
@@ -208,8 +210,7 @@ def test_batch_streams_auto_and_errors():
     assert resolve_streams(3, 6, 32) == 3
     with pytest.raises(ConfigError, match=r"model.batch_streams=0 must be a positive integer"):
         ModelConfig(batch_streams=0)
-    cfg = small_cfg(grad_accum=2)  # 4 sequences per micro-batch
-    cfg = Config(model=replace(cfg.model, batch_streams=3), optim=cfg.optim, data=cfg.data, train=cfg.train)
+    cfg = with_streams(small_cfg(grad_accum=2), 3)  # 4 sequences per micro-batch
     with pytest.raises(ConfigError, match=r"model.batch_streams=3 does not divide the 4 sequences of each device"):
         check_batch_fits(cfg, 1)
     with pytest.raises(ConfigError, match=r"model.batch_streams=3 does not divide the 2 sequences"):
