@@ -20,7 +20,7 @@ from jaxchat.config import ATTENTION_BACKENDS, Config, ConfigError, DataConfig, 
 from jaxchat.model import attention
 from jaxchat.model.attention import (BACKENDS, attend, blocked_attention, cuda_compute_capability, resolve_backend,
                                      splash_kernel_attention, xla_attention)
-from jaxchat.model.cpu_attention import cpu_attention
+from jaxchat.model.cpu_attention import cpu_attention, query_chunk
 from jaxchat.model.gpt import GPT, cross_entropy
 from jaxchat.train import ModelFns
 
@@ -164,10 +164,10 @@ def test_blocked_matches_xla_forward_and_gradients(T, H, K, window):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
-def forward_flops(fn, window: int) -> float:
-    """XLA's FLOP count of a backend's compiled forward at T = 256 (2 heads of 32, batch 2)."""
-    q, k, v = qkv(jax.random.key(5), 2, 256, 2, 2, 32)
-    pos = jnp.arange(256)
+def forward_flops(fn, window: int, T: int = 256, dtype=jnp.float32) -> float:
+    """XLA's FLOP count of a backend's compiled forward (2 heads of 32, batch 2)."""
+    q, k, v = (a.astype(dtype) for a in qkv(jax.random.key(5), 2, T, 2, 2, 32))
+    pos = jnp.arange(T)
     f = jax.jit(lambda q, k, v: fn(q, k, v, window=window, q_pos=pos, k_pos=pos))
     cost = f.lower(q, k, v).compile().cost_analysis()
     return (cost[0] if isinstance(cost, list) else cost)["flops"]
@@ -187,7 +187,8 @@ def test_blocked_skips_the_masked_score_blocks():
 CPU_CASES = [  # (T, H, K, window, dtype): the second half of the queries reaching back into the first half's keys
     # (37, 100) or not (T - 1 = whole prefix), GQA off, on and MQA, an odd T (one piece), bf16
     (256, 4, 4, 37, jnp.float32), (256, 4, 2, 100, jnp.float32), (256, 4, 1, 255, jnp.float32),
-    (97, 2, 2, 1000, jnp.float32), (128, 4, 2, 40, jnp.bfloat16)]
+    (97, 2, 2, 1000, jnp.float32), (128, 4, 2, 40, jnp.bfloat16),
+    (512, 2, 2, 150, jnp.float32)]  # 4 chunks of 128 queries, the window reaching back over a whole chunk
 
 
 @pytest.mark.parametrize("T,H,K,window,dtype", CPU_CASES)
@@ -220,6 +221,18 @@ def test_cpu_skips_the_second_half_of_the_keys_for_the_first_half_of_the_queries
     for window, keys in ((255, 128 + 256), (100, 128 + 228)):
         full, half = forward_flops(xla_attention, window), forward_flops(cpu_attention, window)
         assert half / full == pytest.approx(keys / (2 * 256), rel=0.03), (window, half, full)
+
+
+def test_cpu_runs_fp32_in_chunks_of_128_queries_and_bf16_in_halves():
+    """At T = 512 fp32's 4 chunks of 128 queries score 128, 256, 384 and 512 keys in a causal layer (5/8 of xla's
+    scores) and 128, 256, 256, 256 under a 128-token window (7/16): the FLOPs of the compiled forwards. bf16 keeps
+    halves (its FLOP count also holds the roundings' integer arithmetic, so the chunk size is read directly)."""
+    for window, keys in ((511, 128 + 256 + 384 + 512), (128, 128 + 3 * 256)):
+        full, chunked = forward_flops(xla_attention, window, 512), forward_flops(cpu_attention, window, 512)
+        assert chunked / full == pytest.approx(keys / (4 * 512), rel=0.03), (window, chunked, full)
+    assert [query_chunk(T, jnp.float32) for T in (512, 1024, 256, 128, 384, 200, 97)] == [128, 128, 128, 64, 128,
+                                                                                           100, 97]
+    assert [query_chunk(T, jnp.bfloat16) for T in (512, 256, 97)] == [256, 128, 97]
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's dot lowering")

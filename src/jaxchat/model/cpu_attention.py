@@ -16,8 +16,10 @@ row-major (cpu_dots.py says why; docs/LOG.md, session 11). Autodiff of `xla_atte
 Only (T, D)-sized operands are ever transposed (in bf16 into new row-major arrays, cpu_dots.transposed); the
 (M, N) score matrices never are. P is kept for the backward in fp32 (at most B*H*T*T*4 bytes per layer: 16 MiB at
 cpu-bench), so the backward recomputes nothing. GQA is native: a kv head's G query heads are stacked along M.
-The queries run in two halves, each over only the keys its window reaches: the first half never scores the
-second half's keys (a quarter of the score matrix, all of it causally masked).
+The queries run in chunks, each over only the keys its window reaches (`query_chunk`): in halves, the first half
+never scores the second half's keys (a quarter of the score matrix, all of it causally masked); fp32 runs chunks of
+128 queries, which also skip what a sliding window hides (at cpu-bench, T = 512 and windows of 128, 30% of the
+short-window layers' score FLOPs).
 
 Same function as `xla` (the same fp32 softmax over the same unmasked keys, P rounded to the compute dtype before
 P V); equal to fp32 rounding, not bitwise. Training path only (q_pos == k_pos, no KV cache), any device, any dtype;
@@ -42,6 +44,21 @@ def cpu_unsupported_reason(q, k, k_len=None) -> str | None:
     if k_len is not None or q.shape[1] != k.shape[1]:
         return "it serves only the training path (queries and keys at the same positions, no KV cache)"
     return None
+
+
+F32_QUERY_CHUNK = 128
+
+
+def query_chunk(T: int, dtype) -> int:
+    """Queries per chunk. Smaller chunks skip more masked scores but run smaller GEMMs and more passes around them.
+    At cpu-bench (T = 512, docs/LOG.md sessions 10 and 16) fp32 is fastest in chunks of 128 queries (4 chunks: step
+    0.985x of halves, 8 chunks 1.009x) and bf16 in halves (4 chunks 1.024x): its GEMMs are twice as fast, so the
+    passes around them weigh more. At `tiny` (T = 256) halves are 128 queries, the fastest there in both dtypes."""
+    if T % 2:
+        return T
+    if dtype == F32 and T % F32_QUERY_CHUNK == 0:
+        return min(F32_QUERY_CHUNK, T // 2)
+    return T // 2
 
 
 def _bdot(a, b, out_dtype, scale: float = 1.0):
@@ -103,9 +120,9 @@ def cpu_attention(q, k, v, *, window: int, q_pos, k_pos, k_len=None):
     # heads-major: (B, T, K, G, D) -> (B*K, G, T, D); keys and values (B*K, T, D)
     qh = jnp.transpose(q.reshape(B, T, K, G, D), (0, 2, 3, 1, 4)).reshape(B * K, G, T, D)
     kh, vh = (jnp.transpose(a, (0, 2, 1, 3)).reshape(B * K, T, D) for a in (k, v))
-    C = T // 2 if T % 2 == 0 else T  # two halves: the first half's queries skip the keys of the second half
+    C = query_chunk(T, q.dtype)
     ys = []
-    for q0 in range(0, T, C):  # each half of the queries over only the keys its window reaches
+    for q0 in range(0, T, C):  # each chunk of the queries over only the keys its window reaches
         k0 = max(0, q0 - window)
         qc = qh[:, :, q0:q0 + C].reshape(B * K, G * C, D)
         ys.append(_grouped(qc, kh[:, k0:q0 + C], vh[:, k0:q0 + C], window, G, q0 - k0).reshape(B * K, G, C, D))
