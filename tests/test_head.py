@@ -89,6 +89,18 @@ def test_chunked_head_matches_unchunked_and_autodiff_fp32(cap, chunk):
         assert_close_nontrivial(a, r, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's dot lowering")
+def test_chunked_head_dw_is_canonical_in_fp32():
+    """No fp32 dot of the chunked head contracts the lhs's dim 0: each chunk's dW reads x_c^T copied row-major
+    (cpu_dots.transposed(copy_f32=True)); folded into the dot, it runs on XLA:CPU's slower Eigen path."""
+    x, w, targets = jnp.ones((2, 16, 24)), jnp.ones((24, 40)), jnp.zeros((2, 16), jnp.int32)
+    for loss in (jnp.sum, lambda nll: jnp.sum(nll * jnp.arange(16.0))):  # forward-made and recomputed grads
+        grad = jax.jit(jax.grad(lambda x, w: loss(head_nll(x, w, targets, 15.0, 8)), argnums=(0, 1)))
+        dims = re.findall(r"lhs_contracting_dims=\{(\d)\}, rhs_contracting_dims=\{(\d)\}",
+                          grad.lower(x, w).compile().as_text())
+        assert len(dims) >= 3 and all(lhs == "1" for lhs, _ in dims), dims
+
+
 @pytest.mark.parametrize("loss", ["sum", "mean", "scaled_sum"])
 def test_chunked_head_uses_forward_gradients_for_uniform_cotangents(loss, monkeypatch):
     """A summed or mean loss gives every counted token the same cotangent: the backward then only scales the

@@ -40,14 +40,16 @@ def wants_f32_result(dtype) -> bool:
     return jnp.dtype(dtype) != jnp.dtype(F32) and on_cpu()
 
 
-def transposed(a):
+def transposed(a, *, copy_f32: bool = False):
     """a (..., M, N) -> (..., N, M) as a dot operand. In a low-precision dtype on a CPU: a new row-major array (a
     plain transpose is only a layout change, XLA would hand the dot a column-major view and upcast it; flattening
     pins the layout to row-major, the barrier keeps XLA from folding the transpose back into the dot). In f32 a
     plain transpose: XLA folds it into the dot at little cost, and the copies cost more (175 of 1,076 ms of kernel
-    time in a cpu-bench step; docs/LOG.md, session 11)."""
+    time in a cpu-bench step; docs/LOG.md, session 11). `copy_f32` copies in f32 too, where a dot is large enough
+    to repay it: the head's dW per chunk (x_c^T (256, 1024) @ dz (1024, 8192) at cpu-bench: 25.8 ms folded, on
+    Eigen, against 21.7 ms copied, on YNNPACK; the fp32 step 0.987-0.990x; docs/LOG.md, session 16)."""
     t = jnp.swapaxes(a, -1, -2)
-    if not wants_f32_result(a.dtype):
+    if not (wants_f32_result(a.dtype) or (copy_f32 and on_cpu())):
         return t
     return jax.lax.optimization_barrier(t.reshape(-1)).reshape(t.shape)
 

@@ -214,15 +214,15 @@ def _chunk_grads(x, w, targets, g, cap, chunk):
             dz = _dz(z, lse, t_c, g_c, cap, x.dtype)
         with jax.named_scope("lm_head"):
             dx_c = cpu_dots.dot(dz, w_t, x.dtype)
-            dw = dw + jnp.matmul(_transposed(x_c), dz, preferred_element_type=F32)
+            dw = dw + jnp.matmul(_transposed(x_c, copy_f32=True), dz, preferred_element_type=F32)
         return dw, (nll, dx_c)
 
     dw, (nll, dx) = jax.lax.scan(one, jnp.zeros(w.shape, F32), (xs, ts, gs))
     return (nll.reshape(-1)[:n].reshape(targets.shape), dx.reshape(-1, x.shape[-1])[:n].reshape(x.shape), dw)
 
 
-def _transposed(a):
-    return cpu_dots.transposed(a) if cpu_dots.on_cpu() else a.T  # canonical dots on a CPU (cpu_dots.py)
+def _transposed(a, copy_f32: bool = False):  # canonical dots on a CPU (cpu_dots.py)
+    return cpu_dots.transposed(a, copy_f32=copy_f32) if cpu_dots.on_cpu() else a.T
 
 
 head_nll.defvjp(_fwd, _bwd)
