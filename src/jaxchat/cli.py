@@ -276,12 +276,14 @@ def _drop_abandoned_orbax_reads(unraisable) -> None:
 
 class _DropAbandonedOrbaxTasks(logging.Filter):
     """A filter for the `asyncio` logger: the abandoned reads of a failed restore that had already started run as
-    tasks, and asyncio logs each one's failure when it is collected ("Task exception was never retrieved", a page
-    of TensorStore spec; seen as a flaky extra output of `jaxchat eval` on a damaged checkpoint, docs/LOG.md,
-    session 13). Records that name an Orbax coroutine are dropped, all others kept."""
+    tasks or TensorStore futures, and asyncio logs each one's failure when it is collected ("Task / Future
+    exception was never retrieved", a page of TensorStore spec; seen as a flaky extra output of `jaxchat eval` on
+    a damaged checkpoint, docs/LOG.md, sessions 13 and 16). Such records that name an Orbax coroutine or carry a
+    TensorStore error (its message holds the `tensorstore_spec`) are dropped, all others kept."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not ("never retrieved" in str(record.msg) and "orbax" in record.getMessage())
+        message = record.getMessage()
+        return not ("never retrieved" in message and ("orbax" in message or "tensorstore_spec" in message))
 
 
 def main(argv: list[str] | None = None) -> int:
