@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from jaxchat import __version__, bench
@@ -265,11 +266,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _drop_abandoned_orbax_reads(unraisable) -> None:
-    """sys.unraisablehook: after a restore fails on one array, Orbax leaves the reads of the others as coroutines
-    that fail when collected, each printed as a page of TensorStore spec; the failure itself is already reported
-    in one message (checkpoint.py). Everything else goes to Python's own hook."""
+    """sys.unraisablehook: after a restore fails on one array, Orbax abandons the reads of the others; the failure
+    itself is already reported in one message (checkpoint.py). Two kinds of report of those reads are dropped:
+    - a coroutine of Orbax's that fails when collected, printed as a page of TensorStore spec;
+    - a read that completes after Orbax closed its event loop: TensorStore's callback, on its own thread, calls
+      the loop's call_soon_threadsafe, which raises "Event loop is closed", and TensorStore reports that as
+      unraisable with no object (a bare traceback; docs/LOG.md, session 16).
+    Everything else goes to Python's own hook."""
     code = getattr(unraisable.object, "cr_code", None)
     if code is not None and "orbax" in code.co_filename:
+        return
+    error = unraisable.exc_value
+    if (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+            and any(frame.name == "call_soon_threadsafe" for frame in traceback.extract_tb(unraisable.exc_traceback))):
         return
     sys.__unraisablehook__(unraisable)
 
