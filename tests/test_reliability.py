@@ -249,8 +249,8 @@ def test_a_read_completing_after_its_event_loop_closed_is_not_reported(capsys):
     """The other noise an abandoned restore leaves: a TensorStore read that completes after Orbax closed its event
     loop calls call_soon_threadsafe from its own thread, which raises "Event loop is closed", and TensorStore
     reports that as unraisable with no object: a bare traceback on stderr (seen once after `jaxchat eval`'s message
-    in the test above, session 16). After main(), that report is dropped; the same error raised elsewhere, and any
-    other, is still printed."""
+    in test_damaged_checkpoint_message_is_the_whole_output, session 16). After main(), that report is dropped;
+    the same error raised elsewhere, and any other, is still printed."""
     import asyncio
     import threading
 
@@ -289,6 +289,7 @@ def test_a_read_completing_after_its_event_loop_closed_is_not_reported(capsys):
         printed[case] = capsys.readouterr().err
     assert printed["late read"] == "", printed
     assert "Event loop is closed" in printed["elsewhere"] and "marker-9d2f" in printed["other"], printed
+
 
 def test_resume_from_the_intact_step_after_moving_the_damaged_one_aside(trained, run, capsys):
     """What the message advises works: the run continues from step 4 and recomputes steps 5-8 exactly."""
