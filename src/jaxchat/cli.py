@@ -283,7 +283,7 @@ def _drop_abandoned_orbax_reads(unraisable) -> None:
     sys.__unraisablehook__(unraisable)
 
 
-class _DropAbandonedOrbaxTasks(logging.Filter):
+class _DropAbandonedOrbaxReadLogs(logging.Filter):
     """A filter for the `asyncio` logger: the abandoned reads of a failed restore that had already started run as
     tasks or TensorStore futures, and asyncio logs each one's failure when it is collected ("Task / Future
     exception was never retrieved", a page of TensorStore spec; seen as a flaky extra output of `jaxchat eval` on
@@ -303,8 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.CRITICAL)
     sys.unraisablehook = _drop_abandoned_orbax_reads
     asyncio_log = logging.getLogger("asyncio")
-    if not any(isinstance(f, _DropAbandonedOrbaxTasks) for f in asyncio_log.filters):
-        asyncio_log.addFilter(_DropAbandonedOrbaxTasks())
+    if not any(isinstance(f, _DropAbandonedOrbaxReadLogs) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_DropAbandonedOrbaxReadLogs())
     try:
         if args.cmd in ("train", "eval", "sample", "bench", "chat", "serve", "sft", "golf"):
 

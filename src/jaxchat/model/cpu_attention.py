@@ -51,7 +51,7 @@ F32_QUERY_CHUNK = 128
 
 def query_chunk(T: int, dtype) -> int:
     """Queries per chunk. Smaller chunks skip more masked scores but run smaller GEMMs and more passes around them.
-    At cpu-bench (T = 512, docs/LOG.md sessions 10 and 16) fp32 is fastest in chunks of 128 queries (4 chunks: step
+    At cpu-bench (T = 512, docs/LOG.md sessions 11, 12, 16) fp32 is fastest in chunks of 128 queries (4 chunks: step
     0.985x of halves, 8 chunks 1.009x) and bf16 in halves (4 chunks 1.024x): its GEMMs are twice as fast, so the
     passes around them weigh more. At `tiny` (T = 256) halves are 128 queries, the fastest there in both dtypes."""
     if T % 2:
