@@ -117,14 +117,20 @@ def cpu_attention(q, k, v, *, window: int, q_pos, k_pos, k_len=None):
     B, T, H, D = q.shape
     K = k.shape[2]
     G = H // K
-    # heads-major: (B, T, K, G, D) -> (B*K, G, T, D); keys and values (B*K, T, D)
-    qh = jnp.transpose(q.reshape(B, T, K, G, D), (0, 2, 3, 1, 4)).reshape(B * K, G, T, D)
-    kh, vh = (jnp.transpose(a, (0, 2, 1, 3)).reshape(B * K, T, D) for a in (k, v))
     C = query_chunk(T, q.dtype)
+
+    def heads(a):  # keys or values (B, S, K, D) -> (B*K, S, D)
+        return jnp.transpose(a, (0, 2, 1, 3)).reshape(B * K, a.shape[1], D)
+
+    # Each chunk is sliced from (B, T, ., D) before it goes heads-major, and its output goes back to (B, C, H, D)
+    # before the chunks are joined along T: XLA:CPU fuses each transpose with its slice or its join. Transposing
+    # the whole (B, T, H, D) first and slicing it after made the joins and their backward's pad-and-add passes
+    # transpose through reshapes of B*K, which its loop emitter runs several times slower (bf16 cpu-bench step
+    # 0.985x; docs/LOG.md, session 17).
     ys = []
     for q0 in range(0, T, C):  # each chunk of the queries over only the keys its window reaches
         k0 = max(0, q0 - window)
-        qc = qh[:, :, q0:q0 + C].reshape(B * K, G * C, D)
-        ys.append(_grouped(qc, kh[:, k0:q0 + C], vh[:, k0:q0 + C], window, G, q0 - k0).reshape(B * K, G, C, D))
-    y = jnp.concatenate(ys, axis=2)
-    return jnp.transpose(y.reshape(B, K, G, T, D), (0, 3, 1, 2, 4)).reshape(B, T, H, D)
+        qc = jnp.transpose(q[:, q0:q0 + C].reshape(B, C, K, G, D), (0, 2, 3, 1, 4)).reshape(B * K, G * C, D)
+        y = _grouped(qc, heads(k[:, k0:q0 + C]), heads(v[:, k0:q0 + C]), window, G, q0 - k0)
+        ys.append(jnp.transpose(y.reshape(B, K, G, C, D), (0, 3, 1, 2, 4)))
+    return jnp.concatenate(ys, axis=1).reshape(B, T, H, D)
