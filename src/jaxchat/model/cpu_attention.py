@@ -108,6 +108,21 @@ def _grouped_bwd(window, G, offset, res, dy):
 _grouped.defvjp(_grouped_fwd, _grouped_bwd)
 
 
+def _split(a, edges):
+    """a (B, T, ...) cut along T at `edges` (0, ..., T): {start: piece}. lax.split's transpose is a concatenate, so
+    the cotangents of a piece that several query chunks read add up piece by piece. Slicing each chunk's keys
+    from the whole instead pads every chunk's cotangent back to T and adds the padded copies: a loop that XLA:CPU
+    runs ~4x slower once the pads start at an offset (bf16 cpu-bench step, one core: 0.992x; docs/LOG.md, session
+    17)."""
+    return dict(zip(edges, jax.lax.split(a, [e1 - e0 for e0, e1 in zip(edges, edges[1:])], axis=1)))
+
+
+def _join(pieces, start: int, stop: int):
+    """The pieces covering [start, stop) joined along T."""
+    parts = [piece for edge, piece in pieces.items() if start <= edge < stop]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+
+
 def cpu_attention(q, k, v, *, window: int, q_pos, k_pos, k_len=None):
     """q (B, T, H, D), k and v (B, T, K, D) -> (B, T, H, D); assumes q_pos == k_pos (the training path)."""
     reason = cpu_unsupported_reason(q, k, k_len)
@@ -118,19 +133,21 @@ def cpu_attention(q, k, v, *, window: int, q_pos, k_pos, k_len=None):
     K = k.shape[2]
     G = H // K
     C = query_chunk(T, q.dtype)
+    starts = list(range(0, T, C))
+    spans = [(max(0, q0 - window), q0 + C) for q0 in starts]  # the keys each chunk of the queries reaches
+    edges = sorted({0, T} | {edge for span in spans for edge in span})
+    qs, ks, vs = _split(q, starts + [T]), _split(k, edges), _split(v, edges)
 
     def heads(a):  # keys or values (B, S, K, D) -> (B*K, S, D)
         return jnp.transpose(a, (0, 2, 1, 3)).reshape(B * K, a.shape[1], D)
 
-    # Each chunk is sliced from (B, T, ., D) before it goes heads-major, and its output goes back to (B, C, H, D)
-    # before the chunks are joined along T: XLA:CPU fuses each transpose with its slice or its join. Transposing
-    # the whole (B, T, H, D) first and slicing it after made the joins and their backward's pad-and-add passes
-    # transpose through reshapes of B*K, which its loop emitter runs several times slower (bf16 cpu-bench step
-    # 0.985x; docs/LOG.md, session 17).
+    # Each chunk goes heads-major from its own pieces, and its output back to (B, C, H, D) before the chunks are
+    # joined along T: XLA:CPU fuses each transpose with its join. Transposing the whole (B, T, H, D) first made
+    # the joins and their backward transpose through reshapes of B*K, which its loop emitter runs several times
+    # slower (bf16 cpu-bench step 0.985x; docs/LOG.md, session 17).
     ys = []
-    for q0 in range(0, T, C):  # each chunk of the queries over only the keys its window reaches
-        k0 = max(0, q0 - window)
-        qc = jnp.transpose(q[:, q0:q0 + C].reshape(B, C, K, G, D), (0, 2, 3, 1, 4)).reshape(B * K, G * C, D)
-        y = _grouped(qc, heads(k[:, k0:q0 + C]), heads(v[:, k0:q0 + C]), window, G, q0 - k0)
+    for q0, (k0, k1) in zip(starts, spans):
+        qc = jnp.transpose(qs[q0].reshape(B, C, K, G, D), (0, 2, 3, 1, 4)).reshape(B * K, G * C, D)
+        y = _grouped(qc, heads(_join(ks, k0, k1)), heads(_join(vs, k0, k1)), window, G, q0 - k0)
         ys.append(jnp.transpose(y.reshape(B, K, G, C, D), (0, 3, 1, 2, 4)))
     return jnp.concatenate(ys, axis=1).reshape(B, T, H, D)
