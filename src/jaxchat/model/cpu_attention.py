@@ -16,10 +16,10 @@ row-major (cpu_dots.py says why; docs/LOG.md, session 11). Autodiff of `xla_atte
 Only (T, D)-sized operands are ever transposed (in bf16 into new row-major arrays, cpu_dots.transposed); the
 (M, N) score matrices never are. P is kept for the backward in fp32 (at most B*H*T*T*4 bytes per layer: 16 MiB at
 cpu-bench), so the backward recomputes nothing. GQA is native: a kv head's G query heads are stacked along M.
-The queries run in chunks, each over only the keys its window reaches (`query_chunk`): in halves, the first half
-never scores the second half's keys (a quarter of the score matrix, all of it causally masked); fp32 runs chunks of
-128 queries, which also skip what a sliding window hides (at cpu-bench, T = 512 and windows of 128, 30% of the
-short-window layers' score FLOPs).
+The queries run in chunks, each over only the keys its window reaches (`query_chunk`): in quarters, no chunk scores
+a later chunk's keys (3/8 of the score matrix, all of it causally masked), and under a sliding window no chunk
+scores keys that lie wholly behind its window (at cpu-bench, T = 512 and windows of 128, 30% fewer short-window
+score FLOPs than halves).
 
 Same function as `xla` (the same fp32 softmax over the same unmasked keys, P rounded to the compute dtype before
 P V); equal to fp32 rounding, not bitwise. Training path only (q_pos == k_pos, no KV cache), any device, any dtype;
@@ -46,19 +46,19 @@ def cpu_unsupported_reason(q, k, k_len=None) -> str | None:
     return None
 
 
-F32_QUERY_CHUNK = 128
+MIN_QUERY_CHUNK = 64
 
 
-def query_chunk(T: int, dtype) -> int:
-    """Queries per chunk. Smaller chunks skip more masked scores but run smaller GEMMs and more passes around them.
-    At cpu-bench (T = 512, docs/LOG.md sessions 11, 12, 16) fp32 is fastest in chunks of 128 queries (4 chunks: step
-    0.985x of halves, 8 chunks 1.009x) and bf16 in halves (4 chunks 1.024x): its GEMMs are twice as fast, so the
-    passes around them weigh more. At `tiny` (T = 256) halves are 128 queries, the fastest there in both dtypes."""
-    if T % 2:
-        return T
-    if dtype == F32 and T % F32_QUERY_CHUNK == 0:
-        return min(F32_QUERY_CHUNK, T // 2)
-    return T // 2
+def query_chunk(T: int) -> int:
+    """Queries per chunk: quarters, else halves, else all T, in chunks of at least MIN_QUERY_CHUNK. Smaller chunks
+    skip more masked scores but run smaller GEMMs and more passes around them. Measured in both dtypes (docs/LOG.md,
+    session 17; alternating A/Bs of the train step on 2 cores): at cpu-bench (T = 512) quarters against halves bf16
+    0.988x, fp32 0.985x (session 16), eighths 1.013x / 1.009x; at `tiny` (T = 256) quarters against halves bf16
+    0.976-0.988x, fp32 0.977x, eighths (32 queries) 1.029x."""
+    for parts in (4, 2):
+        if T % parts == 0 and T // parts >= MIN_QUERY_CHUNK:
+            return T // parts
+    return T
 
 
 def _bdot(a, b, out_dtype, scale: float = 1.0):
@@ -132,7 +132,7 @@ def cpu_attention(q, k, v, *, window: int, q_pos, k_pos, k_len=None):
     B, T, H, D = q.shape
     K = k.shape[2]
     G = H // K
-    C = query_chunk(T, q.dtype)
+    C = query_chunk(T)
     starts = list(range(0, T, C))
     spans = [(max(0, q0 - window), q0 + C) for q0 in starts]  # the keys each chunk of the queries reaches
     edges = sorted({0, T} | {edge for span in spans for edge in span})
