@@ -229,8 +229,8 @@ def test_cpu_skips_the_keys_a_chunk_cannot_see():
 def test_cpu_runs_in_quarters_of_at_least_64_queries(dtype):
     """At T = 512 the 4 chunks of 128 queries score 128, 256, 384 and 512 keys in a causal layer (5/8 of xla's
     scores) and 128, 256, 256, 256 under a 128-token window (7/16): the FLOPs of the compiled forwards, in fp32.
-    bf16's FLOP count also holds the roundings' integer arithmetic, so there the ratio only has to fall below
-    halves' (3/4 causal)."""
+    bf16's FLOP count also holds the roundings' integer arithmetic, so there the ratio has to fall clearly below
+    halves' (3/4 causal, 5/8 under the window)."""
     for window, keys in ((511, 128 + 256 + 384 + 512), (128, 128 + 3 * 256)):
         full, chunked = (forward_flops(fn, window, 512, dtype) for fn in (xla_attention, cpu_attention))
         if dtype == jnp.float32:
