@@ -185,8 +185,9 @@ def test_blocked_skips_the_masked_score_blocks():
 
 # ------------------------------------------------------------------------------------------ cpu (any device)
 
-CPU_CASES = [  # (T, H, K, window, dtype): the second half of the queries reaching back into the first half's keys
-    # (37, 100) or not (T - 1 = whole prefix), GQA off, on and MQA, an odd T (one piece), bf16
+CPU_CASES = [  # (T, H, K, window, dtype): at T = 256 4 chunks of 64 queries, each window reaching back into the
+    # previous chunk's keys (37), over more than one chunk (100) or to the start (T - 1); GQA off, on and MQA, an
+    # odd T (one piece), bf16 (T = 128: halves)
     (256, 4, 4, 37, jnp.float32), (256, 4, 2, 100, jnp.float32), (256, 4, 1, 255, jnp.float32),
     (97, 2, 2, 1000, jnp.float32), (128, 4, 2, 40, jnp.bfloat16),
     (512, 2, 2, 150, jnp.float32)]  # 4 chunks of 128 queries, the window reaching back over a whole chunk

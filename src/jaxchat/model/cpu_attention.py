@@ -53,8 +53,9 @@ def query_chunk(T: int) -> int:
     """Queries per chunk: quarters, else halves, else all T, in chunks of at least MIN_QUERY_CHUNK. Smaller chunks
     skip more masked scores but run smaller GEMMs and more passes around them. Measured in both dtypes (docs/LOG.md,
     session 17; alternating A/Bs of the train step on 2 cores): at cpu-bench (T = 512) quarters against halves bf16
-    0.988x, fp32 0.985x (session 16), eighths 1.013x / 1.009x; at `tiny` (T = 256) quarters against halves bf16
-    0.976-0.988x, fp32 0.977x, eighths (32 queries) 1.029x."""
+    0.988x, fp32 0.985x (session 16); eighths against quarters bf16 1.013x (fp32 against halves 1.009x, session
+    16). At `tiny` (T = 256) quarters against halves bf16 0.976-0.988x, fp32 0.977x; eighths (32 queries) against
+    halves bf16 1.029x."""
     for parts in (4, 2):
         if T % parts == 0 and T // parts >= MIN_QUERY_CHUNK:
             return T // parts
